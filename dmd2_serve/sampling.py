@@ -1,0 +1,124 @@
+"""The few-step sampling loop: denoise, re-noise, with the schedule as data.
+
+This is the one home of the loop. The server runs it to make images and the trainer runs the
+first k steps of it for backward simulation (DMD2, Sec. 4.4), so training and inference can
+never disagree about what the generator sees.
+
+Notation (DDPM): ``abar[t]`` is the scheduler's ``alphas_cumprod``;
+``x_t = sqrt(abar[t]) * x0 + sqrt(1 - abar[t]) * eps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# A denoiser maps (x_t, t) to eps. Conditioning is bound in by the caller.
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+DEFAULT_TIMESTEPS: tuple[int, ...] = (999, 749, 499, 249)
+
+
+def _abar(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``abar[t]`` per sample, in float32, shaped to broadcast against ``like`` (B, ...)."""
+    a = alphas_cumprod.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
+    return a.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Forward diffusion: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (DDPM Eq. 4).
+
+    Computed in float32, returned in ``x0``'s dtype. ``t`` is a (B,) tensor of integer steps.
+    """
+    a = _abar(alphas_cumprod, t, x0)
+    x_t = a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()
+    return x_t.to(x0.dtype)
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Invert forward diffusion for x0: ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``.
+
+    Always float32: at t = 999 ``abar`` is tiny and the division amplifies rounding error.
+    """
+    a = _abar(alphas_cumprod, t, x_t)
+    return (x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
+
+
+def predict_x0(eps_fn: EpsFn, x_t: Tensor, t: int | Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Run an eps-predicting network and convert its output to x0 (float32)."""
+    if not torch.is_tensor(t):
+        t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+    return x0_from_eps(x_t, eps_fn(x_t, t), t, alphas_cumprod)
+
+
+def few_step_sample(
+    eps_fn: EpsFn,
+    noise: Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: Tensor,
+    renoise: Sequence[Tensor] | Callable[[int], Tensor],
+) -> Tensor:
+    """Multi-step consistency-style sampling (DMD2 Sec. 4.4).
+
+    Starting from ``x = noise`` at ``timesteps[0]``, alternate
+    ``x0 = G(x, t_i)`` and ``x = add_noise(x0, eps_i, t_{i+1})`` and return the last ``x0``.
+
+    Args:
+        eps_fn: the generator as an eps-predictor, conditioning bound in.
+        noise: (B, C, H, W) starting Gaussian noise (the input at ``timesteps[0]``).
+        timesteps: the fixed schedule, e.g. (999, 749, 499, 249); its length is the step count.
+        alphas_cumprod: the teacher scheduler's ``alphas_cumprod`` (T,).
+        renoise: the fresh noise for each re-noise: ``renoise[i]`` (or ``renoise(i)``) is the
+            eps that takes ``x0`` of step i to ``timesteps[i + 1]``.
+
+    Returns:
+        x0 of the last step, float32, shaped like ``noise``.
+    """
+    if len(timesteps) == 0:
+        raise ValueError("few_step_sample needs at least one timestep")
+    draw = renoise if callable(renoise) else renoise.__getitem__
+    x = noise
+    x0 = noise.float()
+    for i, t in enumerate(timesteps):
+        x0 = predict_x0(eps_fn, x, t, alphas_cumprod)
+        if i + 1 < len(timesteps):
+            t_next = torch.full((x.shape[0],), int(timesteps[i + 1]), device=x.device, dtype=torch.long)
+            x = add_noise(x0, draw(i), t_next, alphas_cumprod).to(noise.dtype)
+    return x0
+
+
+def seeded_noise(
+    seeds: Sequence[int], shape: Sequence[int], count: int, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[Tensor]:
+    """``count`` noise tensors of (B, *shape), sample b drawn only from ``seeds[b]``.
+
+    Each sample owns a CPU generator seeded with its seed, so the pixels a seed gives do not
+    depend on what else is in the batch. Draw 0 is the starting noise, draws 1.. the re-noises.
+    """
+    per_sample = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        per_sample.append(torch.randn((count, *shape), generator=g))
+    stacked = torch.stack(per_sample, dim=1)  # (count, B, *shape)
+    return [n.to(device=device, dtype=dtype) for n in stacked]
+
+
+def ddim_sample(eps_fn: EpsFn, noise: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor) -> Tensor:
+    """Deterministic DDIM (eta = 0, Song et al. 2021, Eq. 12): how a teacher is sampled.
+
+    At each step the x0 estimate is moved to the next timestep with the predicted eps (not fresh
+    noise, which is the few-step generator's rule). Returns the final x0, float32.
+    """
+    x = noise
+    x0 = noise.float()
+    for i, t in enumerate(timesteps):
+        t_now = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        eps = eps_fn(x, t_now).float()
+        x0 = x0_from_eps(x, eps, t_now, alphas_cumprod)
+        if i + 1 < len(timesteps):
+            t_next = torch.full_like(t_now, int(timesteps[i + 1]))
+            x = add_noise(x0, eps, t_next, alphas_cumprod).to(noise.dtype)
+    return x0

@@ -1,0 +1,104 @@
+"""Command line: ``python -m dmd2_train [distill|teacher] ...``.
+
+    python -m dmd2_train --preset digits --out runs/digits         distil the bundled teacher
+    python -m dmd2_train --teacher PATH --prompts FILE ...         distil an SD1.5 / SDXL folder
+    python -m dmd2_train --config run.yaml ratio=5 lr_fake=1e-6    YAML plus key=value overrides
+    python -m dmd2_train --out runs/digits --resume                continue from the last checkpoint
+    python -m dmd2_train teacher --preset digits                   retrain the bundled teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("distill", "teacher")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dmd2_train",
+        description="Distil a diffusion teacher into a few-step generator with DMD2.",
+        epilog="Commands: distill (the default) and teacher. `python -m dmd2_train teacher --help` for the other.",
+    )
+    sub = p.add_subparsers(dest="command")
+    d = sub.add_parser("distill", help="DMD2 distillation (the default command)")
+    d.add_argument("--preset", help="digits (bundled, CPU), sd15 or sdxl; default: from the teacher's family")
+    d.add_argument("--config", type=Path, help="YAML file of config keys")
+    d.add_argument("--teacher", type=Path, help="diffusers-format SD1.5/SDXL folder (default: the bundled digits teacher)")
+    d.add_argument("--out", type=Path, help="run folder (checkpoints, logs, previews, generator/)")
+    d.add_argument("--max-steps", type=int, help="total training steps")
+    d.add_argument("--prompts", type=Path, help="prompt file (.txt, one a line, or .jsonl)")
+    d.add_argument("--real-images", type=Path, help="folder of captioned real images for the GAN")
+    d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. ratio=5")
+    t = sub.add_parser("teacher", help="train the bundled digits teacher")
+    t.add_argument("--preset", default="digits", help="digits")
+    t.add_argument("--out", type=Path, help="teacher folder to write (default: the bundled one)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from .config import DISTILL_PRESETS, DistillConfig, build_config, parse_overrides, read_yaml
+
+    preset = args.preset
+    if preset is None and args.config is None:
+        if args.teacher is None:
+            preset = "digits"
+        else:
+            from dmd2_serve.backbones import read_meta
+
+            preset = read_meta(args.teacher)["family"]
+    flags: dict[str, Any] = {"teacher": args.teacher, "out": args.out, "max_steps": args.max_steps,
+                             "prompts": args.prompts, "real_images": args.real_images}
+    layers = ([read_yaml(args.config)] if args.config else []) + [flags, parse_overrides(args.overrides)]
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
+    from .loop import distill
+
+    out = distill(cfg, resume=args.resume)
+    print(f"generator written to {out}")
+
+
+def _teacher(args: argparse.Namespace) -> None:
+    from .config import TEACHER_PRESETS, TeacherConfig, build_config, parse_overrides
+    from .teacher import train_teacher
+
+    cfg = build_config(TeacherConfig, TEACHER_PRESETS, args.preset,
+                       [{"out": args.out, "steps": args.steps}, parse_overrides(args.overrides)])
+    print(f"teacher written to {train_teacher(cfg)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2, never a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "distill")
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing on the default path downloads
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+    from dmd2_serve.backbones import ModelFolderError
+
+    from .config import ConfigError
+    from .data import DataError
+    from .loop import RunError
+
+    try:
+        {"distill": _distill, "teacher": _teacher}[args.command](args)
+    except (ConfigError, ModelFolderError, DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is saved; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

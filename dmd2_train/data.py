@@ -1,0 +1,154 @@
+"""Training data: prompts for the generator and captioned real images for the GAN.
+
+Sources:
+    the bundled digits: scikit-learn's 8x8 handwritten digits (real scans, shipped inside
+        scikit-learn, no download) with varied captions ("a handwritten 7", "the number seven");
+    a prompt file: one prompt a line, or JSON lines with a "text" (or "prompt"/"caption") field;
+    an image folder: images with a same-named .txt caption, or a metadata.jsonl of
+        {"file_name": ..., "text": ...} rows (the diffusers ImageFolder convention).
+Every draw takes an explicit ``torch.Generator``, so a run is reproducible step by step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# {d}: the numeral, {w}: the word. Several phrasings so the model learns the meaning, not a string.
+CAPTION_TEMPLATES = (
+    "a handwritten {d}", "the number {w}", "a drawing of a {w}", "the digit {d}", "{d}", "{w}",
+    "a handwritten digit {w}", "an image of the number {d}", "a scan of a handwritten {w}",
+    "the numeral {d}, written by hand",
+)
+HELD_OUT_EVERY = 5  # every fifth digit is held out of training, for evaluation
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message says what to fix."""
+
+
+def digit_caption(label: int, template: int) -> str:
+    """Caption number ``template`` for a digit ``label``."""
+    return CAPTION_TEMPLATES[template % len(CAPTION_TEMPLATES)].format(d=label, w=NUMBER_WORDS[label])
+
+
+def load_digits(split: str = "train") -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as (N, 1, 8, 8) images in [-1, 1] and (N,) labels.
+
+    ``split``: "train" (4 of every 5), "heldout" (the fifth) or "all".
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0 * 2 - 1).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    index = torch.arange(len(labels))
+    keep = {"train": index % HELD_OUT_EVERY != 0, "heldout": index % HELD_OUT_EVERY == 0,
+            "all": torch.ones_like(index, dtype=torch.bool)}[split]
+    return images[keep], labels[keep]
+
+
+@dataclass
+class CaptionedImages:
+    """Real images in [-1, 1] (N, C, H, W) with one or more captions each."""
+
+    images: Tensor
+    captions: list[list[str]]
+
+    def sample(self, n: int, g: torch.Generator) -> tuple[Tensor, list[str]]:
+        idx = torch.randint(len(self.images), (n,), generator=g)
+        pick = torch.randint(1 << 30, (n,), generator=g)
+        caps = [self.captions[i][p % len(self.captions[i])] for i, p in zip(idx.tolist(), pick.tolist())]
+        return self.images[idx], caps
+
+
+class TrainingData:
+    """Prompts for the generator and (optionally) captioned real images for the GAN."""
+
+    def __init__(self, prompts: list[str], real: CaptionedImages | None) -> None:
+        if not prompts:
+            raise DataError("the prompt set is empty; give a file with at least one prompt")
+        self.prompt_list = prompts
+        self.real = real
+
+    def texts(self) -> list[str]:
+        """Every text the run may encode: the prompts and the real images' captions."""
+        captions = [c for caps in self.real.captions for c in caps] if self.real is not None else []
+        return self.prompt_list + captions
+
+    def prompts(self, n: int, g: torch.Generator) -> list[str]:
+        idx = torch.randint(len(self.prompt_list), (n,), generator=g)
+        return [self.prompt_list[i] for i in idx.tolist()]
+
+    def real_batch(self, n: int, g: torch.Generator) -> tuple[Tensor, list[str]]:
+        if self.real is None:
+            raise DataError("the GAN needs real images: pass real_images=FOLDER or set gan=false")
+        return self.real.sample(n, g)
+
+
+def digits_data() -> TrainingData:
+    """The bundled default: every caption of every digit as prompts; the train split as real data."""
+    images, labels = load_digits("train")
+    caps = [[digit_caption(int(label), j) for j in range(len(CAPTION_TEMPLATES))] for label in labels]
+    prompts = [digit_caption(d, j) for d in range(10) for j in range(len(CAPTION_TEMPLATES))]
+    return TrainingData(prompts, CaptionedImages(images, caps))
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file (one a line) or JSON lines (``text``, ``prompt`` or ``caption``)."""
+    if not path.is_file():
+        raise DataError(f"prompt file '{path}' does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not valid JSON: {e}") from e
+        text = next((row[k] for k in ("text", "prompt", "caption") if k in row), None)
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{n} has no 'text', 'prompt' or 'caption' string")
+        prompts.append(text)
+    return prompts
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def read_image_folder(folder: Path, size: int, channels: int = 3) -> CaptionedImages:
+    """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], with captions."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise DataError(f"real image folder '{folder}' does not exist")
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+        pairs = [(folder / r["file_name"], r.get("text", "")) for r in rows]
+    else:
+        pairs = []
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                cap = p.with_suffix(".txt")
+                pairs.append((p, cap.read_text().strip() if cap.is_file() else ""))
+    if not pairs:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in '{folder}'")
+    tensors = []
+    for path, _ in pairs:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            scale = size / min(im.size)
+            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1
+        tensors.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return CaptionedImages(torch.stack(tensors), [[c] for _, c in pairs])

@@ -1,0 +1,117 @@
+"""The three networks from one teacher, and the GAN head on the fake score's bottleneck.
+
+real score  : the teacher UNet, frozen (bf16 on GPU).
+fake score  : a trainable copy of the teacher; tracks the generator's distribution.
+generator   : a trainable copy of the teacher; the few-step student (eps parameterisation).
+GAN head    : a small conv classifier on the fake UNet's mid-block output (DMD2 Sec. 4.3),
+              reached with a forward hook, never by rewriting the UNet's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dmd2_serve.backbones import Conditioning
+
+
+class GanHead(nn.Module):
+    """Conv -> GroupNorm -> SiLU blocks down to 1x1, then a 1x1 conv to one logit.
+
+    Sized from the bottleneck (C, H, W): stride-2 4x4 convs while H > 4, then one conv that
+    covers the rest (4x4 stride 4 at H = 4), as the authors' heads for SD1.5 (8x8) and SDXL (32x32).
+    """
+
+    def __init__(self, channels: int, height: int) -> None:
+        super().__init__()
+        groups = math.gcd(32, channels)
+
+        def block(kernel: int, stride: int, padding: int) -> list[nn.Module]:
+            return [nn.Conv2d(channels, channels, kernel, stride, padding),
+                    nn.GroupNorm(groups, channels), nn.SiLU()]
+
+        layers: list[nn.Module] = []
+        size = height
+        while size > 4:
+            layers += block(4, 2, 1)
+            size //= 2
+        layers += block(size, size, 0)  # -> 1x1
+        layers.append(nn.Conv2d(channels, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, C, H, W) bottleneck features -> (B,) logits."""
+        return self.net(features).flatten(1).squeeze(1)
+
+
+class _StopAtBottleneck(Exception):
+    """Raised by the hook to end a forward pass once the bottleneck is known."""
+
+
+class FakeScore(nn.Module):
+    """The fake score UNet with the GAN head on its bottleneck.
+
+    ``forward`` returns the eps prediction and, on request, the head's logits. With
+    ``eps=False`` the pass stops at the mid block: the GAN generator loss needs only the logits.
+    """
+
+    def __init__(self, unet: nn.Module, bottleneck_shape: tuple[int, int, int] | None) -> None:
+        super().__init__()
+        self.unet = unet
+        # No head without the GAN: parameters that never get a gradient would stall DDP.
+        self.head = GanHead(bottleneck_shape[0], bottleneck_shape[1]) if bottleneck_shape else None
+        self._features: Tensor | None = None
+        self._stop = False
+        unet.mid_block.register_forward_hook(self._grab)
+
+    def _grab(self, module: nn.Module, args: object, output: Tensor) -> None:
+        self._features = output
+        if self._stop:
+            raise _StopAtBottleneck
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Conditioning, eps: bool = True, logits: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Returns ``(eps_pred or None, logits or None)``; (B, C, H, W) and (B,)."""
+        if logits and self.head is None:
+            raise ValueError("this fake score was built without a GAN head (gan=false)")
+        self._stop = not eps
+        try:
+            eps_pred = self.unet(x_t, t, **cond.unet_kwargs()).sample
+        except _StopAtBottleneck:
+            eps_pred = None
+        finally:
+            self._stop = False
+        features, self._features = self._features, None
+        return eps_pred, (self.head(features.float()) if logits else None)
+
+
+@torch.no_grad()
+def bottleneck_shape(unet: nn.Module, sample_shape: tuple[int, int, int], cond: Conditioning) -> tuple[int, int, int]:
+    """(C, H, W) of ``unet.mid_block``'s output for inputs of ``sample_shape``, by one probe pass."""
+    seen: list[torch.Size] = []
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        x = torch.zeros((1, *sample_shape), device=cond.hidden.device, dtype=cond.hidden.dtype)
+        unet(x, torch.zeros(1, dtype=torch.long, device=x.device), **cond.index([0]).unet_kwargs())
+    finally:
+        handle.remove()
+    c, h, w = seen[0][1:]
+    return int(c), int(h), int(w)
+
+
+def build_networks(teacher: nn.Module, teacher_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(real_score, fake_unet, generator) from one teacher UNet.
+
+    The real score is the teacher itself, frozen and cast to ``teacher_dtype``; the fake score
+    and the generator are float32 trainable copies (fp32 master weights).
+    """
+    fake = copy.deepcopy(teacher).float().train().requires_grad_(True)
+    generator = copy.deepcopy(teacher).float().train().requires_grad_(True)
+    if next(teacher.parameters()).dtype != teacher_dtype:
+        teacher = teacher.to(teacher_dtype)
+    real = teacher.eval().requires_grad_(False)
+    return real, fake, generator

@@ -1,0 +1,96 @@
+"""The command line as a user meets it: errors, kill -9 and resume, two-process data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dmd2_train import checkpoint as ckpt
+
+FAST = ["batch_size=2", "ratio=2", "warmup_steps=1", "preview_every=1000", "log_every=1", "preview_prompts=[a 1]"]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dmd2_train", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_user_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and needle in error_lines[0], result.stderr[-2000:]
+
+
+def test_help():
+    result = cli("--help")
+    assert result.returncode == 0 and "--teacher" in result.stdout and "--resume" in result.stdout
+
+
+def test_missing_teacher(tmp_path: Path):
+    assert_user_error(cli("--teacher", tmp_path / "nope", "--out", tmp_path / "o"), "does not exist")
+
+
+def test_malformed_teachers(tmp_path: Path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    assert_user_error(cli("--teacher", bad, "--out", tmp_path / "o"), "model_index.json")
+    (bad / "model_index.json").write_text("{not json")
+    assert_user_error(cli("--teacher", bad, "--out", tmp_path / "o"), "not valid JSON")
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert_user_error(cli("--teacher", bad, "--out", tmp_path / "o"), "missing the 'unet/'")
+
+
+def test_unknown_key_and_bad_value(digits_teacher: Path, tmp_path: Path):
+    assert_user_error(cli("--teacher", digits_teacher, "--out", tmp_path / "o", "no_such_key=3"),
+                      "unknown config key 'no_such_key'")
+    assert_user_error(cli("--teacher", digits_teacher, "--max-steps", "0"), "config key 'max_steps'")
+
+
+def test_unwritable_output(digits_teacher: Path, tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_user_error(cli("--teacher", digits_teacher, "--out", blocker / "run", "--max-steps", "1"),
+                      "cannot write to the output folder")
+
+
+def test_sigkill_keeps_last_checkpoint_and_resume_finishes(digits_teacher: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dmd2_train", "--teacher", str(digits_teacher), "--out", str(out),
+            "--max-steps", "12", "checkpoint_every=1", *FAST]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(ckpt.list_checkpoints(out)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0, 0.4))  # somewhere inside a later step or a write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    found = ckpt.list_checkpoints(out)
+    assert found, "no checkpoint survived"
+    for _, path in found:  # every complete-named file is a whole checkpoint
+        ckpt.torch.load(path, weights_only=True)
+    killed_at = found[-1][0]
+    assert killed_at < 12
+    result = cli("--teacher", digits_teacher, "--out", out, "--max-steps", "12", "--resume", "checkpoint_every=1", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {killed_at}" in result.stdout + result.stderr
+    assert ckpt.load_latest(out)["step"] == 12 and (out / "generator" / "dmd2.json").is_file()
+
+
+def test_two_process_data_parallel_on_cpu(digits_teacher: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "dmd2_train", "--teacher", str(digits_teacher), "--out", str(out), "--max-steps", "3", *FAST]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "generator" / "dmd2.json").read_text())
+    assert meta["world_size"] == 2 and meta["updates"] == {"generator": 2, "fake": 3}

@@ -1,0 +1,59 @@
+"""Typed config: presets, YAML, key=value overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from dmd2_train.config import (
+    DISTILL_PRESETS,
+    ConfigError,
+    DistillConfig,
+    build_config,
+    parse_overrides,
+    read_yaml,
+)
+
+
+def test_preset_then_file_then_overrides(tmp_path: Path):
+    f = tmp_path / "run.yaml"
+    f.write_text("ratio: 7\nbatch_size: 3\n")
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, "digits", [read_yaml(f), parse_overrides(["batch_size=5"])])
+    assert (cfg.ratio, cfg.batch_size, cfg.guidance_scale) == (7, 5, DISTILL_PRESETS["digits"]["guidance_scale"])
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["timesteps=[999, 499]", "gan=false", "lr_fake=1e-6"]) == {
+        "timesteps": [999, 499], "gan": False, "lr_fake": 1e-6}
+
+
+@pytest.mark.parametrize("pairs, needle", [
+    (["no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["ratio=zero"], "config key 'ratio'"),
+    (["ratio=0"], "config key 'ratio'"),
+    (["timesteps=[249, 999]"], "strictly decreasing"),
+    (["ratio"], "is not key=value"),
+])
+def test_bad_keys_are_named(pairs, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        build_config(DistillConfig, DISTILL_PRESETS, None, [parse_overrides(pairs)])
+
+
+def test_unknown_preset_and_bad_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown preset 'sd3'"):
+        build_config(DistillConfig, DISTILL_PRESETS, "sd3", [])
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratio: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        read_yaml(bad)
+
+
+def test_paper_defaults():
+    sd15, sdxl = (build_config(DistillConfig, DISTILL_PRESETS, p, []) for p in ("sd15", "sdxl"))
+    assert (sd15.ratio, sd15.guidance_scale, sd15.gan_weight_generator) == (10, 1.75, 1e-3)
+    assert (sdxl.ratio, sdxl.guidance_scale, sdxl.gan_weight_generator) == (5, 8.0, 5e-3)
+    assert sd15.timesteps == [999, 749, 499, 249] and (sd15.dm_t_min, sd15.dm_t_max) == (0.02, 0.98)

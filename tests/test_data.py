@@ -1,0 +1,50 @@
+"""Prompt files, image folders and the bundled digits."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_image_folder
+from dmd2_train.data import DataError, digit_caption, digits_data, load_digits, read_image_folder, read_prompts
+
+
+def test_digits_are_real_and_split():
+    train, labels = load_digits("train")
+    held, _ = load_digits("heldout")
+    assert train.shape[1:] == (1, 8, 8) and len(train) + len(held) == 1797
+    assert train.min() == -1 and train.max() == 1
+    assert set(labels.tolist()) == set(range(10))
+
+
+def test_captions_vary_in_form():
+    caps = {digit_caption(7, j) for j in range(10)}
+    assert "a handwritten 7" in caps and "the number seven" in caps and "a drawing of a seven" in caps
+
+
+def test_digits_data_draws_reproducibly():
+    data = digits_data()
+    a = data.real_batch(4, torch.Generator().manual_seed(1))
+    b = data.real_batch(4, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_prompt_files(tmp_path: Path):
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"text": "a"}\n{"caption": "b"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text('{"url": 1}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_image_folder(tmp_path: Path):
+    folder = write_image_folder(tmp_path / "imgs", n=3, size=16)
+    data = read_image_folder(folder, 16)
+    assert data.images.shape == (3, 3, 16, 16) and data.captions[0] == ["a photo of thing 0"]
+    assert data.images.min() >= -1 and data.images.max() <= 1
+    with pytest.raises(DataError, match="no images"):
+        read_image_folder(tmp_path, 16)

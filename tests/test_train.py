@@ -1,0 +1,94 @@
+"""Full DMD2 iterations on tiny models: the loop, the update ratio, exact resume, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_run_overrides
+from dmd2_serve.backbones import load_unet
+from dmd2_serve.pipeline import FewStepPipeline
+from dmd2_train import checkpoint as ckpt
+from dmd2_train.config import DistillConfig
+from dmd2_train.loop import distill
+
+
+def run(teacher: Path, out: Path, resume: bool = False, on_step=None, **extra) -> Path:
+    cfg = DistillConfig(teacher=teacher, out=out, **tiny_run_overrides(**extra))
+    return distill(cfg, resume=resume, on_step=on_step)
+
+
+def test_digits_run_writes_generator_previews_and_logs(digits_teacher: Path, tmp_path: Path):
+    folder = run(digits_teacher, tmp_path / "run", max_steps=5, ratio=2)
+    meta = json.loads((folder / "dmd2.json").read_text())
+    assert meta["family"] == "digits" and meta["timesteps"] == [999, 749, 499, 249]
+    # two time-scale rule: the generator steps at 0, 2, 4; the fake score every step
+    assert meta["updates"] == {"generator": 3, "fake": 5}
+    assert (tmp_path / "run" / "previews" / "step_0000004.png").is_file()
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4, 5]  # keep_checkpoints=2
+    pipe = FewStepPipeline.from_folder(folder)
+    images = pipe(["a handwritten 3", "the number seven"], [0, 1])
+    assert images.shape == (2, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    # the exported weights are the last checkpoint's generator, and training moved them off the teacher
+    last = torch.load(ckpt.list_checkpoints(tmp_path / "run")[-1][1], weights_only=True)["generator"]
+    exported = pipe.unet.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in last.items())
+    teacher = load_unet(digits_teacher).state_dict()
+    assert any(not torch.equal(v, teacher[k]) for k, v in exported.items())
+
+
+@pytest.mark.parametrize("ratio, steps, expected", [(1, 3, 3), (3, 7, 3), (10, 4, 1)])
+def test_update_counts_follow_ratio(digits_teacher: Path, tmp_path: Path, ratio, steps, expected):
+    run(digits_teacher, tmp_path / "run", max_steps=steps, ratio=ratio, preview_every=100, gan=False)
+    state = ckpt.load_latest(tmp_path / "run")
+    assert state["updates"] == {"generator": expected, "fake": steps}
+
+
+def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: Path):
+    common = dict(max_steps=6, ratio=2, checkpoint_every=2, preview_every=100)
+    run(digits_teacher, tmp_path / "straight", **common)
+
+    def interrupt(step: int) -> None:
+        if step == 5:  # past the step-4 checkpoint: step 5 is lost and must be redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(digits_teacher, tmp_path / "cut", on_step=interrupt, **common)
+    assert ckpt.load_latest(tmp_path / "cut")["step"] == 4
+    run(digits_teacher, tmp_path / "cut", resume=True, **common)
+    a, b = ckpt.load_latest(tmp_path / "straight"), ckpt.load_latest(tmp_path / "cut")
+    assert a["step"] == b["step"] == 6 and a["updates"] == b["updates"]
+    for part in ("generator", "fake"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+    assert a["opt_f"]["state"][0]["step"] == b["opt_f"]["state"][0]["step"]
+
+
+def test_ablations_run(digits_teacher: Path, tmp_path: Path):
+    run(digits_teacher, tmp_path / "a", max_steps=2, gan=False, backward_simulation=False, preview_every=100)
+    run(digits_teacher, tmp_path / "b", max_steps=2, timesteps=[999], preview_every=100)  # one-step model
+    assert json.loads((tmp_path / "b" / "generator" / "dmd2.json").read_text())["timesteps"] == [999]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_sd_shaped_pipelines_distil_and_export(family, request, sd_data, tmp_path: Path):
+    teacher = request.getfixturevalue(f"{family}_teacher")
+    prompts, images = sd_data
+    folder = run(teacher, tmp_path / "run", max_steps=3, ratio=2, prompts=prompts, real_images=images, image_size=16)
+    meta = json.loads((folder / "dmd2.json").read_text())
+    assert meta["family"] == family and meta["updates"] == {"generator": 2, "fake": 3}
+    # our loader
+    pipe = FewStepPipeline.from_folder(folder)
+    assert pipe(["a red cube"], [3]).shape == (1, 3, 16, 16)
+    # stock diffusers, with the LCM scheduler and the recorded timesteps
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    stock = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(stock.scheduler, LCMScheduler)
+    out = stock("a red cube", timesteps=meta["timesteps"], guidance_scale=0.0, height=16, width=16,
+                output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()
