@@ -26,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Commands: distill (the default) and teacher. `python -m dmd2_train teacher --help` for the other.",
     )
     sub = p.add_subparsers(dest="command")
-    d = sub.add_parser("distill", help="DMD2 distillation (the default command)")
+    d = sub.add_parser(
+        "distill", help="DMD2 distillation (the default command)", prog="python -m dmd2_train [distill]",
+        description="Distil a diffusion teacher into a few-step generator with DMD2.",
+        epilog="Other command: `python -m dmd2_train teacher --help` (retrain the bundled digits teacher).",
+    )
     d.add_argument("--preset", help="digits (bundled, CPU), sd15 or sdxl; default: from the teacher's family")
     d.add_argument("--config", type=Path, help="YAML file of config keys")
     d.add_argument("--teacher", type=Path, help="diffusers-format SD1.5/SDXL folder (default: the bundled digits teacher)")
@@ -61,8 +65,7 @@ def _distill(args: argparse.Namespace) -> None:
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
     from .loop import distill
 
-    out = distill(cfg, resume=args.resume)
-    print(f"generator written to {out}")
+    distill(cfg, resume=args.resume)
 
 
 def _teacher(args: argparse.Namespace) -> None:
@@ -77,7 +80,7 @@ def _teacher(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+    if not argv or argv[0] not in COMMANDS:  # distill is the default command, --help included
         argv.insert(0, "distill")
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing on the default path downloads

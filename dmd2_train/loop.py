@@ -306,6 +306,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     accelerator.init_trackers("dmd2", config={k: str(v) for k, v in cfg.model_dump().items()})
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="dmd2", unit="step")
     step = start
+    shown: dict[str, str] = {}  # the latest value of every loss, for the progress bar
     try:
         while step < cfg.max_steps:
             g = step_generator(cfg.seed, step, rank)
@@ -320,7 +321,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 accelerator.log(logs, step=step)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+                shown.update({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+                bar.set_postfix(shown)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop["signal"]:
                 save(step)
             if step % cfg.preview_every == 0 or step == cfg.max_steps:
@@ -333,7 +335,6 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
         bar.close()
         for s, h in previous.items():
             signal.signal(s, h)
-        accelerator.end_training()
 
     # 5. Export.
     out = cfg.out / "generator"
@@ -342,4 +343,6 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                          extra={"steps_trained": step, "updates": updates, "world_size": accelerator.num_processes,
                                 "guidance_scale": cfg.guidance_scale})
     accelerator.wait_for_everyone()
+    accelerator.print(f"generator written to {out}")
+    accelerator.end_training()  # closes the trackers and the process group: last
     return out

@@ -19,14 +19,17 @@ def distribution_matching_grad(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> T
     """The DMD gradient direction (DMD Eq. 7-8, with DMD2's normalisation).
 
     ``p_real = x - x0_real``, ``p_fake = x - x0_fake``;
-    ``grad = (p_real - p_fake) / mean_{C,H,W} |p_real|`` per sample, NaNs zeroed.
+    ``grad = (p_real - p_fake) / mean_{C,H,W} |p_real|`` per sample, non-finite values zeroed
+    (a sample with p_real = 0 already sits on the teacher's prediction: 0/0 and c/0 give 0, not
+    the huge finite value ``nan_to_num`` would make of an infinity).
     A descent step ``x - grad`` moves x toward the teacher's x0 and away from the fake's.
     """
     x, x0_real, x0_fake = x.float(), x0_real.float(), x0_fake.float()
     p_real = x - x0_real
     p_fake = x - x0_fake
     weight = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # (B, 1, 1, 1)
-    return torch.nan_to_num((p_real - p_fake) / weight)
+    grad = (p_real - p_fake) / weight
+    return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
 
 
 def distribution_matching_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:

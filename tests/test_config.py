@@ -22,8 +22,10 @@ def test_preset_then_file_then_overrides(tmp_path: Path):
 
 
 def test_overrides_parse_yaml_values():
-    assert parse_overrides(["timesteps=[999, 499]", "gan=false", "lr_fake=1e-6"]) == {
-        "timesteps": [999, 499], "gan": False, "lr_fake": 1e-6}
+    pairs = ["timesteps=[999, 499]", "gan=false", "lr_fake=1e-6"]
+    assert parse_overrides(pairs)["timesteps"] == [999, 499] and parse_overrides(pairs)["gan"] is False
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, "digits", [parse_overrides(pairs)])
+    assert cfg.lr_fake == 1e-6 and isinstance(cfg.lr_fake, float)
 
 
 @pytest.mark.parametrize("pairs, needle", [

@@ -47,21 +47,30 @@ def test_dm_normalisation_is_per_sample():
     assert torch.equal(grad, -torch.ones_like(x))
 
 
-def test_dm_grad_nan_zeroed():
+def test_dm_grad_non_finite_zeroed():
     x = t(1.0, 1.0)
-    assert torch.equal(distribution_matching_grad(x, x.clone(), t(0.0, 0.0)), t(0.0, 0.0))
+    assert torch.equal(distribution_matching_grad(x, x.clone(), x.clone()), t(0.0, 0.0))  # 0 / 0
+    assert torch.equal(distribution_matching_grad(x, x.clone(), t(0.0, 0.0)), t(0.0, 0.0))  # c / 0
 
 
 def test_dm_gradient_points_to_teacher_and_away_from_fake():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 8, 8)
     x0_real, x0_fake = torch.randn_like(x), torch.randn_like(x)
-    step = lambda x_, r, f: x_ - 0.1 * distribution_matching_grad(x_, r, f)  # noqa: E731
-    dist = lambda a, b: (a - b).flatten(1).norm(dim=1)  # noqa: E731
-    # fake agrees with x: the step moves x toward the teacher's x0
-    assert (dist(step(x, x0_real, x), x0_real) < dist(x, x0_real)).all()
-    # teacher agrees with x: the step moves x away from the fake's x0
-    assert (dist(step(x, x, x0_fake), x0_fake) > dist(x, x0_fake)).all()
+    dot = lambda a, b: (a * b).flatten(1).sum(dim=1)  # noqa: E731
+    # the descent direction -grad, in general: toward the teacher's x0 relative to the fake's
+    direction = -distribution_matching_grad(x, x0_real, x0_fake)
+    assert (dot(direction, x0_real - x0_fake) > 0).all()
+    # the fake agrees with x: the step goes straight toward the teacher's x0
+    direction = -distribution_matching_grad(x, x0_real, x)
+    torch.testing.assert_close(direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1),
+                               (x0_real - x) / (x0_real - x).flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+    # the teacher (almost) agrees with x: the step goes away from the fake's x0
+    direction = -distribution_matching_grad(x, x + 1e-3 * torch.randn_like(x), x0_fake)
+    assert (dot(direction, x0_fake - x) < 0).all()
+    # a small step along it shortens the distance to the teacher's x0
+    x_new = x - 1e-2 * distribution_matching_grad(x, x0_real, x0_fake)
+    assert ((x_new - x0_real).flatten(1).norm(dim=1) < (x - x0_real).flatten(1).norm(dim=1)).all()
 
 
 def test_denoising_loss_by_hand():
