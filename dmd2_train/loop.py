@@ -32,7 +32,7 @@ from dmd2_serve.pipeline import FewStepPipeline
 from dmd2_serve.sampling import add_noise, predict_x0
 
 from . import checkpoint as ckpt
-from .config import DistillConfig
+from .config import BUNDLED_DIGITS_TEACHER, DistillConfig
 from .data import TrainingData, digits_data, read_image_folder, read_prompts
 from .export import export_generator
 from .losses import (
@@ -306,7 +306,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     accelerator.init_trackers("dmd2", config={k: str(v) for k, v in cfg.model_dump().items()})
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="dmd2", unit="step")
     step = start
-    shown: dict[str, str] = {}  # the latest value of every loss, for the progress bar
+    latest: dict[str, float] = {}  # the newest value of every metric (the generator's come every ratio steps)
     try:
         while step < cfg.max_steps:
             g = step_generator(cfg.seed, step, rank)
@@ -319,10 +319,10 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 logs |= fake_step(g)
             step += 1
             bar.update(1)
+            latest.update(logs)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                accelerator.log(logs, step=step)
-                shown.update({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-                bar.set_postfix(shown)
+                accelerator.log(latest, step=step)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in latest.items() if k.startswith("loss")})
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop["signal"]:
                 save(step)
             if step % cfg.preview_every == 0 or step == cfg.max_steps:
@@ -339,8 +339,10 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     # 5. Export.
     out = cfg.out / "generator"
     if accelerator.is_main_process:
+        bundled = cfg.teacher.resolve() == BUNDLED_DIGITS_TEACHER.resolve()
         export_generator(gen_plain, backbone, cfg.teacher, out, timesteps,
-                         extra={"steps_trained": step, "updates": updates, "world_size": accelerator.num_processes,
+                         extra={"teacher": "bundled:digits-teacher" if bundled else str(cfg.teacher),
+                                "steps_trained": step, "updates": updates, "world_size": accelerator.num_processes,
                                 "guidance_scale": cfg.guidance_scale})
     accelerator.wait_for_everyone()
     accelerator.print(f"generator written to {out}")
