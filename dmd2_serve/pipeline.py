@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,11 +63,15 @@ class FewStepPipeline:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
-    def generate_x0(self, cond: Conditioning, seeds: Sequence[int], steps: int | None = None) -> Tensor:
-        """Sample in the UNet's space (latents or pixels), one seed per sample, float32."""
+    def generate_x0(self, cond: Conditioning, seeds: Sequence[int], steps: int | None = None,
+                    shape: tuple[int, int, int] | None = None) -> Tensor:
+        """Sample in the UNet's space (latents or pixels), one seed per sample, float32.
+
+        ``shape`` (C, H, W) overrides the model's own sample shape (other image sizes).
+        """
         timesteps = self.timesteps[: steps or len(self.timesteps)]
         dtype = next(self.unet.parameters()).dtype
-        noises = seeded_noise(seeds, self.backbone.sample_shape, len(timesteps), self.device, dtype)
+        noises = seeded_noise(seeds, shape or self.backbone.sample_shape, len(timesteps), self.device, dtype)
         cond = cond.to(self.device, dtype)
 
         def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
@@ -77,14 +80,27 @@ class FewStepPipeline:
         return few_step_sample(eps_fn, noises[0], timesteps, self.alphas_cumprod, noises[1:])
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None) -> Tensor:
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+                 shape: tuple[int, int, int] | None = None) -> Tensor:
         """Images in [0, 1], (B, C, H, W), for ``prompts[b]`` drawn from ``seeds[b]``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         cond = self.backbone.encode_prompts(list(prompts))
-        return self.backbone.decode(self.generate_x0(cond, seeds, steps))
+        return self.backbone.decode(self.generate_x0(cond, seeds, steps, shape))
 
+    @torch.no_grad()
+    def generate_padded(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+                        bucket: int = 8, shape: tuple[int, int, int] | None = None) -> Tensor:
+        """Like ``__call__``, but every forward pass holds exactly ``bucket`` samples.
 
-def read_schedule(folder: str | Path) -> list[int]:
-    """The recorded timesteps of an exported generator folder."""
-    return list(json.loads((Path(folder) / META_FILE).read_text())["timesteps"])
+        Short chunks are padded with blank prompts. With one fixed batch shape, a sample's
+        pixels do not depend on how many or which other samples share its pass (CPU kernels
+        round differently for different batch sizes), and fixed shapes suit CUDA graphs.
+        """
+        out = []
+        for i in range(0, len(prompts), bucket):
+            chunk_p, chunk_s = list(prompts[i:i + bucket]), list(seeds[i:i + bucket])
+            pad = bucket - len(chunk_p)
+            images = self(chunk_p + [""] * pad, chunk_s + [0] * pad, steps, shape)
+            out.append(images[: len(chunk_p)])
+        return torch.cat(out)

@@ -135,3 +135,13 @@ def tiny_run_overrides(**extra: object) -> dict[str, object]:
                 checkpoint_every=2, lr_generator=1e-4, lr_fake=1e-4, preview_prompts=["a 1", "a 2"])
     base.update(extra)
     return base
+
+
+@pytest.fixture(scope="session")
+def server():
+    """A real ``python -m dmd2_serve`` of the bundled generator on a free loopback port."""
+    from serving import start_server, stop_server
+
+    s = start_server("--max-batch-size", "8", "--batch-timeout", "0.05")
+    yield s
+    stop_server(s)

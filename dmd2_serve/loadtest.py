@@ -1,0 +1,135 @@
+"""Load benchmark: concurrent clients against a server on loopback; prints a table.
+
+    python -m dmd2_serve.loadtest                       # starts the bundled digits server itself
+    python -m dmd2_serve.loadtest --url http://127.0.0.1:8000 --clients 1 32 --seconds 20
+
+Each scenario runs ``clients`` closed-loop clients (send, wait for the answer, send again) for a
+bounded time and request count, then reports latency percentiles, throughput, the batch sizes the
+server formed (from each answer's ``timings_ms.batch_requests``) and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass
+class Scenario:
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    batch_sizes: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_scenario(url: str, clients: int, seconds: float, max_requests: int, prompt: str) -> Scenario:
+    """``clients`` closed-loop clients for at most ``seconds`` and ``max_requests`` requests in all."""
+    latencies: list[float] = []
+    batches: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        async def one_client(index: int) -> None:
+            nonlocal errors, sent
+            i = 0
+            while time.perf_counter() < deadline and sent < max_requests:
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/generate", json={"prompt": prompt, "seed": index * 100_000 + i})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    batches.append(r.json()["timings_ms"].get("batch_requests", 1.0))
+                else:
+                    errors += 1
+                i += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - started
+    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches)
+
+
+def table(rows: list[Scenario]) -> str:
+    """A Markdown table of the scenarios, the first one as the baseline."""
+    base = rows[0].throughput or 1.0
+    lines = ["| clients | requests | errors | p50 ms | p95 ms | req/s | vs 1 client | mean batch | max batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mean_b = statistics.fmean(r.batch_sizes) if r.batch_sizes else 0
+        max_b = max(r.batch_sizes) if r.batch_sizes else 0
+        lines.append(f"| {r.clients} | {r.requests} | {r.errors} | {r.percentile(0.5):.0f} | {r.percentile(0.95):.0f}"
+                     f" | {r.throughput:.1f} | {r.throughput / base:.1f}x | {mean_b:.1f} | {max_b:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dmd2_serve.loadtest", description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="a running server; default: start the bundled digits server on a free port")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--seconds", type=float, default=20.0, help="per scenario")
+    p.add_argument("--max-requests", type=int, default=5000, help="per scenario")
+    p.add_argument("--prompt", default="a handwritten 7")
+    args = p.parse_args(argv)
+
+    process = None
+    url = args.url
+    if url is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen([sys.executable, "-m", "dmd2_serve", "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            process.kill()
+            print("error: the server did not become healthy", file=sys.stderr)
+            return 2
+    try:
+        asyncio.run(run_scenario(url, 4, 2.0, 50, args.prompt))  # warm the connection pool and caches
+        rows = [asyncio.run(run_scenario(url, c, args.seconds, args.max_requests, args.prompt)) for c in args.clients]
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+    print(table(rows))
+    return 1 if any(r.errors for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Prometheus metrics, shared by the HTTP process and the inference workers.
+
+LitServe runs the model in worker processes, so the metrics use prometheus-client's
+multiprocess mode: every process writes to files under ``PROMETHEUS_MULTIPROC_DIR`` and
+``GET /metrics`` sums them. ``ensure_multiprocess_dir`` must run before this module is imported
+in the parent process (the CLI does it), so that the workers inherit the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+def ensure_multiprocess_dir() -> str:
+    """Point prometheus-client at a fresh folder for this server's metric files."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = tempfile.mkdtemp(prefix="dmd2-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+REQUESTS = Counter("dmd2_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
+LATENCY = Histogram(
+    "dmd2_request_latency_seconds", "End-to-end request latency", ["endpoint"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_DEPTH = Gauge("dmd2_queue_depth", "Generation requests admitted and not yet answered",
+                    multiprocess_mode="livesum")
+BATCH_SIZE = Histogram("dmd2_batch_size", "Requests per model forward batch", buckets=(1, 2, 4, 8, 16, 32, 64))
+BATCH_IMAGES = Histogram("dmd2_batch_images", "Images per model forward batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+REJECTED = Counter("dmd2_rejected_total", "Requests refused because the queue was full")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of every process's metrics, and its content type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,146 @@
+"""ASGI middleware around the LitServe app: admission control, metrics, raw-image responses.
+
+- A bounded queue: at most ``max_queue`` generation requests are admitted at once; the next one
+  gets 503 with ``Retry-After`` at once instead of waiting in an ever-growing queue.
+- Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
+- ``Accept: image/png`` (or jpeg, webp) on ``POST /generate`` with one image answers the raw
+  image bytes instead of JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import metrics
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+
+
+def openai_error(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """The OpenAI API's error body."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def error_body(path: str, message: str) -> dict[str, Any]:
+    """An error body in the shape the endpoint's clients expect."""
+    return openai_error(message, kind="server_error") if path.startswith("/v1/") else {"detail": message}
+
+
+async def _json_response(send: Callable, status: int, body: dict[str, Any], headers: list | None = None) -> None:
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def _wanted_image_type(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"accept":
+            for part in value.decode("latin-1").split(","):
+                kind = part.split(";")[0].strip().lower()
+                if kind in IMAGE_TYPES:
+                    return kind
+    return None
+
+
+def _as_image(body: bytes, kind: str) -> tuple[int, bytes, str]:
+    """Turn a 200 JSON answer holding one image into (status, bytes, content type)."""
+    from PIL import Image
+
+    payload = json.loads(body)
+    images = payload.get("images", [])
+    if len(images) != 1:
+        msg = f"Accept: {kind} returns exactly one image; ask for num_images=1 or accept application/json"
+        return 406, json.dumps({"detail": msg}).encode(), "application/json"
+    data = base64.b64decode(images[0]["data"])
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != IMAGE_TYPES[kind]:
+            out = io.BytesIO()
+            im.convert("RGB" if IMAGE_TYPES[kind] == "JPEG" else im.mode).save(out, format=IMAGE_TYPES[kind])
+            data = out.getvalue()
+    return 200, data, kind
+
+
+class ServingMiddleware:
+    """Admission control, metrics and raw-image answers for the generation endpoints."""
+
+    def __init__(self, app: ASGIApp, *, generation_paths: tuple[str, ...], known_paths: tuple[str, ...],
+                 max_queue: int, retry_after_s: int = 1) -> None:
+        self.app = app
+        self.generation_paths = set(generation_paths)
+        self.known_paths = set(known_paths) | self.generation_paths
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in self.known_paths else "other"
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if path in self.generation_paths and scope["method"] == "POST":
+                await self._generation(scope, receive, tracked_send, path)
+            else:
+                await self.app(scope, receive, tracked_send)
+        finally:
+            metrics.REQUESTS.labels(endpoint, str(status["code"])).inc()
+            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _generation(self, scope: Scope, receive: Callable, send: Callable, path: str) -> None:
+        if self.in_flight >= self.max_queue:
+            metrics.REJECTED.inc()
+            msg = f"the server is at its queue limit ({self.max_queue} requests); retry in {self.retry_after_s} s"
+            await _json_response(send, 503, error_body(path, msg), [(b"retry-after", str(self.retry_after_s).encode())])
+            return
+        self.in_flight += 1
+        metrics.QUEUE_DEPTH.inc()
+        try:
+            kind = _wanted_image_type(scope) if path == "/generate" else None
+            if kind is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._raw_image(scope, receive, send, kind)
+        finally:
+            self.in_flight -= 1
+            metrics.QUEUE_DEPTH.dec()
+
+    async def _raw_image(self, scope: Scope, receive: Callable, send: Callable, kind: str) -> None:
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def collect(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        body = b"".join(chunks)
+        if start.get("status") != 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        code, data, content_type = _as_image(body, kind)
+        await send({"type": "http.response.start", "status": code,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})

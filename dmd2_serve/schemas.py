@@ -1,0 +1,77 @@
+"""Request and response models of the HTTP API (pydantic; they are the OpenAPI schema too)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 1000
+MAX_IMAGES = 8
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 16
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain text, not only spaces")
+    return value
+
+
+class GenerateRequest(BaseModel):
+    """``POST /generate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; picked when absent")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    output_format: ImageFormat = "png"
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="at most the trained schedule's length")
+    size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
+
+    _prompt = field_validator("prompt")(_non_blank)
+
+
+class GeneratedImage(BaseModel):
+    data: str = Field(..., description="base64-encoded image file")
+    seed: int
+
+
+class GenerateResponse(BaseModel):
+    images: list[GeneratedImage]
+    model: str
+    timings_ms: dict[str, float]
+
+
+SIZE_PATTERN = re.compile(r"^(\d{1,4})x(\d{1,4})$")
+
+
+class OpenAIImagesRequest(BaseModel):
+    """``POST /v1/images/generations``: the OpenAI Images API request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT; the model's own size only")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: ImageFormat | None = None
+    quality: str | None = Field(None, max_length=32)
+    style: str | None = Field(None, max_length=32)
+    user: str | None = Field(None, max_length=256)
+
+    _prompt = field_validator("prompt")(_non_blank)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]

@@ -1,0 +1,215 @@
+"""The HTTP server end to end: a real ``python -m dmd2_serve`` on loopback, serving the bundled generator."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from serving import Server, start_server, stop_server
+
+
+def generate(server: Server, timeout: float = 60, headers: dict | None = None, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", json=body, timeout=timeout, headers=headers)
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_health_was_503_until_ready_then_200(server: Server):
+    assert server.health_seen[-1] == 200
+    assert set(server.health_seen[:-1]) <= {503}, server.health_seen
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_generate_json(server: Server):
+    r = generate(server, prompt="a handwritten 7", seed=41, num_images=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [im["seed"] for im in body["images"]] == [41, 42, 43]
+    assert body["model"] == "digits-generator"
+    assert {"queue", "inference", "encode"} <= set(body["timings_ms"])
+    assert all(decode(im["data"]).size == (8, 8) and decode(im["data"]).format == "PNG" for im in body["images"])
+
+
+def test_seed_is_picked_and_returned_and_reproduces(server: Server):
+    picked = generate(server, prompt="the number two").json()["images"][0]
+    again = generate(server, prompt="the number two", seed=picked["seed"]).json()["images"][0]
+    assert again["data"] == picked["data"]
+
+
+def test_formats_sizes_and_raw_image(server: Server):
+    body = generate(server, prompt="a 3", seed=1, output_format="jpeg", size="64x64").json()
+    assert decode(body["images"][0]["data"]).format == "JPEG" and decode(body["images"][0]["data"]).size == (64, 64)
+    raw = generate(server, prompt="a 3", seed=1, headers={"Accept": "image/png"})
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(raw.content)).size == (8, 8)
+    webp = generate(server, prompt="a 3", seed=1, headers={"Accept": "image/webp"})
+    assert webp.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(webp.content)).format == "WEBP"
+    many = generate(server, prompt="a 3", num_images=2, headers={"Accept": "image/png"})
+    assert many.status_code == 406 and "num_images=1" in many.text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 1001}, "prompt"),
+    ({"prompt": "a 1", "num_images": 9}, "num_images"),
+    ({"prompt": "a 1", "num_images": 0}, "num_images"),
+    ({"prompt": "a 1", "seed": -1}, "seed"),
+    ({"prompt": "a 1", "output_format": "gif"}, "output_format"),
+    ({"prompt": "a 1", "steps": 5}, "steps"),
+    ({"prompt": "a 1", "size": "12x12"}, "size"),
+    ({"prompt": "a 1", "size": "huge"}, "size"),
+    ({"prompt": "a 1", "colour": "red"}, "colour"),
+    ({}, "prompt"),
+])
+def test_bad_requests_are_422_naming_the_field(server: Server, body, field):
+    r = httpx.post(f"{server.url}/generate", json=body, timeout=30)
+    assert r.status_code == 422, r.text
+    assert any(field in [str(p) for p in err["loc"]] for err in r.json()["detail"]), r.text
+
+
+def test_body_size_is_bounded(server: Server):
+    r = httpx.post(f"{server.url}/generate", content=b'{"prompt": "' + b"x" * 100_000 + b'"}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+
+
+def test_same_seed_same_pixels_alone_or_in_a_full_batch(server: Server):
+    target = {"prompt": "a drawing of a five", "seed": 1234, "num_images": 2}
+    alone = generate(server, **target).json()["images"]
+    others = [{"prompt": f"the digit {d}", "seed": d, "num_images": 1 + d % 3} for d in range(15)]
+    bodies = others[:7] + [target] + others[7:]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: generate(server, **b), bodies))
+    assert all(r.status_code == 200 for r in results)
+    assert results[7].json()["images"] == alone  # bit-identical pixels, same seeds
+    assert max(r.json()["timings_ms"]["batch_requests"] for r in results) > 1, "no batching happened"
+
+
+def test_openai_client_unchanged(server: Server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(model="digits", prompt="a handwritten 4", n=2, size="64x64",
+                                    response_format="b64_json")
+    assert len(result.data) == 2 and all(decode(d.b64_json).size == (64, 64) for d in result.data)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a 4", response_format="url")
+    assert e.value.status_code == 400 and "b64_json" in str(e.value) and e.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a 4", n=9)
+    assert e.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a 4", size="1024x1000")
+    assert e.value.param == "size"
+
+
+def test_metrics(server: Server):
+    generate(server, prompt="a 1")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'dmd2_requests_total{endpoint="/generate",status="200"}' in text
+    assert "dmd2_request_latency_seconds_bucket" in text
+    assert "dmd2_batch_size_bucket" in text and "dmd2_queue_depth" in text
+
+
+def test_playground_page(server: Server):
+    r = httpx.get(f"{server.url}/")
+    assert r.status_code == 200 and "<form" in r.text and "/generate" in r.text
+
+
+def test_fuzz_with_schemathesis(server: Server):
+    """Requests generated from the server's own OpenAPI schema never get a 5xx or kill it."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    failures: list = []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/generate", "/v1/images/generations"}
+    for op in operations:
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def fuzz(case):
+            response = case.call(timeout=60)
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
+
+        fuzz()
+    assert not failures, failures[:5]
+    assert server.process.poll() is None, "the server died"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_bad_model_folder_is_one_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dmd2_serve", "--model", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    s = start_server("--api-key", "s3cret")
+    yield s
+    stop_server(s)
+
+
+def test_api_key(guarded: Server):
+    assert httpx.get(f"{guarded.url}/health").status_code == 200  # stays open
+    assert generate(guarded, prompt="a 1").status_code == 401
+    assert generate(guarded, prompt="a 1", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert generate(guarded, prompt="a 1", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="a 1")
+    ok = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="s3cret", max_retries=0).images.generate(prompt="a 1")
+    assert len(ok.data) == 1
+
+
+@pytest.fixture(scope="module")
+def cramped():
+    s = start_server("--max-queue", "2", "--max-batch-size", "1")
+    yield s
+    stop_server(s)
+
+
+def test_full_queue_is_503_with_retry_after(cramped: Server):
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: generate(cramped, prompt=f"a {i % 10}", num_images=8), range(12)))
+    codes = [r.status_code for r in results]
+    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+    rejected = next(r for r in results if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1" and "queue limit" in rejected.text
+    assert cramped.process.poll() is None
+
+
+@pytest.fixture(scope="module")
+def impatient():
+    s = start_server("--timeout", "0.05", "--max-batch-size", "1")
+    yield s
+    stop_server(s)
+
+
+def test_request_waiting_too_long_is_504(impatient: Server):
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda i: generate(impatient, prompt=f"a {i}", num_images=8), range(10)))
+    codes = [r.status_code for r in results]
+    assert 504 in codes and set(codes) <= {200, 504}, codes
+    assert impatient.process.poll() is None and httpx.get(f"{impatient.url}/health").status_code == 200
+
+
+def test_loadtest_script(server: Server, capsys):
+    from dmd2_serve.loadtest import main
+
+    assert main(["--url", server.url, "--clients", "1", "4", "--seconds", "1.5", "--max-requests", "40"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| clients |") and "\n| 4 |" in out
