@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -98,35 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="a handwritten 7")
     args = p.parse_args(argv)
 
-    process = None
+    server = None
     url = args.url
     if url is None:
-        import socket
+        from .launch import launch
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        process = subprocess.Popen([sys.executable, "-m", "dmd2_serve", "--port", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            process.kill()
-            print("error: the server did not become healthy", file=sys.stderr)
+        try:
+            server = launch()
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
+        url = server.url
     try:
         asyncio.run(run_scenario(url, 4, 2.0, 50, args.prompt))  # warm the connection pool and caches
         rows = [asyncio.run(run_scenario(url, c, args.seconds, args.max_requests, args.prompt)) for c in args.clients]
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+        if server is not None:
+            from .launch import stop
+
+            stop(server.process)
     print(table(rows))
     return 1 if any(r.errors for r in rows) else 0
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("distill", "teacher")
+COMMANDS = ("distill", "teacher", "eval", "table")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, help="teacher folder to write (default: the bundled one)")
     t.add_argument("--steps", type=int)
     t.add_argument("overrides", nargs="*", metavar="key=value")
+    e = sub.add_parser("eval", help="score a generator or a teacher on the digits protocol")
+    e.add_argument("--generator", type=Path, help="an exported generator folder")
+    e.add_argument("--teacher", type=Path, help="a teacher folder, sampled with DDIM")
+    e.add_argument("--steps", type=int, help="sampling steps (teacher: DDIM steps, default 50)")
+    e.add_argument("--guidance", type=float, default=2.0, help="teacher CFG scale")
+    q = sub.add_parser("table", help="reproduce the digits quality table (trains 5 students, ~40 min on 2 cores)")
+    q.add_argument("--out", type=Path, default=Path("docs/quality"))
+    q.add_argument("--runs", type=Path, default=Path("runs/quality"))
+    q.add_argument("--guidance", type=float, default=None, help="default: the digits preset's")
+    q.add_argument("--max-steps", type=int, help="shorter runs, for a smoke test")
     return p
 
 
@@ -77,6 +87,34 @@ def _teacher(args: argparse.Namespace) -> None:
     print(f"teacher written to {train_teacher(cfg)}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .loop import RunError
+
+    from dmd2_serve.backbones import read_meta
+
+    from .evaluate import generator_sampler, score_digits, teacher_sampler
+
+    folder = args.generator or args.teacher
+    if folder is None or (args.generator and args.teacher):
+        raise RunError("give exactly one of --generator DIR or --teacher DIR")
+    if read_meta(folder)["family"] != "digits":
+        raise RunError("only the digits protocol is implemented so far; real-scale FID / CLIP score"
+                       " evaluation of SD-family models is not built yet")
+    sample = (generator_sampler(folder, args.steps) if args.generator
+              else teacher_sampler(folder, args.steps or 50, args.guidance))
+    print(json.dumps(score_digits(sample).as_dict(), indent=2))
+
+
+def _table(args: argparse.Namespace) -> None:
+    from .config import DISTILL_PRESETS
+    from .quality import build_table
+
+    guidance = args.guidance if args.guidance is not None else DISTILL_PRESETS["digits"]["guidance_scale"]
+    print(build_table(args.out, args.runs, guidance, args.max_steps))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -93,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import RunError
 
     try:
-        {"distill": _distill, "teacher": _teacher}[args.command](args)
+        {"distill": _distill, "teacher": _teacher, "eval": _eval, "table": _table}[args.command](args)
     except (ConfigError, ModelFolderError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

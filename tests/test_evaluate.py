@@ -1,0 +1,62 @@
+"""The digits evaluation protocol and its metrics."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dmd2_train.evaluate import (
+    frechet_distance,
+    protocol_prompts,
+    real_sampler,
+    score_digits,
+    within_class_spread,
+)
+
+
+def test_frechet_distance_by_hand():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    shifted = a + np.array([2.0, 0, 0])
+    assert frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-6)  # |mu_a - mu_b|^2, same covariance
+    scaled = a * 2  # covariance 4I vs I: Tr(I + 4I - 2 * 2I) = 1 per dimension
+    assert frechet_distance(a, scaled) == pytest.approx(3.0, rel=0.1)
+
+
+def test_spread_by_hand():
+    images = torch.tensor([[0.0], [3.0], [10.0], [10.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert within_class_spread(images, labels) == pytest.approx(1.5)  # (3 + 0) / 2
+
+
+def test_real_digits_score_as_real():
+    scores = score_digits(real_sampler())
+    assert scores.prompt_accuracy > 0.95 and 0.8 < scores.diversity < 1.2
+    # a collapsed sampler (one image per digit) has no diversity and a large Frechet distance
+    _, _, reference, labels = protocol_prompts()
+    first = {d: reference[labels == d][0] for d in range(10)}
+    collapsed = score_digits(lambda prompts, seeds: torch.stack([first[int(d)] for d in labels]))
+    assert collapsed.diversity == 0 and collapsed.frechet_distance > 10 * scores.frechet_distance
+
+
+def test_eval_command_on_a_tiny_generator(digits_teacher, tmp_path):
+    from conftest import tiny_run_overrides
+    from dmd2_train.config import DistillConfig
+    from dmd2_train.loop import distill
+
+    folder = distill(DistillConfig(teacher=digits_teacher, out=tmp_path / "run", **tiny_run_overrides(max_steps=2)))
+    r = subprocess.run([sys.executable, "-m", "dmd2_train", "eval", "--generator", str(folder)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scores = json.loads(r.stdout)
+    assert set(scores) == {"prompt_accuracy", "frechet_distance", "diversity", "ms_per_image"}
+    assert 0 <= scores["prompt_accuracy"] <= 1 and scores["frechet_distance"] > 0
+    r = subprocess.run([sys.executable, "-m", "dmd2_train", "eval", "--teacher", str(digits_teacher), "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "frechet_distance" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "dmd2_train", "eval"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:")
