@@ -112,7 +112,7 @@ def _table(args: argparse.Namespace) -> None:
     from .quality import build_table
 
     guidance = args.guidance if args.guidance is not None else DISTILL_PRESETS["digits"]["guidance_scale"]
-    print(build_table(args.out, args.runs, guidance, args.max_steps))
+    print(build_table(args.out, args.runs, guidance, max_steps=args.max_steps))
 
 
 def main(argv: list[str] | None = None) -> int:

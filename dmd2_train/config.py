@@ -96,7 +96,7 @@ class TeacherConfig(_Strict):
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # The bundled default: minutes on a 2-core CPU.
     "digits": dict(
-        teacher=BUNDLED_DIGITS_TEACHER, guidance_scale=2.0, ratio=5, lr_generator=1e-4, lr_fake=2e-4,
+        teacher=BUNDLED_DIGITS_TEACHER, guidance_scale=1.0, ratio=5, lr_generator=1e-4, lr_fake=2e-4,
         warmup_steps=50, batch_size=32, max_steps=1000, gan_weight_generator=3e-3,
         gan_weight_discriminator=1e-2, log_every=10, preview_every=200, checkpoint_every=200,
         preview_prompts=[f"a handwritten {d}" for d in range(10)],

@@ -183,10 +183,17 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
         if state is None:
             accelerator.print(f"no checkpoint in {ckpt.checkpoint_dir(cfg.out)}; starting from the teacher")
         else:
-            gen_plain.load_state_dict(state["generator"])
-            fake_plain.load_state_dict(state["fake"])
-            opt_g.load_state_dict(state["opt_g"])
-            opt_f.load_state_dict(state["opt_f"])
+            try:
+                gen_plain.load_state_dict(state["generator"])
+                fake_plain.load_state_dict(state["fake"])
+                opt_g.load_state_dict(state["opt_g"])
+                opt_f.load_state_dict(state["opt_f"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise RunError(
+                    f"the checkpoint in {ckpt.checkpoint_dir(cfg.out)} does not fit this configuration (teacher,"
+                    f" gan, ... changed?): {str(e).splitlines()[0]}; resume with the run's own settings"
+                    " (kept in the checkpoint under 'config') or use a new --out"
+                ) from None
             ckpt.set_rng_state(state["rng"])
             updates = dict(state["updates"])
             start = int(state["step"])
@@ -221,6 +228,15 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             x_t = add_noise(backbone.encode_images(images.to(device)), noise[k], t, abar)
         return predict_x0(eps_fn(unet, cond), x_t, t, abar)
 
+    def update(name: str, model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> float:
+        """One optimiser step on ``loss`` with grad-norm clipping; returns the norm before clipping."""
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        updates[name] += 1
+        return norm
+
     def generator_step(g: torch.Generator) -> dict[str, float]:
         cond = encode(data.prompts(batch, g))
         x = student_x0(m.generator, cond, g)  # (B, C, H, W), grad to G
@@ -243,11 +259,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             loss_gan = gan_generator_loss(logits)
             loss = loss + cfg.gan_weight_generator * loss_gan
             logs["loss/gan_generator"] = loss_gan.item()
-        m.opt_g.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        logs["grad_norm/generator"] = float(accelerator.clip_grad_norm_(m.generator.parameters(), cfg.grad_clip))
-        m.opt_g.step()
-        updates["generator"] += 1
+        logs["grad_norm/generator"] = update("generator", m.generator, m.opt_g, loss)
         return logs
 
     def fake_step(g: torch.Generator) -> dict[str, float]:
@@ -274,11 +286,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             logs["loss/gan_discriminator"] = loss_gan.item()
             logs["gan/d_real"] = torch.sigmoid(logits[batch:]).mean().item()
             logs["gan/d_fake"] = torch.sigmoid(logits[:batch]).mean().item()
-        m.opt_f.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        logs["grad_norm/fake"] = float(accelerator.clip_grad_norm_(m.fake.parameters(), cfg.grad_clip))
-        m.opt_f.step()
-        updates["fake"] += 1
+        logs["grad_norm/fake"] = update("fake", m.fake, m.opt_f, loss)
         return logs
 
     def save(step: int) -> None:

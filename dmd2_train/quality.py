@@ -100,18 +100,23 @@ def sample_grid(sample: Sampler, path: Path) -> None:
     save_grid((images.float().clamp(-1, 1) + 1) / 2, path, columns=4)
 
 
-def build_table(out: Path, runs: Path, guidance: float, max_steps: int | None = None) -> str:
-    """Train the students, score every row, write the table and figures; returns the Markdown."""
+def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple[float, ...] = (1.0, 2.0),
+                max_steps: int | None = None) -> str:
+    """Train the students, score every row, write the table and figures; returns the Markdown.
+
+    ``guidance`` is the students' CFG scale on the real score; the teacher rows are sampled at
+    each of ``teacher_guidances``.
+    """
     from .loop import distill
 
     out.mkdir(parents=True, exist_ok=True)
     teacher = BUNDLED_DIGITS_TEACHER
-    samplers: list[tuple[str, str, Sampler]] = [
-        ("real digits (train split)", "real", real_sampler()),
-        (f"teacher, 50 DDIM steps, guidance {guidance:g}", "teacher-50", teacher_sampler(teacher, 50, guidance)),
-        (f"teacher, 4 DDIM steps, guidance {guidance:g}", "teacher-4", teacher_sampler(teacher, 4, guidance)),
-    ]
-    for row in STUDENT_ROWS:
+    samplers: list[tuple[str, str, Sampler]] = [("real digits (train split)", "real", real_sampler())]
+    for steps in (50, 4):
+        for g in teacher_guidances:
+            samplers.append((f"teacher, {steps} DDIM steps, guidance {g:g}", f"teacher-{steps}-g{g:g}",
+                             teacher_sampler(teacher, steps, g)))
+    for row in STUDENT_ROWS:  # students distilled with guidance ``guidance``
         values = {**DISTILL_PRESETS["digits"], "out": runs / row.key, "checkpoint_every": 100,
                   "keep_checkpoints": 1000, "guidance_scale": guidance, **(row.distill or {})}
         if max_steps is not None:

@@ -182,9 +182,14 @@ def cramped():
     stop_server(s)
 
 
+def burst(server: Server, count: int) -> list[httpx.Response]:
+    """``count`` simultaneous 8-image requests."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda i: generate(server, prompt=f"a {i % 10}", num_images=8), range(count)))
+
+
 def test_full_queue_is_503_with_retry_after(cramped: Server):
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: generate(cramped, prompt=f"a {i % 10}", num_images=8), range(12)))
+    results = burst(cramped, 12)
     codes = [r.status_code for r in results]
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
     rejected = next(r for r in results if r.status_code == 503)
@@ -200,9 +205,7 @@ def impatient():
 
 
 def test_request_waiting_too_long_is_504(impatient: Server):
-    with ThreadPoolExecutor(10) as pool:
-        results = list(pool.map(lambda i: generate(impatient, prompt=f"a {i}", num_images=8), range(10)))
-    codes = [r.status_code for r in results]
+    codes = [r.status_code for r in burst(impatient, 10)]
     assert 504 in codes and set(codes) <= {200, 504}, codes
     assert impatient.process.poll() is None and httpx.get(f"{impatient.url}/health").status_code == 200
 

@@ -1,0 +1,40 @@
+# GPU host image: the trainer and the server, CUDA build of torch, a non-root user.
+#   docker build -t dmd2-fast .
+#   docker run --gpus all -p 8000:8000 -v /models/my-generator:/models/generator:ro dmd2-fast --model /models/generator
+# The TensorRT backend and its install extra come with the fast-path work; this image serves
+# the eager path today.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+# torch first (the CUDA 12.8 build), so the project install keeps it.
+RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch==2.9.1"
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY dmd2_train ./dmd2_train
+COPY dmd2_serve ./dmd2_serve
+RUN pip install .
+
+RUN useradd --create-home --uid 1000 dmd2 && mkdir -p /models && chown 1000 /models
+USER 1000
+VOLUME ["/models"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["curl", "-fsS", "http://127.0.0.1:8000/health"]
+
+# With no arguments the bundled digits generator is served; pass --model DIR for another.
+ENTRYPOINT ["python", "-m", "dmd2_serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD []
