@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,17 +81,6 @@ class PromptEncoder:
         if all(p in self.cache for p in prompts):
             return Conditioning.cat([self.cache[p] for p in prompts])
         return self.backbone.encode_prompts(prompts)
-
-
-@dataclass
-class Models:
-    """What one step works on (the generator and fake score possibly DDP-wrapped)."""
-
-    real: nn.Module
-    generator: nn.Module
-    fake: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_f: torch.optim.Optimizer
 
 
 def check_output_folder(out: Path) -> None:
@@ -171,7 +159,6 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, **adamw)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, **adamw)
     generator, fake, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
-    m = Models(real, generator, fake, opt_g, opt_f)
     gen_plain: nn.Module = accelerator.unwrap_model(generator)
     fake_plain: FakeScore = accelerator.unwrap_model(fake)
 
@@ -239,13 +226,13 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     def generator_step(g: torch.Generator) -> dict[str, float]:
         cond = encode(data.prompts(batch, g))
-        x = student_x0(m.generator, cond, g)  # (B, C, H, W), grad to G
+        x = student_x0(generator, cond, g)  # (B, C, H, W), grad to G
         # Distribution matching (DMD Eq. 7): real score with CFG vs fake score, no grad.
         t = randint(t_lo, t_hi + 1, batch, g)
         x_t = add_noise(x.detach(), randn(batch, g), t, abar)
         with torch.no_grad():
             both = Conditioning.cat([uncond_one.index([0] * batch), cond])
-            eps_u, eps_c = unet_eps(m.real, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+            eps_u, eps_c = unet_eps(real, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
             x0_real = predict_x0(lambda *_: classifier_free_guidance(eps_u, eps_c, cfg.guidance_scale), x_t, t, abar)
             x0_fake = predict_x0(lambda xt, tt: fake_plain(xt, tt, cond)[0], x_t, t, abar)
         loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
@@ -259,7 +246,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             loss_gan = gan_generator_loss(logits)
             loss = loss + cfg.gan_weight_generator * loss_gan
             logs["loss/gan_generator"] = loss_gan.item()
-        logs["grad_norm/generator"] = update("generator", m.generator, m.opt_g, loss)
+        logs["grad_norm/generator"] = update("generator", generator, opt_g, loss)
         return logs
 
     def fake_step(g: torch.Generator) -> dict[str, float]:
@@ -276,7 +263,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             inputs.append(add_noise(backbone.encode_images(images.to(device)), randn(batch, g), t_real, abar))
             times.append(t_real)
             conds.append(encode(captions))
-        eps_pred, logits = m.fake(torch.cat(inputs), torch.cat(times), Conditioning.cat(conds), logits=cfg.gan)
+        eps_pred, logits = fake(torch.cat(inputs), torch.cat(times), Conditioning.cat(conds), logits=cfg.gan)
         loss_denoise = denoising_loss(eps_pred[:batch], eps)
         logs = {"loss/denoise": loss_denoise.item()}
         loss = loss_denoise
@@ -286,7 +273,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             logs["loss/gan_discriminator"] = loss_gan.item()
             logs["gan/d_real"] = torch.sigmoid(logits[batch:]).mean().item()
             logs["gan/d_fake"] = torch.sigmoid(logits[:batch]).mean().item()
-        logs["grad_norm/fake"] = update("fake", m.fake, m.opt_f, loss)
+        logs["grad_norm/fake"] = update("fake", fake, opt_f, loss)
         return logs
 
     def save(step: int) -> None:
