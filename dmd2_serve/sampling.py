@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from dmd2_kernels.renoise import renoise
 from torch import Tensor
 
 # A denoiser maps (x_t, t) to eps. Conditioning is bound in by the caller.
@@ -53,6 +54,31 @@ def predict_x0(eps_fn: EpsFn, x_t: Tensor, t: int | Tensor, alphas_cumprod: Tens
     return x0_from_eps(x_t, eps_fn(x_t, t), t, alphas_cumprod)
 
 
+# One move of the few-step loop: (x_t at timesteps[i], eps predicted there, i) -> x at timesteps[i + 1].
+StepFn = Callable[[Tensor, Tensor, int], Tensor]
+
+
+def _steps(t: int, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), int(t), device=like.device, dtype=torch.long)
+
+
+def few_step_loop(eps_fn: EpsFn, x: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor, step: StepFn) -> Tensor:
+    """Multi-step consistency-style sampling (DMD2 Sec. 4.4), with the re-noise move as data.
+
+    For each ``t_i``: eps = G(x, t_i); the last step returns ``x0_from_eps`` (float32), every
+    other one moves on with ``x = step(x, eps, i)`` (x0 from eps, then fresh noise at t_{i+1}).
+    """
+    if len(timesteps) == 0:
+        raise ValueError("few_step_sample needs at least one timestep")
+    for i, t in enumerate(timesteps):
+        t_now = _steps(t, x)
+        eps = eps_fn(x, t_now)
+        if i + 1 == len(timesteps):
+            return x0_from_eps(x, eps, t_now, alphas_cumprod)
+        x = step(x, eps, i)
+    raise AssertionError("unreachable")
+
+
 def few_step_sample(
     eps_fn: EpsFn,
     noise: Tensor,
@@ -60,7 +86,7 @@ def few_step_sample(
     alphas_cumprod: Tensor,
     renoise: Sequence[Tensor] | Callable[[int], Tensor],
 ) -> Tensor:
-    """Multi-step consistency-style sampling (DMD2 Sec. 4.4).
+    """Multi-step sampling with given noise draws (the trainer's backward simulation uses this).
 
     Starting from ``x = noise`` at ``timesteps[0]``, alternate
     ``x0 = G(x, t_i)`` and ``x = add_noise(x0, eps_i, t_{i+1})`` and return the last ``x0``.
@@ -76,34 +102,42 @@ def few_step_sample(
     Returns:
         x0 of the last step, float32, shaped like ``noise``.
     """
-    if len(timesteps) == 0:
-        raise ValueError("few_step_sample needs at least one timestep")
     draw = renoise if callable(renoise) else renoise.__getitem__
-    x = noise
-    x0 = noise.float()
-    for i, t in enumerate(timesteps):
-        x0 = predict_x0(eps_fn, x, t, alphas_cumprod)
-        if i + 1 < len(timesteps):
-            t_next = torch.full((x.shape[0],), int(timesteps[i + 1]), device=x.device, dtype=torch.long)
-            x = add_noise(x0, draw(i), t_next, alphas_cumprod).to(noise.dtype)
-    return x0
+
+    def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
+        x0 = x0_from_eps(x, eps, _steps(timesteps[i], x), alphas_cumprod)
+        return add_noise(x0, draw(i), _steps(timesteps[i + 1], x), alphas_cumprod).to(noise.dtype)
+
+    return few_step_loop(eps_fn, noise, timesteps, alphas_cumprod, step)
 
 
-def seeded_noise(
-    seeds: Sequence[int], shape: Sequence[int], count: int, device: torch.device | str = "cpu",
+def philox_sample(
+    eps_fn: EpsFn, seeds: Tensor, shape: Sequence[int], timesteps: Sequence[int], alphas_cumprod: Tensor,
     dtype: torch.dtype = torch.float32,
-) -> list[Tensor]:
-    """``count`` noise tensors of (B, *shape), sample b drawn only from ``seeds[b]``.
+) -> Tensor:
+    """The serving sampler: every draw comes from the fused Philox re-noise kernel.
 
-    Each sample owns a CPU generator seeded with its seed, so the pixels a seed gives do not
-    depend on what else is in the batch. Draw 0 is the starting noise, draws 1.. the re-noises.
+    Sample b's starting noise is stream 0 of ``seeds[b]`` and the noise after step i is stream
+    i + 1, so a seed gives the same image whatever shares its batch, on any device. Each
+    re-noise reads x_t and eps once and writes the next input once (eps -> x0 fused in).
+
+    Args:
+        eps_fn: the generator as an eps-predictor, conditioning bound in.
+        seeds: (B,) int64 seeds on the sampling device.
+        shape: (C, H, W) of one sample.
+        timesteps: the schedule; alphas_cumprod: (T,) of the teacher's scheduler.
+        dtype: the dtype of the generator's inputs.
+
+    Returns:
+        x0 of the last step, float32.
     """
-    per_sample = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(int(seed))
-        per_sample.append(torch.randn((count, *shape), generator=g))
-    stacked = torch.stack(per_sample, dim=1)  # (count, B, *shape)
-    return [n.to(device=device, dtype=dtype) for n in stacked]
+    abar = [float(alphas_cumprod[int(t)]) for t in timesteps]
+    x = renoise(None, seeds, 0, 0.0, shape=tuple(shape), dtype=dtype)
+
+    def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
+        return renoise(x, seeds, i + 1, abar[i + 1], eps=eps, abar_t=abar[i])
+
+    return few_step_loop(eps_fn, x, timesteps, alphas_cumprod, step)
 
 
 def ddim_sample(eps_fn: EpsFn, noise: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor) -> Tensor:

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from dmd2_train import checkpoint as ckpt
 
 FAST = ["batch_size=2", "ratio=2", "warmup_steps=1", "preview_every=1000", "log_every=1", "preview_prompts=[a 1]"]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_image_folder
+
 from dmd2_train.data import DataError, digit_caption, digits_data, load_digits, read_image_folder, read_prompts
 
 

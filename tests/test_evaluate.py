@@ -45,6 +45,7 @@ def test_real_digits_score_as_real():
 
 def test_eval_command_on_a_tiny_generator(digits_teacher, tmp_path):
     from conftest import tiny_run_overrides
+
     from dmd2_train.config import DistillConfig
     from dmd2_train.loop import distill
 

@@ -57,7 +57,7 @@ def test_dm_gradient_points_to_teacher_and_away_from_fake():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 8, 8)
     x0_real, x0_fake = torch.randn_like(x), torch.randn_like(x)
-    dot = lambda a, b: (a * b).flatten(1).sum(dim=1)  # noqa: E731
+    dot = lambda a, b: (a * b).flatten(1).sum(dim=1)
     # the descent direction -grad, in general: toward the teacher's x0 relative to the fake's
     direction = -distribution_matching_grad(x, x0_real, x0_fake)
     assert (dot(direction, x0_real - x0_fake) > 0).all()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_digits_unet
+
 from dmd2_serve.backbones import Conditioning
 from dmd2_train.networks import FakeScore, GanHead, bottleneck_shape, build_networks
 
@@ -16,7 +16,7 @@ def test_head_reduces_any_bottleneck_to_one_logit(shape):
 
 
 def test_head_matches_the_authors_layouts():
-    convs = lambda head: [(m.kernel_size[0], m.stride[0]) for m in head.net if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
+    convs = lambda head: [(m.kernel_size[0], m.stride[0]) for m in head.net if isinstance(m, torch.nn.Conv2d)]
     assert convs(GanHead(1280, 8)) == [(4, 2), (4, 4), (1, 1)]  # SD1.5
     assert convs(GanHead(1280, 32)) == [(4, 2), (4, 2), (4, 2), (4, 4), (1, 1)]  # SDXL
 
@@ -57,7 +57,7 @@ def test_build_networks_freezes_real_and_copies_the_rest():
     real, fake, gen = build_networks(teacher)
     assert not any(p.requires_grad for p in real.parameters())
     assert all(p.requires_grad for p in fake.parameters()) and all(p.requires_grad for p in gen.parameters())
-    w = lambda m: m.conv_in.weight  # noqa: E731
+    w = lambda m: m.conv_in.weight
     assert torch.equal(w(real), w(fake)) and torch.equal(w(real), w(gen))
     with torch.no_grad():
         w(gen).add_(1)

@@ -2,7 +2,8 @@
 
 import torch
 
-from dmd2_serve.sampling import add_noise, few_step_sample, predict_x0, seeded_noise, x0_from_eps
+from dmd2_kernels.renoise import philox_normal_reference
+from dmd2_serve.sampling import add_noise, few_step_sample, philox_sample, predict_x0, x0_from_eps
 from dmd2_train.simulate import backward_simulate
 
 ABAR = torch.linspace(0.9999, 0.0047, 1000, dtype=torch.float64)
@@ -54,9 +55,19 @@ def test_backward_simulation_equals_inference_prefix():
         assert torch.equal(sim.x_t, calls[k][0]), f"input of step {k} differs from inference"
 
 
-def test_seeded_noise_does_not_depend_on_batch():
-    alone = seeded_noise([7], (1, 4, 4), 3)
-    together = seeded_noise([1, 7, 2], (1, 4, 4), 3)
-    for a, b in zip(alone, together):
-        assert torch.equal(a[0], b[1])
-    assert not torch.equal(together[0][0], together[0][1])
+def test_philox_sampler_is_the_loop_with_kernel_noise():
+    # philox_sample == few_step_sample fed the kernel's noise streams 0..3 (reference numbers).
+    seeds = torch.tensor([11, 12])
+    calls: list = []
+    got = philox_sample(toy_eps_fn(calls), seeds, (1, 4, 4), SCHEDULE, ABAR.float())
+    noises = [philox_normal_reference(seeds, i, 16).reshape(2, 1, 4, 4) for i in range(len(SCHEDULE))]
+    want = few_step_sample(toy_eps_fn(), noises[0], SCHEDULE, ABAR.float(), noises[1:])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert [int(c[1][0]) for c in calls] == list(SCHEDULE)
+
+
+def test_philox_sampler_does_not_depend_on_batch():
+    alone = philox_sample(toy_eps_fn(), torch.tensor([7]), (1, 4, 4), SCHEDULE, ABAR.float())
+    together = philox_sample(toy_eps_fn(), torch.tensor([1, 7, 2]), (1, 4, 4), SCHEDULE, ABAR.float())
+    assert torch.equal(alone[0], together[1])
+    assert not torch.equal(together[0], together[1])

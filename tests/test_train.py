@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_run_overrides
+
 from dmd2_serve.backbones import load_unet
 from dmd2_serve.pipeline import FewStepPipeline
 from dmd2_train import checkpoint as ckpt
