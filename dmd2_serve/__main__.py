@@ -11,6 +11,16 @@ import sys
 from pathlib import Path
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size or a comma-separated list of sizes") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError("bucket sizes must be at least 1")
+    return sizes
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import BUNDLED_DIGITS_GENERATOR
 
@@ -20,7 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch")
     p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to wait to fill a batch")
-    p.add_argument("--bucket", type=int, default=8, help="images per forward pass (fixed, padded)")
+    p.add_argument("--bucket", type=_sizes, default=(8,), metavar="N[,N...]",
+                   help="images per forward pass, padded: one size (a seed's pixels never depend on its batch)"
+                        " or several, e.g. 1,4,16 (lower latency for small batches; equal within float rounding)")
+    p.add_argument("--backend", default="eager", choices=["eager", "compile", "tensorrt"],
+                   help="how the UNet and VAE decoder run: eager PyTorch, torch.compile, or TensorRT engines")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels")
+    p.add_argument("--compile-cache", type=Path, default=None,
+                   help="folder for compiled artefacts and TensorRT engines (default: $DMD2_CACHE_DIR or"
+                        " ~/.cache/dmd2-fast)")
+    p.add_argument("--compile-scope", default="full", choices=["full", "regional"],
+                   help="with --backend compile: the whole UNet and decoder, or only their repeated blocks"
+                        " (much faster to compile)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="do not capture the sampling loop in CUDA graphs")
     p.add_argument("--devices", default="auto", help="number of devices, or auto")
     p.add_argument("--workers-per-device", type=int, default=1)
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
@@ -39,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_multiprocess_dir()  # before any worker starts, so they inherit it
     from .api import build_server, default_threads
+    from .backends import BackendError, FastPath, check_fast_path
     from .backbones import ModelFolderError, read_meta
 
     try:
         meta = read_meta(args.model)
         if "timesteps" not in meta:
             raise ModelFolderError(f"'{args.model}' is a teacher, not a distilled generator (no recorded schedule)")
-        for name in ("max_batch_size", "bucket", "workers_per_device", "max_queue"):
+        fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,
+                        cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope)
+        check_fast_path(fast)  # a missing optional install fails here, before any worker starts
+        for name in ("max_batch_size", "workers_per_device", "max_queue"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 1 <= args.port <= 65535:
@@ -55,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, bucket=args.bucket,
             api_key=args.api_key, devices=devices, workers_per_device=args.workers_per_device,
             accelerator=args.accelerator, max_queue=args.max_queue, timeout=args.timeout,
-            threads=default_threads(args.workers_per_device) if args.accelerator != "cuda" else None,
+            threads=default_threads(args.workers_per_device) if args.accelerator != "cuda" else None, fast=fast,
         )
-    except (ModelFolderError, ValueError) as e:
+    except (ModelFolderError, BackendError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False)

@@ -16,6 +16,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from . import metrics
 from .backbones import read_meta
+from .backends import FastPath
 from .middleware import ServingMiddleware, openai_error
 from .pipeline import FewStepPipeline
 from .schemas import (
@@ -132,12 +134,14 @@ def unprocessable(problem: RequestProblem) -> HTTPException:
 class FewStepAPI(ls.LitAPI):
     """The generator behind ``POST /generate`` (and the OpenAI route, which feeds the same queue)."""
 
-    def __init__(self, model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01, bucket: int = 8,
-                 api_key: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01,
+                 bucket: int | Sequence[int] = 8, api_key: str | None = None, threads: int | None = None,
+                 fast: FastPath | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=GENERATE_PATH)
         self.model_dir = Path(model_dir)
         self.facts = ModelFacts.read(self.model_dir)
-        self.bucket = bucket
+        self.bucket = (bucket,) if isinstance(bucket, int) else tuple(sorted(bucket))
+        self.fast = fast or FastPath()
         self.api_key = api_key
         self.threads = threads
         self.pipe: FewStepPipeline | None = None
@@ -158,7 +162,9 @@ class FewStepAPI(ls.LitAPI):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.pipe = FewStepPipeline.from_folder(self.model_dir, device=device)
-        self.pipe.generate_padded(["warm-up"], [0], bucket=self.bucket)  # first-call costs paid here
+        self.pipe.accelerate(self.fast, self.bucket)
+        for size in self.bucket:  # compilation, engine builds and graph captures happen here, not in a request
+            self.pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket)
 
     def decode_request(self, request: GenerateRequest) -> Job:
         try:
@@ -222,15 +228,16 @@ class FewStepAPI(ls.LitAPI):
         return channels, size[1] // factor, size[0] // factor
 
 
-def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01, bucket: int = 8,
-                 api_key: str | None = None, devices: int | str = "auto", workers_per_device: int = 1,
-                 accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
-                 max_body_bytes: int = 64 * 1024, threads: int | None = None) -> ls.LitServer:
+def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01,
+                 bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
+                 workers_per_device: int = 1, accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
+                 max_body_bytes: int = 64 * 1024, threads: int | None = None,
+                 fast: FastPath | None = None) -> ls.LitServer:
     """The LitServer with every route, limit and metric wired in."""
     from litserve.server import RegularRequestHandler
 
     api = FewStepAPI(model_dir, max_batch_size=max_batch_size, batch_timeout=batch_timeout, bucket=bucket,
-                     api_key=api_key, threads=threads)
+                     api_key=api_key, threads=threads, fast=fast)
     server = ls.LitServer(
         api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device, timeout=timeout,
         max_payload_size=max_body_bytes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,16 +20,21 @@ from .backbones import (
     read_meta,
     unet_eps,
 )
-from .sampling import few_step_sample, seeded_noise
+from .backends import Denoiser, FastPath, GraphedLoop, check_fast_path, compile_modules, set_attention, tensorrt_modules
+from .sampling import philox_sample
 
 
 class FewStepPipeline:
     """The generator, its prompt encoder and its schedule, ready to sample.
 
+    Noise comes from the fused Philox re-noise kernel (``dmd2_kernels.renoise``): sample b's
+    draws depend on ``seeds[b]`` alone. :meth:`accelerate` switches the UNet and the VAE decoder
+    to another backend; on CUDA each batch shape's whole loop is then replayed from a CUDA graph.
+
     Args:
         unet: the eps-predicting generator UNet.
         backbone: the family adapter (prompt encoding, decode).
-        alphas_cumprod: (T,) of the teacher's scheduler.
+        alphas_cumprod: (T,) of the teacher's scheduler (kept on the CPU).
         timesteps: the schedule the generator was distilled for, e.g. (999, 749, 499, 249).
         name: a display name (the folder's name when loaded).
     """
@@ -39,14 +45,23 @@ class FewStepPipeline:
     ) -> None:
         self.unet = unet
         self.backbone = backbone
-        self.alphas_cumprod = alphas_cumprod
+        self.alphas_cumprod = alphas_cumprod.detach().cpu()
         self.timesteps = tuple(int(t) for t in timesteps)
         self.name = name
+        self.dtype = next(unet.parameters()).dtype
+        self.denoise: Denoiser = lambda x_t, t, cond: unet_eps(self.unet, x_t, t, cond)
+        self.fast = FastPath()
+        self._graphs: dict[tuple, GraphedLoop] = {}
+        self._pool: Any = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> FewStepPipeline:
-        """Load a generator folder written by ``dmd2_train`` export."""
+                    dtype: torch.dtype | None = None) -> FewStepPipeline:
+        """Load a generator folder written by ``dmd2_train`` export.
+
+        ``dtype`` None picks float16 on CUDA (with a bfloat16 VAE: the SDXL VAE overflows in
+        float16) and float32 elsewhere.
+        """
         folder = Path(folder)
         meta = read_meta(folder)
         if "timesteps" not in meta:
@@ -54,7 +69,11 @@ class FewStepPipeline:
                 f"'{folder}' has no '{META_FILE}' with a recorded schedule: it is a teacher, not a"
                 " distilled generator; distil it first with python -m dmd2_train --teacher ..."
             )
+        on_cuda = torch.device(device).type == "cuda"
+        dtype = dtype or (torch.float16 if on_cuda else torch.float32)
         backbone = load_backbone(folder, meta).to(device)
+        if on_cuda and getattr(backbone, "vae", None) is not None:
+            backbone.vae.to(torch.bfloat16)
         unet = load_unet(folder).to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(unet, backbone, load_alphas_cumprod(folder), meta["timesteps"], name=folder.name)
 
@@ -62,22 +81,51 @@ class FewStepPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def accelerate(self, fast: FastPath, buckets: Sequence[int] = (1,), example: Conditioning | None = None) -> None:
+        """Prepare the UNet and VAE decoder for ``fast.backend`` (in place; raises ``BackendError``).
+
+        ``buckets`` are the batch sizes that will run (TensorRT's shape profile); ``example`` is a
+        conditioning of the right shapes (default: the encoded empty prompt).
+        """
+        check_fast_path(fast)
+        vae = getattr(self.backbone, "vae", None)
+        for module in (self.unet, vae):
+            if module is not None:
+                set_attention(module, fast.attention)
+        if fast.backend == "compile":
+            compile_modules(self.unet, vae, fast)
+        elif fast.backend == "tensorrt":
+            cond = (example or self.backbone.encode_prompts([""])).to(self.device, self.dtype)
+            self.denoise, decoder = tensorrt_modules(self.unet, vae, fast, self.backbone.sample_shape, cond, buckets)
+            if decoder is not None:
+                vae.decoder = decoder
+        self.fast = fast
+        self.release_graphs()
+
+    @property
+    def graphed(self) -> bool:
+        """Whether sampling replays CUDA graphs (CUDA, graphs on, not TensorRT's own runtime)."""
+        return self.fast.cuda_graphs and self.device.type == "cuda" and self.fast.backend != "tensorrt"
+
+    def sample_images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
+                      shape: Sequence[int]) -> Tensor:
+        """The whole loop for one batch: Philox noise, UNet steps, fused re-noise, decode to [0, 1]."""
+        x0 = philox_sample(lambda x_t, t: self.denoise(x_t, t, cond), seeds, shape, timesteps,
+                           self.alphas_cumprod, self.dtype)
+        return self.backbone.decode(x0)
+
     @torch.no_grad()
     def generate_x0(self, cond: Conditioning, seeds: Sequence[int], steps: int | None = None,
                     shape: tuple[int, int, int] | None = None) -> Tensor:
-        """Sample in the UNet's space (latents or pixels), one seed per sample, float32.
-
-        ``shape`` (C, H, W) overrides the model's own sample shape (other image sizes).
-        """
+        """Sample in the UNet's space (latents or pixels), one seed per sample, float32."""
         timesteps = self.timesteps[: steps or len(self.timesteps)]
-        dtype = next(self.unet.parameters()).dtype
-        noises = seeded_noise(seeds, shape or self.backbone.sample_shape, len(timesteps), self.device, dtype)
-        cond = cond.to(self.device, dtype)
+        cond = cond.to(self.device, self.dtype)
+        return philox_sample(lambda x_t, t: self.denoise(x_t, t, cond), self._seeds(seeds),
+                             shape or self.backbone.sample_shape, timesteps, self.alphas_cumprod, self.dtype)
 
-        def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            return unet_eps(self.unet, x_t, t, cond)
-
-        return few_step_sample(eps_fn, noises[0], timesteps, self.alphas_cumprod, noises[1:])
+    def _seeds(self, seeds: Sequence[int]) -> Tensor:
+        """Seeds as the (B,) int64 device tensor the kernel reads."""
+        return torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
@@ -86,21 +134,46 @@ class FewStepPipeline:
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         cond = self.backbone.encode_prompts(list(prompts))
-        return self.backbone.decode(self.generate_x0(cond, seeds, steps, shape))
+        return self.images(cond, self._seeds(seeds), self.timesteps[: steps or len(self.timesteps)], shape)
+
+    @torch.no_grad()
+    def images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
+               shape: Sequence[int] | None = None) -> Tensor:
+        """Images in [0, 1] from encoded prompts: through a CUDA graph per batch shape when graphed."""
+        cond = cond.to(self.device, self.dtype)
+        timesteps = tuple(int(t) for t in timesteps)
+        shape = tuple(shape or self.backbone.sample_shape)
+        if not self.graphed:
+            return self.sample_images(cond, seeds, timesteps, shape)
+        key = (len(seeds), timesteps, shape)
+        if key not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._graphs[key] = GraphedLoop(
+                lambda c, s: self.sample_images(c, s, timesteps, shape), cond, seeds, self._pool)
+        return self._graphs[key](cond, seeds)
+
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and their memory (they are recaptured on next use)."""
+        self._graphs.clear()
+        self._pool = None
 
     @torch.no_grad()
     def generate_padded(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                        bucket: int = 8, shape: tuple[int, int, int] | None = None) -> Tensor:
-        """Like ``__call__``, but every forward pass holds exactly ``bucket`` samples.
+                        bucket: int | Sequence[int] = 8, shape: tuple[int, int, int] | None = None) -> Tensor:
+        """Like ``__call__``, but every forward pass holds exactly a bucket's number of samples.
 
-        Short chunks are padded with blank prompts. With one fixed batch shape, a sample's
-        pixels do not depend on how many or which other samples share its pass (CPU kernels
-        round differently for different batch sizes), and fixed shapes suit CUDA graphs.
+        ``bucket`` is one size or several; each chunk (at most the largest bucket) is padded with
+        blank prompts up to the smallest bucket that holds it. With one bucket size, a sample's
+        pixels do not depend on how many or which other samples share its pass (kernels round
+        differently for different batch sizes); several sizes trade that bit-exactness (the
+        difference is float rounding) for latency. Fixed shapes are what CUDA graphs need.
         """
+        sizes = sorted({bucket} if isinstance(bucket, int) else set(bucket))
         out = []
-        for i in range(0, len(prompts), bucket):
-            chunk_p, chunk_s = list(prompts[i:i + bucket]), list(seeds[i:i + bucket])
-            pad = bucket - len(chunk_p)
+        for i in range(0, len(prompts), sizes[-1]):
+            chunk_p, chunk_s = list(prompts[i:i + sizes[-1]]), list(seeds[i:i + sizes[-1]])
+            pad = next(b for b in sizes if b >= len(chunk_p)) - len(chunk_p)
             images = self(chunk_p + [""] * pad, chunk_s + [0] * pad, steps, shape)
             out.append(images[: len(chunk_p)])
         return torch.cat(out)

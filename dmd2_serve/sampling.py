@@ -54,7 +54,8 @@ def predict_x0(eps_fn: EpsFn, x_t: Tensor, t: int | Tensor, alphas_cumprod: Tens
     return x0_from_eps(x_t, eps_fn(x_t, t), t, alphas_cumprod)
 
 
-# One move of the few-step loop: (x_t at timesteps[i], eps predicted there, i) -> x at timesteps[i + 1].
+# One move of the few-step loop: (x_t at timesteps[i], eps predicted there, i) -> the input at
+# timesteps[i + 1] (a step) or the x0 estimate (the final move).
 StepFn = Callable[[Tensor, Tensor, int], Tensor]
 
 
@@ -62,21 +63,19 @@ def _steps(t: int, like: Tensor) -> Tensor:
     return torch.full((like.shape[0],), int(t), device=like.device, dtype=torch.long)
 
 
-def few_step_loop(eps_fn: EpsFn, x: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor, step: StepFn) -> Tensor:
-    """Multi-step consistency-style sampling (DMD2 Sec. 4.4), with the re-noise move as data.
+def few_step_loop(eps_fn: EpsFn, x: Tensor, timesteps: Sequence[int], step: StepFn, final: StepFn) -> Tensor:
+    """Multi-step consistency-style sampling (DMD2 Sec. 4.4), with the moves as data.
 
-    For each ``t_i``: eps = G(x, t_i); the last step returns ``x0_from_eps`` (float32), every
-    other one moves on with ``x = step(x, eps, i)`` (x0 from eps, then fresh noise at t_{i+1}).
+    For each ``t_i``: eps = G(x, t_i); every step but the last moves on with
+    ``x = step(x, eps, i)`` (x0 from eps, then fresh noise at t_{i+1}); the last returns
+    ``final(x, eps, i)``, the x0 estimate.
     """
     if len(timesteps) == 0:
         raise ValueError("few_step_sample needs at least one timestep")
-    for i, t in enumerate(timesteps):
-        t_now = _steps(t, x)
-        eps = eps_fn(x, t_now)
-        if i + 1 == len(timesteps):
-            return x0_from_eps(x, eps, t_now, alphas_cumprod)
-        x = step(x, eps, i)
-    raise AssertionError("unreachable")
+    for i, t in enumerate(timesteps[:-1]):
+        x = step(x, eps_fn(x, _steps(t, x)), i)
+    last = len(timesteps) - 1
+    return final(x, eps_fn(x, _steps(timesteps[last], x)), last)
 
 
 def few_step_sample(
@@ -104,11 +103,13 @@ def few_step_sample(
     """
     draw = renoise if callable(renoise) else renoise.__getitem__
 
-    def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
-        x0 = x0_from_eps(x, eps, _steps(timesteps[i], x), alphas_cumprod)
-        return add_noise(x0, draw(i), _steps(timesteps[i + 1], x), alphas_cumprod).to(noise.dtype)
+    def final(x: Tensor, eps: Tensor, i: int) -> Tensor:
+        return x0_from_eps(x, eps, _steps(timesteps[i], x), alphas_cumprod)
 
-    return few_step_loop(eps_fn, noise, timesteps, alphas_cumprod, step)
+    def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
+        return add_noise(final(x, eps, i), draw(i), _steps(timesteps[i + 1], x), alphas_cumprod).to(noise.dtype)
+
+    return few_step_loop(eps_fn, noise, timesteps, step, final)
 
 
 def philox_sample(
@@ -125,7 +126,8 @@ def philox_sample(
         eps_fn: the generator as an eps-predictor, conditioning bound in.
         seeds: (B,) int64 seeds on the sampling device.
         shape: (C, H, W) of one sample.
-        timesteps: the schedule; alphas_cumprod: (T,) of the teacher's scheduler.
+        timesteps: the schedule; alphas_cumprod: (T,) of the teacher's scheduler, read on the host
+            (the loop itself touches no host memory, so it can be captured in a CUDA graph).
         dtype: the dtype of the generator's inputs.
 
     Returns:
@@ -137,7 +139,10 @@ def philox_sample(
     def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
         return renoise(x, seeds, i + 1, abar[i + 1], eps=eps, abar_t=abar[i])
 
-    return few_step_loop(eps_fn, x, timesteps, alphas_cumprod, step)
+    def final(x: Tensor, eps: Tensor, i: int) -> Tensor:  # x0_from_eps with the schedule as numbers
+        return (x.float() - (1 - abar[i]) ** 0.5 * eps.float()) / abar[i] ** 0.5
+
+    return few_step_loop(eps_fn, x, timesteps, step, final)
 
 
 def ddim_sample(eps_fn: EpsFn, noise: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor) -> Tensor:

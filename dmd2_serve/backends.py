@@ -1,0 +1,244 @@
+"""How the generator runs: ``eager``, ``compile`` (torch.compile + CUDA graphs) or ``tensorrt``.
+
+A backend prepares the two heavy modules of a pipeline, the UNet and the VAE decoder, in place;
+the sampling loop and the fused re-noise kernel stay the same for all three. On CUDA the whole
+loop of one batch shape (starting noise, the UNet steps, the fused re-noise steps and the
+decode) is then captured in a single CUDA graph and replayed (:class:`GraphedLoop`), so a
+batch-1 request costs one graph launch instead of a thousand kernel launches.
+
+* ``compile``: channels-last, fused QKV projections (SDPA only), ``torch.compile`` of the UNet
+  and of the VAE decoder, compiled artefacts kept in ``cache_dir`` so a restart skips the work.
+* ``tensorrt``: engines built through ``torch_tensorrt`` (dynamo IR) for the UNet and the VAE
+  decoder, one shape profile over the batch buckets, engines cached in ``cache_dir``.
+* attention: PyTorch SDPA (default) or xformers' memory-efficient attention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import Conditioning
+
+Backend = Literal["eager", "compile", "tensorrt"]
+Attention = Literal["sdpa", "xformers"]
+BACKENDS: tuple[str, ...] = ("eager", "compile", "tensorrt")
+ATTENTIONS: tuple[str, ...] = ("sdpa", "xformers")
+
+# Blocks compiled by the regional scope (diffusers class names: UNet and VAE decoder).
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+# (x_t, t, cond) -> eps, in the UNet's dtype.
+Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
+
+
+class BackendError(RuntimeError):
+    """A backend or attention choice that cannot run here; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The serving fast-path options (``--backend``, ``--attention``, ``--compile-cache``).
+
+    Attributes:
+        backend: eager | compile | tensorrt.
+        attention: sdpa | xformers.
+        cache_dir: where compiled artefacts and TensorRT engines are kept across restarts.
+        cuda_graphs: capture the whole loop per batch shape in a CUDA graph (CUDA only).
+        compile_scope: ``full`` compiles the whole UNet and decoder (fastest code, slowest
+            compile); ``regional`` compiles only the repeated blocks (transformer and ResNet
+            blocks), several times faster to compile; the CUDA graph removes the launch gaps
+            between the blocks either way.
+    """
+
+    backend: Backend = "eager"
+    attention: Attention = "sdpa"
+    cache_dir: Path | None = None
+    cuda_graphs: bool = True
+    compile_scope: Literal["full", "regional"] = "full"
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or default_cache_dir()
+
+
+def default_cache_dir() -> Path:
+    """``$DMD2_CACHE_DIR``, else ``$XDG_CACHE_HOME/dmd2-fast``, else ``~/.cache/dmd2-fast``."""
+    if os.environ.get("DMD2_CACHE_DIR"):
+        return Path(os.environ["DMD2_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2-fast"
+
+
+def check_fast_path(fast: FastPath) -> None:
+    """Fail early, with the fix in the message, when an option cannot work on this install."""
+    if fast.backend not in BACKENDS:
+        raise BackendError(f"unknown backend '{fast.backend}'; choose one of {', '.join(BACKENDS)}")
+    if fast.compile_scope not in ("full", "regional"):
+        raise BackendError(f"unknown compile scope '{fast.compile_scope}'; choose full or regional")
+    if fast.attention not in ATTENTIONS:
+        raise BackendError(f"unknown attention '{fast.attention}'; choose one of {', '.join(ATTENTIONS)}")
+    if fast.backend == "tensorrt" and importlib.util.find_spec("torch_tensorrt") is None:
+        raise BackendError(
+            "--backend tensorrt needs torch-tensorrt, which is not installed: pip install 'dmd2-fast[tensorrt]'"
+            " (on a CUDA host whose torch matches torch-tensorrt's), or use --backend compile")
+    if fast.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise BackendError(
+            "--attention xformers needs xformers, which is not installed: pip install 'dmd2-fast[xformers]'"
+            " (a build matching your torch), or use --attention sdpa")
+
+
+# --------------------------------------------------------------------------------------------
+# Module preparation
+# --------------------------------------------------------------------------------------------
+
+def set_attention(module: nn.Module, attention: Attention) -> None:
+    """Switch a diffusers model's attention: SDPA processors, or xformers' kernels."""
+    if attention == "xformers":
+        module.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        if hasattr(module, "set_attn_processor") and getattr(module, "attn_processors", None):
+            module.set_attn_processor(AttnProcessor2_0())
+
+
+def configure_compile_cache(cache_dir: Path) -> Path:
+    """Keep Inductor's (and Triton's) compiled artefacts under ``cache_dir/inductor``.
+
+    The FX-graph and AOT-autograd caches are on by default in recent PyTorch; pointing them at a
+    persistent folder (instead of /tmp) is what makes the second start fast.
+    """
+    folder = cache_dir / "inductor"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return folder
+
+
+def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath) -> None:
+    """``compile`` backend: layout, fused QKV, then ``torch.compile`` of UNet and decoder in place."""
+    configure_compile_cache(fast.resolved_cache_dir())
+    on_cuda = next(unet.parameters()).device.type == "cuda"
+    if on_cuda:
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True  # 1x1 convolutions as matrix products (cuBLAS, epilogue fusion)
+        unet.to(memory_format=torch.channels_last)
+        if vae is not None:
+            vae.to(memory_format=torch.channels_last)
+    if fast.attention == "sdpa" and hasattr(unet, "fuse_qkv_projections"):
+        unet.fuse_qkv_projections()  # one matmul for q, k, v in self-attention
+    targets = [unet] + ([vae.decoder] if vae is not None else [])
+    if fast.compile_scope == "full":
+        for module in targets:
+            module.compile(fullgraph=True)
+        return
+    # Regional: every block of a repeated kind shares one compiled graph per input signature.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for module in targets:
+        for block in module.modules():
+            if type(block).__name__ in REGIONAL_BLOCKS:
+                block.compile(fullgraph=True)
+
+
+def tensorrt_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, sample_shape: Sequence[int],
+                     cond: Conditioning, buckets: Sequence[int]) -> tuple[Denoiser, nn.Module | None]:
+    """``tensorrt`` backend: engines for the UNet and the VAE decoder through ``torch_tensorrt``.
+
+    One dynamic shape profile covers every batch bucket (min = smallest, opt = largest used most
+    often, max = largest); engines are cached on disk, keyed by graph, shapes and settings.
+
+    Returns:
+        the UNet as a :data:`Denoiser`, and the decoder module to put in ``vae.decoder``.
+    """
+    try:
+        import torch_tensorrt
+    except ImportError as e:  # check_fast_path says the same before the model loads
+        raise BackendError("--backend tensorrt needs torch-tensorrt: pip install 'dmd2-fast[tensorrt]'") from e
+    dtype = next(unet.parameters()).dtype
+    lo, hi = min(buckets), max(buckets)
+    cache = fast.resolved_cache_dir() / "tensorrt"
+    cache.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = dict(
+        ir="dynamo", enabled_precisions={dtype}, cache_built_engines=True, reuse_cached_engines=True,
+        engine_cache_dir=str(cache), engine_cache_size=32 * 2**30, min_block_size=1,
+        timing_cache_path=str(cache / "timing_cache.bin"),
+    )
+
+    def profile(per_sample: Sequence[int], of: torch.dtype) -> Any:
+        return torch_tensorrt.Input(min_shape=(lo, *per_sample), opt_shape=(hi, *per_sample),
+                                    max_shape=(hi, *per_sample), dtype=of)
+
+    wrapped = _UNetForTensorRT(unet, sorted(cond.added))
+    inputs = [profile(sample_shape, dtype), profile((), torch.long), profile(cond.hidden.shape[1:], dtype)]
+    inputs += [profile(cond.added[k].shape[1:], dtype) for k in sorted(cond.added)]
+    trt_unet = torch_tensorrt.compile(wrapped, inputs=inputs, **settings)
+
+    def denoise(x_t: Tensor, t: Tensor, c: Conditioning) -> Tensor:
+        extra = [c.added[k].to(dtype) for k in sorted(c.added)]
+        return trt_unet(x_t.to(dtype), t, c.hidden.to(dtype), *extra)
+
+    trt_decoder = None
+    if vae is not None:
+        size = [sample_shape[0], sample_shape[1], sample_shape[2]]
+        vae_dtype = next(vae.parameters()).dtype
+        trt_decoder = torch_tensorrt.compile(vae.decoder, inputs=[profile(size, vae_dtype)],
+                                             **{**settings, "enabled_precisions": {vae_dtype}})
+    return denoise, trt_decoder
+
+
+class _UNetForTensorRT(nn.Module):
+    """The UNet with positional tensor inputs and a tensor output (what an engine can take)."""
+
+    def __init__(self, unet: nn.Module, added_keys: list[str]) -> None:
+        super().__init__()
+        self.unet, self.added_keys = unet, added_keys
+
+    def forward(self, sample: Tensor, timestep: Tensor, hidden: Tensor, *added: Tensor) -> Tensor:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": hidden, "return_dict": False}
+        if self.added_keys:
+            kwargs["added_cond_kwargs"] = dict(zip(self.added_keys, added))
+        return self.unet(sample, timestep, **kwargs)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA graphs
+# --------------------------------------------------------------------------------------------
+
+class GraphedLoop:
+    """A function of (cond, seeds) captured once in a CUDA graph for one batch shape.
+
+    The inputs are copied into static buffers and the graph is replayed; the output is cloned
+    out of the graph's memory. Capture runs the function twice on a side stream first, so every
+    lazy initialisation and compilation happens before it. All graphs of a pipeline share one
+    memory pool (they are replayed one at a time).
+    """
+
+    def __init__(self, fn: Callable[[Conditioning, Tensor], Tensor], cond: Conditioning, seeds: Tensor,
+                 pool: Any = None, warmup: int = 2) -> None:
+        self.cond = Conditioning(cond.hidden.clone(), {k: v.clone() for k, v in cond.added.items()})
+        self.seeds = seeds.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(self.cond, self.seeds)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn(self.cond, self.seeds)
+
+    def __call__(self, cond: Conditioning, seeds: Tensor) -> Tensor:
+        self.cond.hidden.copy_(cond.hidden)
+        for k, v in cond.added.items():
+            self.cond.added[k].copy_(v)
+        self.seeds.copy_(seeds)
+        self.graph.replay()
+        return self.out.clone()

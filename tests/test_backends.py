@@ -1,0 +1,103 @@
+"""Backends on the CPU: compile gives the eager images; tensorrt and xformers fail clearly when absent."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmd2_serve.backbones import load_alphas_cumprod, load_backbone, load_unet
+from dmd2_serve.backends import BackendError, FastPath, check_fast_path
+from dmd2_serve.pipeline import FewStepPipeline
+
+PROMPTS, SEEDS = ["a red cube", "a small dog", "a city at night"], [3, 1, 2**32 - 1]
+# Stated tolerance of the fast path on the CPU (float32): images in [0, 1] agree within 1e-3.
+CPU_TOLERANCE = 1e-3
+
+
+def pipeline(folder: Path) -> FewStepPipeline:
+    """A few-step pipeline straight from a tiny teacher folder (random weights are enough here)."""
+    unet = load_unet(folder).eval().requires_grad_(False)
+    return FewStepPipeline(unet, load_backbone(folder), load_alphas_cumprod(folder), (999, 749, 499, 249))
+
+
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_compile_backend_gives_the_eager_images(sd15_teacher: Path, tmp_path: Path, scope: str) -> None:
+    eager = pipeline(sd15_teacher)
+    fast = pipeline(sd15_teacher)
+    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, compile_scope=scope))
+    want = eager(PROMPTS, SEEDS)
+    got = fast(PROMPTS, SEEDS)
+    assert got.shape == want.shape == (3, 3, 16, 16)
+    assert (got - want).abs().max() < CPU_TOLERANCE
+    assert not torch.equal(got[0], got[1])
+    # torch.compile really ran (modules compiled in place) and left its artefacts in the cache.
+    compiled = [m for m in [fast.unet, *fast.unet.modules(), *fast.backbone.vae.decoder.modules()]
+                if m._compiled_call_impl is not None]
+    if scope == "full":
+        assert fast.unet in compiled and fast.backbone.vae.decoder in compiled
+    else:
+        assert {type(m).__name__ for m in compiled} == {"BasicTransformerBlock", "ResnetBlock2D"}
+    assert any(p.is_file() for p in (tmp_path / "inductor").rglob("*"))
+    # A seed still gives its image whatever else is in the bucket.
+    alone = fast.generate_padded(PROMPTS[:1], SEEDS[:1], bucket=3)
+    torch.testing.assert_close(alone[0], got[0], atol=CPU_TOLERANCE, rtol=0)
+
+
+def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:
+    with pytest.raises(BackendError, match=r"pip install 'dmd2-fast\[tensorrt\]'"):
+        check_fast_path(FastPath(backend="tensorrt"))
+    with pytest.raises(BackendError, match=r"dmd2-fast\[xformers\]"):
+        check_fast_path(FastPath(attention="xformers"))
+    with pytest.raises(BackendError, match="choose one of eager, compile, tensorrt"):
+        check_fast_path(FastPath(backend="onnx"))  # type: ignore[arg-type]
+
+
+def test_cli_refuses_tensorrt_at_start_with_one_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "dmd2_serve", "--backend", "tensorrt", "--port", "1"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --backend tensorrt needs torch-tensorrt")
+    assert "Traceback" not in out.stderr
+
+
+class FakeTorchTensorRT(types.ModuleType):
+    """Stands in for torch_tensorrt: records what it was asked to build and returns the module."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_tensorrt")
+        self.__spec__ = importlib.machinery.ModuleSpec("torch_tensorrt", None)  # found by find_spec
+        self.calls: list[dict] = []
+
+        class Input:  # noqa: D401 - a record of one input's shape profile
+            def __init__(self, min_shape, opt_shape, max_shape, dtype) -> None:
+                self.min_shape, self.opt_shape, self.max_shape, self.dtype = min_shape, opt_shape, max_shape, dtype
+
+        self.Input = Input
+
+    def compile(self, module, inputs, **settings):  # noqa: A003 - the real API's name
+        self.calls.append({"module": module, "inputs": inputs, **settings})
+        return module
+
+
+def test_tensorrt_backend_builds_profiles_for_the_buckets_and_caches_engines(
+        sdxl_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeTorchTensorRT()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", fake)
+    eager = pipeline(sdxl_teacher)
+    fast = pipeline(sdxl_teacher)
+    fast.accelerate(FastPath(backend="tensorrt", cache_dir=tmp_path), buckets=(1, 4, 8))
+    unet_call, vae_call = fake.calls
+    assert unet_call["ir"] == "dynamo" and unet_call["cache_built_engines"] and unet_call["reuse_cached_engines"]
+    assert unet_call["engine_cache_dir"] == str(tmp_path / "tensorrt")
+    sample, timestep, hidden, text_embeds, time_ids = unet_call["inputs"]
+    assert sample.min_shape == (1, 4, 8, 8) and sample.max_shape == (8, 4, 8, 8)
+    assert timestep.max_shape == (8,) and hidden.min_shape[0] == 1 and time_ids.max_shape == (8, 6)
+    assert vae_call["inputs"][0].max_shape == (8, 4, 8, 8)
+    # The positional wrapper the engine is built from computes the same images as the UNet.
+    torch.testing.assert_close(fast(PROMPTS, SEEDS), eager(PROMPTS, SEEDS), atol=1e-5, rtol=0)
