@@ -1,0 +1,28 @@
+"""The GPU benchmark script runs end to end on the CPU at toy size (its GPU numbers come from a real card)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_runs_at_toy_size_and_writes_its_rows(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "1,2",
+         "--backends", "eager,tensorrt", "--budget-s", "300", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "preflight ok" in run.stdout
+    result = json.loads(out.read_text())
+    e2e = {(r["batch"], r["backend"]) for r in result["rows"] if "arch" in r}
+    assert e2e == {(1, "plain"), (1, "eager"), (2, "plain"), (2, "eager")}
+    assert all(r["ms"] > 0 and r["check"] == "finite" for r in result["rows"] if "arch" in r)
+    kernel = [r for r in result["rows"] if r.get("kind") == "renoise"]
+    assert {r["mode"] for r in kernel} == {"x0", "from eps"} and all(r["max_err"] < 1e-2 for r in kernel)
+    assert any("tensorrt not measured" in n and "dmd2-fast[tensorrt]" in n for n in result["notes"])
+    assert "| sd15 | 2 | eager |" in run.stdout  # the printed table
