@@ -132,22 +132,31 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 def timed_ms(fn: Callable[[], Any], device: torch.device, target_s: float = 1.5, max_reps: int = 30) -> float:
     """Median milliseconds of ``fn`` (CUDA events on the GPU), after one warm-up call."""
-    fn()
+    return timed(fn, device, target_s, max_reps)[0]
+
+
+def timed(fn: Callable[[], Any], device: torch.device, target_s: float = 1.5, max_reps: int = 30) -> tuple[float, Any]:
+    """(median ms, last result) of ``fn`` after one warm-up call; calls over 0.5 s are timed twice."""
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    min_reps = 2 if time.perf_counter() - t0 > 0.5 else 3
     times: list[float] = []
     deadline = time.perf_counter() + target_s
-    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() < deadline):
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < deadline):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            out = fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+            t1 = time.perf_counter()
+            out = fn()
+            times.append((time.perf_counter() - t1) * 1000)
+    return statistics.median(times), out
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -278,6 +287,13 @@ def plain_loop(unet: nn.Module, vae: nn.Module, cond: Any, latent: tuple[int, ..
     return run
 
 
+def release(pipe: Any) -> None:
+    """Free a row's CUDA graphs and cached blocks before the next row."""
+    pipe.release_graphs()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def uncompile(module: nn.Module) -> None:
     """Undo ``nn.Module.compile`` on a module tree (to compile it again another way)."""
     for m in module.modules():
@@ -305,8 +321,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             compare: bool = False) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        ms = timed_ms(run, device)
-        out = run()
+        ms, out = timed(run, device)
         check = "finite" if torch.isfinite(out).all() else "NON-FINITE"
         if compare and batch in reference:
             check = f"max |diff| vs eager {(out.float() - reference[batch]).abs().max().item():.1e}"
@@ -329,7 +344,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             t0 = time.perf_counter()
             reference[batch] = pipe.images(cond, seeds, TIMESTEPS).float()
             row("eager + graph", batch, lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0)
-            pipe.release_graphs()
+            release(pipe)
         else:
             reference[batch] = pipe.images(cond, seeds, TIMESTEPS).float()
 
@@ -349,7 +364,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
                 prepare = time.perf_counter() - t0
                 label = f"compile {scope}" + (" + graph" if pipe.graphed else "")
                 row(label, batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare, compare=True)
-                pipe.release_graphs()
+                release(pipe)
     for backend, fast in (("tensorrt", FastPath(backend="tensorrt")), ("xformers", FastPath(attention="xformers"))):
         if backend not in backends:
             continue
@@ -368,7 +383,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             t0 = time.perf_counter()
             pipe.images(cond, seeds, TIMESTEPS)
             row(backend, batch, lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
-            pipe.release_graphs()
+            release(pipe)
     del pipe, unet, vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
