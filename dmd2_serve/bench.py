@@ -119,6 +119,12 @@ class Report:
                              f"{_f(r['kernel_graph_us'])} | {_f(r['eager_graph_us'])} | "
                              f"{_f(r['eager_us'] / r['kernel_graph_us'], 1)}x | {_f(r['gbps'], 0)} | "
                              f"{_f(r['pct_copy'], 0)}% |")
+        lines += ["", "| re-noise from eps, variants | block | fast math | in graph us | GB/s | % of copy | max err |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            if r.get("kind") == "renoise-variant":
+                lines.append(f"| {r['shape']} | {r['block']} | {r['fast_math']} | {_f(r['graph_us'])} | "
+                             f"{_f(r['gbps'], 0)} | {_f(r['pct_copy'], 0)}% | {r['max_err']:.1e} |")
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
@@ -200,6 +206,19 @@ def bench_renoise(report: Report, device: torch.device, shapes: list[tuple[int, 
             row["gbps"] = moved / (row["kernel_graph_us"] / 1e6) / 1e9
             row["pct_copy"] = 100 * row["gbps"] / copy_gbps
             report.add(**row)
+        if len(shapes) > 2 and shape not in (shapes[1], shapes[-1]):
+            continue
+        for block in (128, 256, 1024):  # tuning knobs of the kernel, for the note
+            for fast_math in ((False, True) if device.type == "cuda" else (False,)):
+                def variant(block: int = block, fast_math: bool = fast_math) -> Tensor:
+                    return renoise_triton(x, seeds, 1, 0.5, eps=eps, abar_t=0.1, block=block, fast_math=fast_math)
+
+                err = (variant()[:2].float().cpu() - renoise_reference(
+                    x[:2].cpu(), seeds[:2].cpu(), 1, 0.5, eps=eps[:2].cpu(), abar_t=0.1).float()).abs().max().item()
+                us = _graph_us(variant, device)
+                gbps = x.numel() * 2 * 3 / (us / 1e6) / 1e9
+                report.add(kind="renoise-variant", shape="x".join(map(str, shape)), block=block, fast_math=fast_math,
+                           graph_us=us, gbps=gbps, pct_copy=100 * gbps / copy_gbps, max_err=err)
 
 
 def _bench_us(fn: Callable[[], Any], device: torch.device) -> float:
@@ -351,7 +370,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
     if "compile" in backends:
         for scope in scopes:
             for batch in batches:
-                budget.require(60 if tiny else (150 if batch == batches[0] else 90), f"{name} compile {scope} b{batch}")
+                budget.require(60 if tiny else (80 if batch == batches[0] else 60), f"{name} compile {scope} b{batch}")
                 if batch == batches[0]:
                     uncompile(pipe.unet)
                     uncompile(pipe.backbone.vae)
@@ -494,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default: a fresh temp folder)")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--tiny", action="store_true", help="small models (CPU tests of this script)")
+    p.add_argument("--skip-cold-start", action="store_true", help="do not time a second process's start")
+    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                   help="leave cuDNN's algorithm search off (it is on in the server's fast path)")
     p.add_argument("--cold-start", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scope", default="full", help=argparse.SUPPRESS)
     p.add_argument("--launched", type=float, default=None, help=argparse.SUPPRESS)
@@ -505,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark and device.type == "cuda"  # every row alike
     report = Report(args.out)
     budget = Budget(args.budget_s, report)
     _watchdog(args.budget_s + 20)
@@ -528,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.archs:
         stages.append((name, lambda n=name: bench_arch(report, n, args.batches, scopes_for(n, False), device, budget,
                                                         cache_dir, args.tiny, args.backends)))
-        if name == "sd15" and "compile" in args.backends and scopes_for(name, False):
+        if name == "sd15" and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
             def cold(n: str = name) -> None:
                 budget.require(40 if not args.tiny else 30, "cold start")
                 cmd = [sys.executable, "-m", "dmd2_serve.bench", "--cold-start", n, "--scope", scopes_for(n, False)[0],

@@ -13,8 +13,8 @@ depend on the batch it shares, the block size or the device:
 
 * Philox4x32-10 (Salmon et al., SC'11) with key = the sample's 64-bit seed and counter
   ``(c, stream, 0, 0)``; counter ``c`` in ``[0, ceil(n / 4))`` gives four uint32 words.
-* Each word becomes a uniform in [0, 1) as Triton's ``uint_to_uniform_float`` does, and pairs
-  (u1, u2), (u3, u4) become normals by Box-Muller (``tl.randn4x``).
+* Each word becomes a uniform in [0, 1) (the word as int32, folded to >= 0, times 2^-31), and
+  pairs (u1, u2), (u3, u4) become normals by Box-Muller.
 * Normal k of counter c lands on element ``k * ceil(n / 4) + c`` of the sample, so each program
   reads and writes four contiguous runs.
 
@@ -34,6 +34,7 @@ from torch import Tensor
 try:  # Triton ships with CUDA builds of torch; CPU installs may lack it (the reference still works).
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     triton = None
     tl = None
@@ -152,6 +153,24 @@ def renoise_reference(
 if triton is not None:
 
     @triton.jit
+    def _uniform01(word):
+        """uint32 word -> float32 uniform in [0, 1)."""
+        x = word.to(tl.int32, bitcast=True)
+        x = tl.where(x < 0, -x - 1, x)
+        return x.to(tl.float32) * 4.6566127342e-10
+
+    @triton.jit
+    def _box_muller_pair(w1, w2, FAST_MATH: tl.constexpr):
+        """Two uint32 words -> two independent N(0, 1) samples."""
+        u1 = tl.maximum(_uniform01(w1), 1.0e-7)
+        theta = 6.283185307179586 * _uniform01(w2)
+        if FAST_MATH:  # the special-function unit's approximations (GPU only; ~1e-6 absolute)
+            r = tl.sqrt(-1.3862943611198906 * libdevice.fast_log2f(u1))  # -2 ln u = -2 ln2 log2 u
+            return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        return r * tl.cos(theta), r * tl.sin(theta)
+
+    @triton.jit
     def _store_one(x_ptr, eps_ptr, out_ptr, base, idx, mask, z,
                    inv_a_t, s_t, a_next, s_next, MODE: tl.constexpr):
         """One of the four normals of a counter: combine with x0 and store."""
@@ -168,13 +187,16 @@ if triton is not None:
 
     @triton.jit
     def _renoise_kernel(x_ptr, eps_ptr, out_ptr, seed_ptr, n, quarter, stream_hi,
-                        inv_a_t, s_t, a_next, s_next, MODE: tl.constexpr, BLOCK: tl.constexpr):
+                        inv_a_t, s_t, a_next, s_next, MODE: tl.constexpr, BLOCK: tl.constexpr,
+                        FAST_MATH: tl.constexpr):
         """Grid (ceil(quarter / BLOCK), B): program (p, b) owns counters [p*BLOCK, (p+1)*BLOCK) of sample b."""
         b = tl.program_id(1)
         c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         seed = tl.load(seed_ptr + b)
         offset = c.to(tl.int64) + stream_hi  # counter words (c, stream): stream_hi = stream << 32
-        z1, z2, z3, z4 = tl.randn4x(seed, offset)
+        w1, w2, w3, w4 = tl.randint4x(seed, offset)
+        z1, z2 = _box_muller_pair(w1, w2, FAST_MATH)
+        z3, z4 = _box_muller_pair(w3, w4, FAST_MATH)
         base = b.to(tl.int64) * n
         live = c < quarter
         _store_one(x_ptr, eps_ptr, out_ptr, base, c, live & (c < n), z1, inv_a_t, s_t, a_next, s_next, MODE)
@@ -186,7 +208,8 @@ if triton is not None:
                    inv_a_t, s_t, a_next, s_next, MODE)
 
 
-BLOCK = 1024  # counters per program: 4096 elements
+BLOCK = 256  # counters per program (4 elements each); the noise does not depend on it
+FAST_MATH = False  # special-function approximations for log/sin/cos on the GPU (see the benchmark)
 
 
 def triton_available() -> bool:
@@ -201,11 +224,13 @@ def triton_available() -> bool:
 def renoise_triton(
     x: Tensor | None, seeds: Tensor, stream: int, abar_next: float, eps: Tensor | None = None,
     abar_t: float | None = None, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
+    block: int = BLOCK, fast_math: bool = FAST_MATH,
 ) -> Tensor:
     """The Triton kernel; same arguments and result as :func:`renoise_reference`.
 
     ``seeds`` must be an int64 tensor on the same device as ``x``. Launch arguments depend only
-    on shapes and Python floats, so the call can be captured in a CUDA graph.
+    on shapes and Python floats, so the call can be captured in a CUDA graph. ``block`` and
+    ``fast_math`` are tuning knobs (fast math needs a GPU: the interpreter has no libdevice).
     """
     if triton is None:
         raise RuntimeError("the Triton re-noise kernel needs the 'triton' package (pip install triton)")
@@ -223,9 +248,9 @@ def renoise_triton(
     quarter = -(-n // 4)
     if batch == 0 or n == 0:
         return out
-    grid = (triton.cdiv(quarter, BLOCK), batch)
+    grid = (triton.cdiv(quarter, block), batch)
     _renoise_kernel[grid](x_arg, eps_arg, out, seeds, n, quarter, int(stream) << 32,
-                          inv_a_t, s_t, a_next, s_next, MODE=mode, BLOCK=BLOCK)
+                          inv_a_t, s_t, a_next, s_next, MODE=mode, BLOCK=block, FAST_MATH=fast_math)
     return out
 
 
