@@ -1,8 +1,8 @@
-# GPU host image: the trainer and the server, CUDA build of torch, a non-root user.
+# GPU host image: the trainer and the server, CUDA builds of torch and torch-tensorrt, a non-root user.
 #   docker build -t dmd2-fast .
-#   docker run --gpus all -p 8000:8000 -v /models/my-generator:/models/generator:ro dmd2-fast --model /models/generator
-# The TensorRT backend and its install extra come with the fast-path work; this image serves
-# the eager path today.
+#   docker run --gpus all -p 8000:8000 -v /models/my-generator:/models/generator:ro -v dmd2-cache:/cache \
+#       dmd2-fast --model /models/generator --backend compile
+# /cache keeps compiled artefacts and TensorRT engines, so the second start skips compilation.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -10,6 +10,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
+    DMD2_CACHE_DIR=/cache \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
@@ -18,18 +19,20 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# torch first (the CUDA 12.8 build), so the project install keeps it.
-RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch==2.9.1"
+# torch first (the CUDA 12.8 build) with the torch-tensorrt release made for it (its TensorRT
+# wheels come from PyPI), so the project install keeps both.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 "torch==2.9.1" "torch-tensorrt==2.9.0"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY dmd2_train ./dmd2_train
 COPY dmd2_serve ./dmd2_serve
+COPY kernels ./kernels
 RUN pip install .
 
-RUN useradd --create-home --uid 1000 dmd2 && mkdir -p /models && chown 1000 /models
+RUN useradd --create-home --uid 1000 dmd2 && mkdir -p /models /cache && chown 1000 /models /cache
 USER 1000
-VOLUME ["/models"]
+VOLUME ["/models", "/cache"]
 EXPOSE 8000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

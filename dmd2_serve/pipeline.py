@@ -88,8 +88,6 @@ class FewStepPipeline:
         conditioning of the right shapes (default: the encoded empty prompt).
         """
         check_fast_path(fast)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick each convolution's fastest algorithm
         vae = getattr(self.backbone, "vae", None)
         for module in (self.unet, vae):
             if module is not None:

@@ -16,5 +16,6 @@ def test_hadolint_passes():
 
 def test_dockerfile_essentials():
     text = (ROOT / "Dockerfile").read_text()
-    for needle in ("FROM nvidia/cuda", "USER 1000", "VOLUME", "EXPOSE 8000", "HEALTHCHECK", "/health"):
+    for needle in ("FROM nvidia/cuda", "torch-tensorrt==", "COPY kernels", "USER 1000", "VOLUME", "EXPOSE 8000",
+                   "HEALTHCHECK", "/health", "DMD2_CACHE_DIR=/cache"):
         assert needle in text
