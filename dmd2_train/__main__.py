@@ -45,11 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, help="teacher folder to write (default: the bundled one)")
     t.add_argument("--steps", type=int)
     t.add_argument("overrides", nargs="*", metavar="key=value")
-    e = sub.add_parser("eval", help="score a generator or a teacher on the digits protocol")
+    e = sub.add_parser("eval", help="score a generator or a teacher: the digits protocol, or FID / CLIP"
+                                     " score at real scale when --captions is given")
     e.add_argument("--generator", type=Path, help="an exported generator folder")
     e.add_argument("--teacher", type=Path, help="a teacher folder, sampled with DDIM")
     e.add_argument("--steps", type=int, help="sampling steps (teacher: DDIM steps, default 50)")
     e.add_argument("--guidance", type=float, default=2.0, help="teacher CFG scale")
+    e.add_argument("--captions", type=Path, help="real scale: caption file (.txt or .jsonl), e.g. COCO-2014 val")
+    e.add_argument("--reference", type=Path, help="real scale: folder of reference images (the COCO images)")
+    e.add_argument("--inception", type=Path, help="real scale: TorchScript FID Inception (inception-2015-12-05.pt)")
+    e.add_argument("--clip", type=Path, help="real scale: local CLIP model folder for the CLIP score")
+    e.add_argument("--num", type=int, help="real scale: first N captions (paper: 30000 SD1.5, 10000 SDXL)")
+    e.add_argument("--batch-size", type=int, default=8, help="real scale: images per sampling batch")
     q = sub.add_parser("table", help="reproduce the digits quality table (trains 5 students, ~40 min on 2 cores)")
     q.add_argument("--out", type=Path, default=Path("docs/quality"))
     q.add_argument("--runs", type=Path, default=Path("runs/quality"))
@@ -90,21 +97,34 @@ def _teacher(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from .loop import RunError
+    import torch
 
     from dmd2_serve.backbones import read_meta
 
     from .evaluate import generator_sampler, score_digits, teacher_sampler
+    from .loop import RunError
 
     folder = args.generator or args.teacher
     if folder is None or (args.generator and args.teacher):
         raise RunError("give exactly one of --generator DIR or --teacher DIR")
-    if read_meta(folder)["family"] != "digits":
-        raise RunError("only the digits protocol is implemented so far; real-scale FID / CLIP score"
-                       " evaluation of SD-family models is not built yet")
-    sample = (generator_sampler(folder, args.steps) if args.generator
-              else teacher_sampler(folder, args.steps or 50, args.guidance))
-    print(json.dumps(score_digits(sample).as_dict(), indent=2))
+    real_scale = args.captions is not None
+    if not real_scale and read_meta(folder)["family"] != "digits":
+        raise RunError("an SD-family model is scored at real scale: give --captions FILE --reference DIR"
+                       " --inception FILE (and --clip DIR for the CLIP score)")
+    device = "cuda" if real_scale and torch.cuda.is_available() else "cpu"
+    sample = (generator_sampler(folder, args.steps, device) if args.generator
+              else teacher_sampler(folder, args.steps or 50, args.guidance, device))
+    if not real_scale:
+        print(json.dumps(score_digits(sample).as_dict(), indent=2))
+        return
+    from .realscale import score_real_scale
+
+    if args.reference is None or args.inception is None:
+        raise RunError("real-scale evaluation needs --reference DIR (real images) and --inception FILE"
+                       " (the TorchScript FID Inception, inception-2015-12-05.pt)")
+    scores = score_real_scale(sample, args.captions, args.reference, args.inception, args.clip, args.num,
+                              args.batch_size)
+    print(json.dumps(scores.as_dict(), indent=2))
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -129,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .loop import RunError
+    from .realscale import EvalError
 
     try:
         {"distill": _distill, "teacher": _teacher, "eval": _eval, "table": _table}[args.command](args)
-    except (ConfigError, ModelFolderError, DataError, RunError) as e:
+    except (ConfigError, ModelFolderError, DataError, RunError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -115,15 +115,16 @@ def score_digits(sample: Sampler) -> DigitsScores:
     return DigitsScores(accuracy, fd, diversity, ms)
 
 
-def generator_sampler(folder: Path, steps: int | None = None) -> Sampler:
+def generator_sampler(folder: Path, steps: int | None = None, device: str = "cpu") -> Sampler:
     """A distilled generator folder as a sampler (its own few-step loop)."""
-    pipe = FewStepPipeline.from_folder(folder)
+    pipe = FewStepPipeline.from_folder(folder, device=device)
     return lambda prompts, seeds: pipe(prompts, seeds, steps) * 2 - 1
 
 
-def teacher_sampler(folder: Path, steps: int, guidance: float) -> Sampler:
+def teacher_sampler(folder: Path, steps: int, guidance: float, device: str = "cpu") -> Sampler:
     """A teacher sampled with deterministic DDIM over ``steps`` evenly spaced timesteps, with CFG."""
-    backbone, unet, abar = load_backbone(folder), load_unet(folder).eval(), load_alphas_cumprod(folder)
+    backbone, unet = load_backbone(folder).to(device), load_unet(folder).eval().to(device)
+    abar = load_alphas_cumprod(folder)
     timesteps = np.linspace(len(abar) - 1, 0, steps).round().astype(int).tolist()
 
     def sample(prompts: list[str], seeds: list[int]) -> Tensor:
@@ -134,8 +135,8 @@ def teacher_sampler(folder: Path, steps: int, guidance: float) -> Sampler:
             return classifier_free_guidance(eps_u, eps_c, guidance)
 
         noise = torch.stack([torch.randn(backbone.sample_shape, generator=torch.Generator().manual_seed(s))
-                             for s in seeds])
-        return ddim_sample(eps_fn, noise, timesteps, abar)
+                             for s in seeds]).to(device)
+        return backbone.decode(ddim_sample(eps_fn, noise, timesteps, abar)) * 2 - 1
 
     return sample
 

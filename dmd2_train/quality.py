@@ -2,8 +2,9 @@
 
     python -m dmd2_train table --out docs/quality
 
-Rows: real digits (sanity), the teacher with 50 and 4 DDIM steps (with guidance), the DMD2
-student at 4 steps and 1 step, and the student without the GAN, without the two time-scale
+Rows: real digits (sanity), the teacher with 50 and 4 DDIM steps (with guidance), the 4-step
+student before training (the teacher's weights through the few-step sampler: what distillation
+starts from), the DMD2 student at 4 steps and 1 step, and the student without the GAN, without the two time-scale
 rule (ratio 1) and without backward simulation. Writes ``table.md``, ``scores.json``,
 ``curves.png`` (losses and Frechet distance over training steps of the 4-step student) and one
 sample grid per row; the 4-step student's folder is ``runs/student-4/generator``.
@@ -100,6 +101,16 @@ def sample_grid(sample: Sampler, path: Path) -> None:
     save_grid((images.float().clamp(-1, 1) + 1) / 2, path, columns=4)
 
 
+def untrained_student_sampler(teacher: Path, timesteps: list[int]) -> Sampler:
+    """Step 0 of distillation: the teacher's own weights run through the few-step sampler."""
+    from dmd2_serve.backbones import load_alphas_cumprod, load_backbone, load_unet
+    from dmd2_serve.pipeline import FewStepPipeline
+
+    unet = load_unet(teacher).eval().requires_grad_(False)
+    pipe = FewStepPipeline(unet, load_backbone(teacher), load_alphas_cumprod(teacher), timesteps, name="step0")
+    return lambda prompts, seeds: pipe(prompts, seeds) * 2 - 1
+
+
 def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple[float, ...] = (1.0, 2.0),
                 max_steps: int | None = None) -> str:
     """Train the students, score every row, write the table and figures; returns the Markdown.
@@ -116,6 +127,8 @@ def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple
         for g in teacher_guidances:
             samplers.append((f"teacher, {steps} DDIM steps, guidance {g:g}", f"teacher-{steps}-g{g:g}",
                              teacher_sampler(teacher, steps, g)))
+    samplers.append(("DMD2 student before training (teacher weights, the 4-step sampler)", "student-4-step0",
+                     untrained_student_sampler(teacher, DISTILL_PRESETS["digits"]["timesteps"])))
     for row in STUDENT_ROWS:  # students distilled with guidance ``guidance``
         values = {**DISTILL_PRESETS["digits"], "out": runs / row.key, "checkpoint_every": 100,
                   "keep_checkpoints": 1000, "guidance_scale": guidance, **(row.distill or {})}

