@@ -187,9 +187,8 @@ def tensorrt_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, sam
 
     trt_decoder = None
     if vae is not None:
-        size = [sample_shape[0], sample_shape[1], sample_shape[2]]
         vae_dtype = next(vae.parameters()).dtype
-        trt_decoder = torch_tensorrt.compile(vae.decoder, inputs=[profile(size, vae_dtype)],
+        trt_decoder = torch_tensorrt.compile(vae.decoder, inputs=[profile(sample_shape, vae_dtype)],
                                              **{**settings, "enabled_precisions": {vae_dtype}})
     return denoise, trt_decoder
 

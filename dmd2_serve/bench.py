@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -249,9 +248,12 @@ def _graph_us(fn: Callable[[], Any], device: torch.device, calls: int = 20) -> f
 # End to end
 # --------------------------------------------------------------------------------------------
 
-def build(arch: Arch, device: torch.device, tiny: bool) -> tuple[Any, Any]:
-    """Random-weight fp16 UNet and bf16 (CPU: fp32) VAE of an architecture, made on the device."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def build(arch: Arch, device: torch.device, tiny: bool, name: str = "generator") -> Any:
+    """A few-step pipeline on a random-weight fp16 UNet and bf16 (CPU: fp32) VAE, made on the device."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from .backbones import LatentBackbone
+    from .pipeline import FewStepPipeline
 
     unet_cfg = json.loads((CONFIGS / arch.unet).read_text())
     vae_cfg = json.loads((CONFIGS / arch.vae).read_text())
@@ -267,7 +269,8 @@ def build(arch: Arch, device: torch.device, tiny: bool) -> tuple[Any, Any]:
     half = device.type == "cuda"
     unet = unet.to(torch.float16 if half else torch.float32).eval().requires_grad_(False)
     vae = vae.to(torch.bfloat16 if half else torch.float32).eval().requires_grad_(False)
-    return unet, vae
+    alphas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    return FewStepPipeline(unet, LatentBackbone(vae, 32 if tiny else arch.image), alphas, TIMESTEPS, name=name)
 
 
 def conditioning(arch: Arch, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
@@ -322,17 +325,11 @@ def uncompile(module: nn.Module) -> None:
 def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str], device: torch.device,
                budget: Budget, cache_dir: Path, tiny: bool, backends: list[str], eager_rows: bool = True) -> None:
     """All rows of one architecture (``eager_rows`` False: only the compile rows, for a second scope)."""
-    from diffusers import DDPMScheduler
-
-    from .backbones import LatentBackbone
     from .backends import FastPath, check_fast_path
-    from .pipeline import FewStepPipeline
 
     arch = ARCHS[name]
-    image = 32 if tiny else arch.image
-    unet, vae = build(arch, device, tiny)
-    alphas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    pipe = FewStepPipeline(unet, LatentBackbone(vae, image), alphas, TIMESTEPS, name=name)
+    pipe = build(arch, device, tiny, name)
+    unet, vae = pipe.unet, pipe.backbone.vae
     latent = pipe.backbone.sample_shape
     reference: dict[int, Tensor] = {}
 
@@ -403,25 +400,16 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             pipe.images(cond, seeds, TIMESTEPS)
             row(backend, batch, lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
             release(pipe)
-    del pipe, unet, vae
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float) -> float:
     """Child process: seconds from its launch (``launched``, the parent's clock) to the first
     batch-1 image of the compile path."""
-    from .backbones import LatentBackbone
     from .backends import FastPath
-    from .pipeline import FewStepPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = ARCHS[name]
-    unet, vae = build(arch, device, tiny)
-    from diffusers import DDPMScheduler
-
-    alphas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    pipe = FewStepPipeline(unet, LatentBackbone(vae, 32 if tiny else arch.image), alphas, TIMESTEPS)
+    pipe = build(arch, device, tiny)
     pipe.accelerate(FastPath(backend="compile", compile_scope=scope, cache_dir=cache_dir))
     pipe.images(conditioning(arch, 1, device, pipe.dtype), torch.zeros(1, dtype=torch.int64, device=device), TIMESTEPS)
     if device.type == "cuda":
@@ -431,13 +419,9 @@ def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: flo
 
 def preflight(device: torch.device, cache_dir: Path) -> None:
     """Fail in seconds, not minutes: the kernel and a graphed compiled loop must be right here."""
-    from diffusers import DDPMScheduler
-
     from dmd2_kernels.renoise import renoise_reference, renoise_triton
 
-    from .backbones import LatentBackbone
     from .backends import FastPath
-    from .pipeline import FewStepPipeline
 
     seeds = torch.tensor([0, 1, 2**33 + 5], device=device)
     x = torch.randn(3, 4, 9, 13, device=device, dtype=torch.float16)
@@ -452,9 +436,7 @@ def preflight(device: torch.device, cache_dir: Path) -> None:
         err = (got - want).abs().max().item()
         assert err < 2e-2, f"kernel ({'from eps' if extra else 'x0'}) differs from the reference by {err}"
     arch = ARCHS["sd15"]
-    unet, vae = build(arch, device, tiny=True)
-    alphas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    pipe = FewStepPipeline(unet, LatentBackbone(vae, 32), alphas, TIMESTEPS)
+    pipe = build(arch, device, tiny=True)
     cond = conditioning(arch, 2, device, pipe.dtype)
     seeds = torch.tensor([3, 4], device=device)
     pipe.fast = FastPath(cuda_graphs=False)
@@ -576,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             report.note(f"{title}: {e}")
         except Exception as e:  # a failed stage is reported; the others still run
             report.note(f"{title} failed: {type(e).__name__}: {str(e)[:300]}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if device.type == "cuda":  # the stage's models are gone with its frame: free their memory
+            torch.cuda.empty_cache()
     if hasattr(signal, "SIGALRM"):
         signal.alarm(0)
     print("\n" + report.table(), flush=True)

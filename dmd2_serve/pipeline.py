@@ -114,15 +114,6 @@ class FewStepPipeline:
                            self.alphas_cumprod, self.dtype)
         return self.backbone.decode(x0)
 
-    @torch.no_grad()
-    def generate_x0(self, cond: Conditioning, seeds: Sequence[int], steps: int | None = None,
-                    shape: tuple[int, int, int] | None = None) -> Tensor:
-        """Sample in the UNet's space (latents or pixels), one seed per sample, float32."""
-        timesteps = self.timesteps[: steps or len(self.timesteps)]
-        cond = cond.to(self.device, self.dtype)
-        return philox_sample(lambda x_t, t: self.denoise(x_t, t, cond), self._seeds(seeds),
-                             shape or self.backbone.sample_shape, timesteps, self.alphas_cumprod, self.dtype)
-
     def _seeds(self, seeds: Sequence[int]) -> Tensor:
         """Seeds as the (B,) int64 device tensor the kernel reads."""
         return torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)

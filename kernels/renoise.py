@@ -135,10 +135,9 @@ def renoise_reference(
     ``eps`` None -> ``x`` is x0; otherwise ``x`` is x_t and x0 is recovered with ``abar_t``.
     """
     inv_a_t, s_t, a_next, s_next = _coefficients(abar_t, abar_next)
-    like = x if x is not None else None
-    full_shape = (seeds.shape[0], *shape) if like is None else tuple(like.shape)
-    device = seeds.device if like is None else like.device
-    out_dtype = dtype or (like.dtype if like is not None else torch.float32)
+    full_shape = (seeds.shape[0], *shape) if x is None else tuple(x.shape)
+    device = seeds.device if x is None else x.device
+    out_dtype = dtype or (torch.float32 if x is None else x.dtype)
     n = math.prod(full_shape[1:])
     z = philox_normal_reference(seeds, stream, n).reshape(full_shape).to(device)
     if x is None:
