@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dmd2_serve.backbones import (
     Backbone,
@@ -161,6 +162,9 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     generator, fake, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
     gen_plain: nn.Module = accelerator.unwrap_model(generator)
     fake_plain: FakeScore = accelerator.unwrap_model(fake)
+    # The weights that get served: an exponential moving average of G when ema_decay > 0.
+    ema = AveragedModel(gen_plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
+    served: nn.Module = ema.module if ema is not None else gen_plain
 
     # 3. Resume.
     start = 0
@@ -175,6 +179,9 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 fake_plain.load_state_dict(state["fake"])
                 opt_g.load_state_dict(state["opt_g"])
                 opt_f.load_state_dict(state["opt_f"])
+                if ema is not None:
+                    ema.module.load_state_dict(state["generator_ema"])
+                    ema.n_averaged.fill_(int(state["ema_updates"]))
             except (RuntimeError, ValueError, KeyError) as e:
                 raise RunError(
                     f"the checkpoint in {ckpt.checkpoint_dir(cfg.out)} does not fit this configuration (teacher,"
@@ -247,6 +254,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             loss = loss + cfg.gan_weight_generator * loss_gan
             logs["loss/gan_generator"] = loss_gan.item()
         logs["grad_norm/generator"] = update("generator", generator, opt_g, loss)
+        if ema is not None:
+            ema.update_parameters(gen_plain)
         return logs
 
     def fake_step(g: torch.Generator) -> dict[str, float]:
@@ -279,18 +288,21 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     def save(step: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(cfg.out, step, {
+            state = {
                 "step": step, "generator": gen_plain.state_dict(), "fake": fake_plain.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "rng": ckpt.rng_state(),
                 "updates": dict(updates), "world_size": accelerator.num_processes,
                 "config": cfg.model_dump(mode="json"),
-            }, keep=cfg.keep_checkpoints)
+            }
+            if ema is not None:
+                state |= {"generator_ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)}
+            ckpt.save_checkpoint(cfg.out, step, state, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     def preview(step: int) -> None:
         if not accelerator.is_main_process:
             return
-        pipe = FewStepPipeline(gen_plain, backbone, abar, timesteps)
+        pipe = FewStepPipeline(served, backbone, abar, timesteps)
         with accelerator.autocast():
             images = pipe(cfg.preview_prompts, list(range(len(cfg.preview_prompts))))
         save_grid(images, cfg.out / "previews" / f"step_{step:07d}.png")
@@ -335,10 +347,10 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     out = cfg.out / "generator"
     if accelerator.is_main_process:
         bundled = cfg.teacher.resolve() == BUNDLED_DIGITS_TEACHER.resolve()
-        export_generator(gen_plain, backbone, cfg.teacher, out, timesteps,
+        export_generator(served, backbone, cfg.teacher, out, timesteps,
                          extra={"teacher": "bundled:digits-teacher" if bundled else str(cfg.teacher),
                                 "steps_trained": step, "updates": updates, "world_size": accelerator.num_processes,
-                                "guidance_scale": cfg.guidance_scale})
+                                "guidance_scale": cfg.guidance_scale, "ema_decay": cfg.ema_decay})
     accelerator.wait_for_everyone()
     accelerator.print(f"generator written to {out}")
     accelerator.end_training()  # closes the trackers and the process group: last

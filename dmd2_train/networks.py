@@ -10,7 +10,6 @@ GAN head    : a small conv classifier on the fake UNet's mid-block output (DMD2 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor, nn
@@ -18,16 +17,24 @@ from torch import Tensor, nn
 from dmd2_serve.backbones import Conditioning
 
 
+def head_groups(channels: int, most: int = 32, min_group: int = 16) -> int:
+    """GroupNorm groups for the head: the most (up to ``most``) dividing ``channels`` with >= ``min_group`` each."""
+    return max([g for g in range(1, most + 1) if channels % g == 0 and channels // g >= min_group], default=1)
+
+
 class GanHead(nn.Module):
     """Conv -> GroupNorm -> SiLU blocks down to 1x1, then a 1x1 conv to one logit.
 
     Sized from the bottleneck (C, H, W): stride-2 4x4 convs while H > 4, then one conv that
     covers the rest (4x4 stride 4 at H = 4), as the authors' heads for SD1.5 (8x8) and SDXL (32x32).
+    GroupNorm uses 32 groups (the authors') when every group keeps at least 16 channels, else
+    fewer: the last blocks see a 1x1 map, where a group of 2 channels normalises every sample to
+    the same two values and the head cannot tell real from fake (64 channels: 4 groups).
     """
 
     def __init__(self, channels: int, height: int) -> None:
         super().__init__()
-        groups = math.gcd(32, channels)
+        groups = head_groups(channels)
 
         def block(kernel: int, stride: int, padding: int) -> list[nn.Module]:
             return [nn.Conv2d(channels, channels, kernel, stride, padding),

@@ -4,10 +4,12 @@
 
 Rows: real digits (sanity), the teacher with 50 and 4 DDIM steps (with guidance), the 4-step
 student before training (the teacher's weights through the few-step sampler: what distillation
-starts from), the DMD2 student at 4 steps and 1 step, and the student without the GAN, without the two time-scale
-rule (ratio 1) and without backward simulation. Writes ``table.md``, ``scores.json``,
-``curves.png`` (losses and Frechet distance over training steps of the 4-step student) and one
-sample grid per row; the 4-step student's folder is ``runs/student-4/generator``.
+starts from), the DMD2 student at 4 steps (1,000 preset steps and 3,000) and 1 step, and the
+student without the GAN, without the two time-scale rule (ratio 1) and without backward
+simulation (each 1,000 steps, against the 1,000-step student). Writes ``table.md``, ``scores.json``,
+``curves.png`` (losses, and the Frechet distance of the weights it would export, the EMA when
+on, over training steps of the 4-step student) and one
+sample grid per row; the shipped generator is ``RUNS/student-4-3k/generator``.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ class Row:
 
 STUDENT_ROWS = [
     Row("DMD2 student, 4 steps", "student-4", {}),
+    Row("DMD2 student, 4 steps, 3,000 steps (the shipped generator)", "student-4-3k", {"max_steps": 3000}),
     Row("DMD2 student, 1 step", "student-1", {"timesteps": [999]}),
     Row("ablation: no GAN", "no-gan", {"gan": False}),
     Row("ablation: no two time-scale rule (ratio 1)", "ratio-1", {"ratio": 1}),
     Row("ablation: no backward simulation", "no-backsim", {"backward_simulation": False}),
 ]
+CURVES_ROW = "student-4-3k"  # the run whose losses and FD over training make curves.png
 
 
 def curve_points(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Loss scalars from the run's TensorBoard logs and the FD of every kept checkpoint."""
+    """Loss scalars from the run's TensorBoard logs and the FD of every kept checkpoint's exported weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[str, list[tuple[int, float]]] = {}
@@ -58,7 +62,8 @@ def curve_points(run: Path) -> dict[str, list[tuple[int, float]]]:
     pipe = FewStepPipeline.from_folder(run / "generator")
     fd = []
     for step, path in ckpt.list_checkpoints(run):
-        pipe.unet.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        pipe.unet.load_state_dict(state.get("generator_ema", state["generator"]))  # the weights it exports
         fd.append((step, score_digits(lambda p, s: pipe(p, s) * 2 - 1).frechet_distance))
     series["frechet_distance"] = fd
     return series
@@ -145,5 +150,5 @@ def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple
     text = markdown(scored)
     (out / "table.md").write_text(text + "\n")
     (out / "scores.json").write_text(json.dumps({k: s.as_dict() for (_, k, _), (_, s) in zip(samplers, scored)}, indent=2))
-    plot_curves(curve_points(runs / "student-4"), out / "curves.png")
+    plot_curves(curve_points(runs / CURVES_ROW), out / "curves.png")
     return text

@@ -61,3 +61,26 @@ def test_eval_command_on_a_tiny_generator(digits_teacher, tmp_path):
     assert r.returncode == 0 and "frechet_distance" in r.stdout, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "dmd2_train", "eval"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+def test_training_curves_score_the_exported_weights(digits_teacher, tmp_path):
+    """curves.png's FD points are the checkpoints' exported weights: the EMA when it is on."""
+    from conftest import tiny_run_overrides
+
+    from dmd2_serve.pipeline import FewStepPipeline
+    from dmd2_train.config import DistillConfig
+    from dmd2_train.evaluate import generator_sampler
+    from dmd2_train.loop import distill
+    from dmd2_train.quality import curve_points, plot_curves
+
+    run = tmp_path / "run"
+    folder = distill(DistillConfig(teacher=digits_teacher, out=run, **tiny_run_overrides(ema_decay=0.5)))
+    series = curve_points(run)
+    assert [s for s, _ in series["frechet_distance"]] == [2, 4]  # one point per kept checkpoint
+    assert {"loss/dm", "loss/denoise", "loss/gan_generator", "loss/gan_discriminator"} <= set(series)
+    exported = score_digits(generator_sampler(folder)).frechet_distance
+    assert series["frechet_distance"][-1][1] == pytest.approx(exported, rel=1e-6)
+    raw = FewStepPipeline.from_folder(folder)
+    raw.unet.load_state_dict(torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["generator"])
+    assert score_digits(lambda p, s: raw(p, s) * 2 - 1).frechet_distance != pytest.approx(exported, rel=1e-6)
+    assert plot_curves(series, tmp_path / "curves.png").stat().st_size > 0

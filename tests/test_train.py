@@ -48,8 +48,9 @@ def test_update_counts_follow_ratio(digits_teacher: Path, tmp_path: Path, ratio,
     assert state["updates"] == {"generator": expected, "fake": steps}
 
 
-def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: Path):
-    common = dict(max_steps=6, ratio=2, checkpoint_every=2, preview_every=100)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: Path, ema_decay):
+    common = dict(max_steps=6, ratio=2, checkpoint_every=2, preview_every=100, ema_decay=ema_decay)
     run(digits_teacher, tmp_path / "straight", **common)
 
     def interrupt(step: int) -> None:
@@ -62,10 +63,21 @@ def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: 
     run(digits_teacher, tmp_path / "cut", resume=True, **common)
     a, b = ckpt.load_latest(tmp_path / "straight"), ckpt.load_latest(tmp_path / "cut")
     assert a["step"] == b["step"] == 6 and a["updates"] == b["updates"]
-    for part in ("generator", "fake"):
+    for part in ("generator", "fake", "generator_ema") if ema_decay else ("generator", "fake"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
     assert a["opt_f"]["state"][0]["step"] == b["opt_f"]["state"][0]["step"]
+    assert a.get("ema_updates") == b.get("ema_updates") == (3 if ema_decay else None)
+
+
+def test_ema_generator_is_what_gets_exported(digits_teacher: Path, tmp_path: Path):
+    folder = run(digits_teacher, tmp_path / "run", max_steps=4, ratio=1, preview_every=100, ema_decay=0.5)
+    state = ckpt.load_latest(tmp_path / "run")
+    exported = FewStepPipeline.from_folder(folder).unet.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in state["generator_ema"].items())
+    # 4 updates: ema = 0.5 ema + 0.5 G after the first (a copy), so it trails the raw generator
+    assert state["ema_updates"] == 4 and json.loads((folder / "dmd2.json").read_text())["ema_decay"] == 0.5
+    assert any(not torch.equal(v, state["generator"][k]) for k, v in exported.items())
 
 
 def test_ablations_run(digits_teacher: Path, tmp_path: Path):
