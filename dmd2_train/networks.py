@@ -28,8 +28,8 @@ class GanHead(nn.Module):
     Sized from the bottleneck (C, H, W): stride-2 4x4 convs while H > 4, then one conv that
     covers the rest (4x4 stride 4 at H = 4), as the authors' heads for SD1.5 (8x8) and SDXL (32x32).
     GroupNorm uses 32 groups (the authors') when every group keeps at least 16 channels, else
-    fewer: the last blocks see a 1x1 map, where a group of 2 channels normalises every sample to
-    the same two values and the head cannot tell real from fake (64 channels: 4 groups).
+    fewer: the last blocks see a 1x1 map, where a group of 2 channels normalises to +-1, keeping
+    only the sign of their difference, and the head stayed at chance (64 channels: 4 groups).
     """
 
     def __init__(self, channels: int, height: int) -> None:

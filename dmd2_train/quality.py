@@ -6,10 +6,10 @@ Rows: real digits (sanity), the teacher with 50 and 4 DDIM steps (with guidance)
 student before training (the teacher's weights through the few-step sampler: what distillation
 starts from), the DMD2 student at 4 steps (1,000 preset steps and 3,000) and 1 step, and the
 student without the GAN, without the two time-scale rule (ratio 1) and without backward
-simulation (each 1,000 steps, against the 1,000-step student). Writes ``table.md``, ``scores.json``,
-``curves.png`` (losses, and the Frechet distance of the weights it would export, the EMA when
-on, over training steps of the 4-step student) and one
-sample grid per row; the shipped generator is ``RUNS/student-4-3k/generator``.
+simulation (each 1,000 steps, against the 1,000-step student). Writes ``table.md``,
+``scores.json``, ``curves.png`` (losses, and the Frechet distance of the weights each checkpoint
+would export, the EMA when on, over the training of ``CURVES_ROW``, the 3,000-step student) and
+one sample grid per row; the shipped generator is ``RUNS/student-4-3k/generator``.
 """
 
 from __future__ import annotations
