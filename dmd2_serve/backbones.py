@@ -49,11 +49,15 @@ class Conditioning:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> Conditioning:
         return Conditioning(
-            self.hidden.to(device=device, dtype=dtype),
-            {k: v.to(device=device, dtype=dtype) for k, v in self.added.items()},
+            self.hidden.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            {k: v.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, v in self.added.items()},
         )
+
+    def pin_memory(self) -> Conditioning:
+        """A copy in page-locked host memory (for non-blocking copies to the GPU)."""
+        return Conditioning(self.hidden.pin_memory(), {k: v.pin_memory() for k, v in self.added.items()})
 
     def index(self, idx: Tensor | slice | list[int]) -> Conditioning:
         return Conditioning(self.hidden[idx], {k: v[idx] for k, v in self.added.items()})
@@ -107,8 +111,13 @@ class Backbone(nn.Module):
         """UNet space -> images in [0, 1], (B, C_img, H_img, W_img), float32."""
         raise NotImplementedError
 
-    def encode_images(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Images in [-1, 1] (B, C_img, H_img, W_img) -> UNet space (for real GAN data)."""
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] (B, C_img, H_img, W_img) -> UNet space (for real GAN data): one sample."""
+        mean, std = self.encode_distribution(images)
+        return mean + std * torch.randn_like(std)
+
+    def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """Images in [-1, 1] -> (mean, std) of their distribution in UNet space, float32."""
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:  # pragma: no cover - abstract
@@ -170,8 +179,8 @@ class DigitsBackbone(Backbone):
     def decode(self, x: Tensor) -> Tensor:
         return ((x.float() + 1) / 2).clamp(0, 1)
 
-    def encode_images(self, images: Tensor) -> Tensor:
-        return images
+    def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return images.float(), torch.zeros_like(images, dtype=torch.float32)
 
     def save(self, folder: Path) -> None:
         # The encoder ships inside a pip package; the folder names it instead of copying 90 MB.
@@ -206,10 +215,11 @@ class LatentBackbone(Backbone):
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        # DMD2 pre-encodes real images as latent_dist.sample() * scaling_factor.
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
-        return latents * self._scale
+    def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        # DMD2 pre-encodes real images as latent_dist.sample() * scaling_factor; keeping the
+        # distribution lets every use draw a fresh sample without running the encoder again.
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float() * self._scale, dist.std.float() * self._scale
 
     def _tokenize(self, tokenizer: Any, prompts: list[str]) -> Tensor:
         return tokenizer(

@@ -146,14 +146,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from dmd2_serve.backbones import ModelFolderError
 
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .loop import RunError
+    from .memory import MemoryOptionError
     from .realscale import EvalError
+    from .run import RunError
 
     try:
         {"distill": _distill, "teacher": _teacher, "eval": _eval, "table": _table}[args.command](args)
-    except (ConfigError, ModelFolderError, DataError, RunError, EvalError) as e:
+    except (ConfigError, ModelFolderError, DataError, RunError, EvalError, CheckpointError, MemoryOptionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,13 +59,21 @@ class DistillConfig(_Strict):
     max_steps: int = Field(20000, ge=1)
     seed: int = Field(0, ge=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimiser step")
+
+    # memory and scale (README: training-memory table)
     gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (fused on CUDA) or torchao's 8-bit AdamW")
+    offload_optimizer: bool = Field(False, description="keep the idle network's optimiser state in pinned host memory")
+    free_grads: bool = Field(True, description="free each network's gradients right after its step")
+    sharding: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp: replicate per GPU; fsdp2: shard both networks")
 
     # logging and checkpoints
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="experiment trackers")
     preview_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a mountain lake at dawn"])
 
     @field_validator("timesteps")
@@ -79,6 +87,9 @@ class DistillConfig(_Strict):
     def _t_range(self) -> DistillConfig:
         if self.dm_t_min >= self.dm_t_max:
             raise ValueError("dm_t_min must be below dm_t_max")
+        if self.offload_optimizer and self.sharding == "fsdp2":
+            raise ValueError("offload_optimizer works with sharding=ddp; with fsdp2 each GPU already holds"
+                             " only its shard of the optimiser state")
         return self
 
 
@@ -114,7 +125,8 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
                  gan_weight_generator=1e-3, gan_weight_discriminator=1e-2, image_size=512),
     "sdxl": dict(guidance_scale=8.0, ratio=5, lr_generator=5e-7, lr_fake=5e-7,
                  gan_weight_generator=5e-3, gan_weight_discriminator=1e-2, image_size=1024,
-                 gradient_checkpointing=True),
+                 # one 80 GB GPU: see the README's training-memory table
+                 gradient_checkpointing=True, offload_optimizer=True),
 }
 
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {"digits": {}}

@@ -61,10 +61,15 @@ class CaptionedImages:
     images: Tensor
     captions: list[list[str]]
 
-    def sample(self, n: int, g: torch.Generator) -> tuple[Tensor, list[str]]:
+    def draw(self, n: int, g: torch.Generator) -> tuple[Tensor, list[str]]:
+        """``n`` random indices (with replacement) and one of each image's captions."""
         idx = torch.randint(len(self.images), (n,), generator=g)
         pick = torch.randint(1 << 30, (n,), generator=g)
         caps = [self.captions[i][p % len(self.captions[i])] for i, p in zip(idx.tolist(), pick.tolist())]
+        return idx, caps
+
+    def sample(self, n: int, g: torch.Generator) -> tuple[Tensor, list[str]]:
+        idx, caps = self.draw(n, g)
         return self.images[idx], caps
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor
 
 from dmd2_serve.backbones import META_FILE, Backbone
 
@@ -48,15 +48,28 @@ def folder_written_atomically(out: Path) -> Iterator[Path]:
 
 
 def export_generator(
-    generator: nn.Module, backbone: Backbone, teacher: Path, out: Path, timesteps: list[int],
-    extra: dict[str, Any] | None = None,
+    weights: dict[str, Tensor], unet_config: Mapping[str, Any], backbone: Backbone, teacher: Path, out: Path,
+    timesteps: list[int], extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the generator folder to ``out`` atomically (build beside it, then rename)."""
+    """Write the generator folder to ``out`` atomically (build beside it, then rename).
+
+    ``weights`` is the generator's full state dict (gathered from every process when sharded) and
+    ``unet_config`` its diffusers config: the folder is written without building another UNet.
+    """
+    import diffusers
     from diffusers import LCMScheduler
+    from safetensors.torch import save_file
 
     out = Path(out)
     with folder_written_atomically(out) as tmp:
-        generator.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / "unet").mkdir()
+        # The config as diffusers writes it; the class named by hand (a sharded module's class is
+        # FSDP's subclass of it).
+        config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__,
+                  **{k: v for k, v in dict(unet_config).items() if not k.startswith("_")}}
+        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file({k: v.detach().contiguous() for k, v in weights.items()},
+                  tmp / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
         scheduler_config = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
         LCMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
         backbone.save(tmp)

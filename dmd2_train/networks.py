@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from dmd2_serve.backbones import Conditioning
+from dmd2_serve.backbones import Conditioning, unet_eps
 
 
 def head_groups(channels: int, most: int = 32, min_group: int = 16) -> int:
@@ -54,15 +54,16 @@ class GanHead(nn.Module):
         return self.net(features).flatten(1).squeeze(1)
 
 
-class _StopAtBottleneck(Exception):
-    """Raised by the hook to end a forward pass once the bottleneck is known."""
-
-
 class FakeScore(nn.Module):
     """The fake score UNet with the GAN head on its bottleneck.
 
-    ``forward`` returns the eps prediction and, on request, the head's logits. With
-    ``eps=False`` the pass stops at the mid block: the GAN generator loss needs only the logits.
+    Three calls, no mode flags:
+        ``eps(x_t, t, cond)``     the eps prediction alone (the DM loss's fake score, no head);
+        ``logits(x_t, t, cond)``  the head's logits (the GAN generator loss);
+        ``forward(x_t, t, cond)`` both from ONE pass (the fake-score step: denoising + discriminator).
+    The UNet always runs to its end: stopping at the bottleneck would need an exception out of a
+    hook, which leaves a sharded (FSDP) module half-way through its forward. The wasted decoder
+    half costs forward FLOPs only on the generator's GAN pass (no gradient flows through it).
     """
 
     def __init__(self, unet: nn.Module, bottleneck_shape: tuple[int, int, int] | None) -> None:
@@ -71,29 +72,30 @@ class FakeScore(nn.Module):
         # No head without the GAN: parameters that never get a gradient would stall DDP.
         self.head = GanHead(bottleneck_shape[0], bottleneck_shape[1]) if bottleneck_shape else None
         self._features: Tensor | None = None
-        self._stop = False
         unet.mid_block.register_forward_hook(self._grab)
 
     def _grab(self, module: nn.Module, args: object, output: Tensor) -> None:
         self._features = output
-        if self._stop:
-            raise _StopAtBottleneck
 
-    def forward(
-        self, x_t: Tensor, t: Tensor, cond: Conditioning, eps: bool = True, logits: bool = False,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Returns ``(eps_pred or None, logits or None)``; (B, C, H, W) and (B,)."""
-        if logits and self.head is None:
-            raise ValueError("this fake score was built without a GAN head (gan=false)")
-        self._stop = not eps
-        try:
-            eps_pred = self.unet(x_t, t, **cond.unet_kwargs()).sample
-        except _StopAtBottleneck:
-            eps_pred = None
-        finally:
-            self._stop = False
+    def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
+        eps = unet_eps(self.unet, x_t, t, cond)
         features, self._features = self._features, None
-        return eps_pred, (self.head(features.float()) if logits else None)
+        return eps, features
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
+        """``(eps_pred, logits)``: (B, C, H, W) and (B,), logits None without a head."""
+        eps, features = self._unet(x_t, t, cond)
+        return eps, (self.head(features) if self.head is not None else None)
+
+    def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The eps prediction, (B, C, H, W)."""
+        return self._unet(x_t, t, cond)[0]
+
+    def logits(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The GAN head's logits, (B,)."""
+        if self.head is None:
+            raise ValueError("this fake score was built without a GAN head (gan=false)")
+        return self.head(self._unet(x_t, t, cond)[1])
 
 
 @torch.no_grad()

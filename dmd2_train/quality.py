@@ -62,7 +62,7 @@ def curve_points(run: Path) -> dict[str, list[tuple[int, float]]]:
     pipe = FewStepPipeline.from_folder(run / "generator")
     fd = []
     for step, path in ckpt.list_checkpoints(run):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.read_checkpoint(path)
         pipe.unet.load_state_dict(state.get("generator_ema", state["generator"]))  # the weights it exports
         fd.append((step, score_digits(lambda p, s: pipe(p, s) * 2 - 1).frechet_distance))
     series["frechet_distance"] = fd

@@ -20,7 +20,8 @@ from dmd2_serve.sampling import add_noise
 from .config import TeacherConfig
 from .export import folder_written_atomically
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
-from .loop import PromptEncoder, check_output_folder, step_generator
+from .run import PromptEncoder, check_output_folder
+from .trainer import step_generator
 
 
 def digits_unet() -> torch.nn.Module:

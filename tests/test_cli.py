@@ -73,14 +73,14 @@ def test_sigkill_keeps_last_checkpoint_and_resume_finishes(digits_teacher: Path,
     proc.wait()
     found = ckpt.list_checkpoints(out)
     assert found, "no checkpoint survived"
-    for _, path in found:  # every complete-named file is a whole checkpoint
-        ckpt.torch.load(path, weights_only=True)
+    for _, path in found:  # every complete-named folder is a whole checkpoint
+        ckpt.read_checkpoint(path)
     killed_at = found[-1][0]
     assert killed_at < 12
     result = cli("--teacher", digits_teacher, "--out", out, "--max-steps", "12", "--resume", "checkpoint_every=1", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from step {killed_at}" in result.stdout + result.stderr
-    assert ckpt.load_latest(out)["step"] == 12 and (out / "generator" / "dmd2.json").is_file()
+    assert ckpt.read_meta(ckpt.latest(out)[1])["step"] == 12 and (out / "generator" / "dmd2.json").is_file()
 
 
 def test_two_process_data_parallel_on_cpu(digits_teacher: Path, tmp_path: Path):

@@ -81,6 +81,8 @@ def test_training_curves_score_the_exported_weights(digits_teacher, tmp_path):
     exported = score_digits(generator_sampler(folder)).frechet_distance
     assert series["frechet_distance"][-1][1] == pytest.approx(exported, rel=1e-6)
     raw = FewStepPipeline.from_folder(folder)
-    raw.unet.load_state_dict(torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["generator"])
+    from dmd2_train import checkpoint as ckpt
+
+    raw.unet.load_state_dict(ckpt.read_checkpoint(ckpt.latest(run)[1])["generator"])
     assert score_digits(lambda p, s: raw(p, s) * 2 - 1).frechet_distance != pytest.approx(exported, rel=1e-6)
     assert plot_curves(series, tmp_path / "curves.png").stat().st_size > 0

@@ -53,23 +53,22 @@ def test_fake_score_head_sees_the_bottleneck():
     seen = []
     fake.head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
-    eps, logits = fake(x, t, cond, logits=True)
+    eps, logits = fake(x, t, cond)
     assert eps.shape == x.shape and logits.shape == (3,)
     assert seen == [torch.Size([3, *shape])]
-    # the classification-only pass stops at the bottleneck and gives the same logits
-    eps_none, logits_only = fake(x, t, cond, eps=False, logits=True)
-    assert eps_none is None
-    torch.testing.assert_close(logits_only, logits)
-    # and the normal path still works afterwards
-    assert fake(x, t, cond)[0].shape == x.shape
+    # the named calls give the same numbers as the shared pass
+    torch.testing.assert_close(fake.logits(x, t, cond), logits)
+    torch.testing.assert_close(fake.eps(x, t, cond), eps)
+    assert len(seen) == 2  # eps() does not run the head
+    with pytest.raises(ValueError, match="without a GAN head"):
+        FakeScore(tiny_digits_unet(), None).logits(x, t, cond)
 
 
 def test_gan_loss_trains_trunk_and_head():
     unet = tiny_digits_unet()
     cond = Conditioning(torch.randn(2, 16, 384))
     fake = FakeScore(unet, bottleneck_shape(unet, (1, 8, 8), cond))
-    _, logits = fake(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]), cond, eps=False, logits=True)
-    logits.sum().backward()
+    fake.logits(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]), cond).sum().backward()
     assert fake.head.net[0].weight.grad is not None
     assert unet.down_blocks[0].resnets[0].conv1.weight.grad is not None  # the shared trunk
     assert unet.conv_out.weight.grad is None  # the decoder half is not on the GAN path

@@ -21,6 +21,11 @@ def run(teacher: Path, out: Path, resume: bool = False, on_step=None, **extra) -
     return distill(cfg, resume=resume, on_step=on_step)
 
 
+def last_checkpoint(out: Path) -> dict:
+    """The newest checkpoint of a run, read whole in this process."""
+    return ckpt.read_checkpoint(ckpt.list_checkpoints(out)[-1][1])
+
+
 def test_digits_run_writes_generator_previews_and_logs(digits_teacher: Path, tmp_path: Path):
     folder = run(digits_teacher, tmp_path / "run", max_steps=5, ratio=2)
     meta = json.loads((folder / "dmd2.json").read_text())
@@ -34,7 +39,7 @@ def test_digits_run_writes_generator_previews_and_logs(digits_teacher: Path, tmp
     images = pipe(["a handwritten 3", "the number seven"], [0, 1])
     assert images.shape == (2, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
     # the exported weights are the last checkpoint's generator, and training moved them off the teacher
-    last = torch.load(ckpt.list_checkpoints(tmp_path / "run")[-1][1], weights_only=True)["generator"]
+    last = last_checkpoint(tmp_path / "run")["generator"]
     exported = pipe.unet.state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in last.items())
     teacher = load_unet(digits_teacher).state_dict()
@@ -44,8 +49,7 @@ def test_digits_run_writes_generator_previews_and_logs(digits_teacher: Path, tmp
 @pytest.mark.parametrize("ratio, steps, expected", [(1, 3, 3), (3, 7, 3), (10, 4, 1)])
 def test_update_counts_follow_ratio(digits_teacher: Path, tmp_path: Path, ratio, steps, expected):
     run(digits_teacher, tmp_path / "run", max_steps=steps, ratio=ratio, preview_every=100, gan=False)
-    state = ckpt.load_latest(tmp_path / "run")
-    assert state["updates"] == {"generator": expected, "fake": steps}
+    assert last_checkpoint(tmp_path / "run")["meta"]["updates"] == {"generator": expected, "fake": steps}
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
@@ -59,24 +63,27 @@ def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: 
 
     with pytest.raises(KeyboardInterrupt):
         run(digits_teacher, tmp_path / "cut", on_step=interrupt, **common)
-    assert ckpt.load_latest(tmp_path / "cut")["step"] == 4
+    assert last_checkpoint(tmp_path / "cut")["meta"]["step"] == 4
     run(digits_teacher, tmp_path / "cut", resume=True, **common)
-    a, b = ckpt.load_latest(tmp_path / "straight"), ckpt.load_latest(tmp_path / "cut")
-    assert a["step"] == b["step"] == 6 and a["updates"] == b["updates"]
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "cut")
+    assert a["meta"]["step"] == b["meta"]["step"] == 6 and a["meta"]["updates"] == b["meta"]["updates"]
     for part in ("generator", "fake", "generator_ema") if ema_decay else ("generator", "fake"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
-    assert a["opt_f"]["state"][0]["step"] == b["opt_f"]["state"][0]["step"]
-    assert a.get("ema_updates") == b.get("ema_updates") == (3 if ema_decay else None)
+    for opt in ("opt_g", "opt_f"):  # AdamW moments and step counts, keyed by parameter name
+        for name, moments in a[opt]["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(value, b[opt]["state"][name][key]), f"{opt} {name}.{key} differs"
+    assert a["meta"]["ema_updates"] == b["meta"]["ema_updates"] == (3 if ema_decay else None)
 
 
 def test_ema_generator_is_what_gets_exported(digits_teacher: Path, tmp_path: Path):
     folder = run(digits_teacher, tmp_path / "run", max_steps=4, ratio=1, preview_every=100, ema_decay=0.5)
-    state = ckpt.load_latest(tmp_path / "run")
+    state = last_checkpoint(tmp_path / "run")
     exported = FewStepPipeline.from_folder(folder).unet.state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in state["generator_ema"].items())
     # 4 updates: ema = 0.5 ema + 0.5 G after the first (a copy), so it trails the raw generator
-    assert state["ema_updates"] == 4 and json.loads((folder / "dmd2.json").read_text())["ema_decay"] == 0.5
+    assert state["meta"]["ema_updates"] == 4 and json.loads((folder / "dmd2.json").read_text())["ema_decay"] == 0.5
     assert any(not torch.equal(v, state["generator"][k]) for k, v in exported.items())
 
 

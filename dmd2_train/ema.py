@@ -1,0 +1,62 @@
+"""An exponential moving average of the generator's weights, kept beside the module.
+
+The average is a list of tensors shaped like the module's parameters (sharded like them under
+FSDP: a clone of a DTensor is a DTensor), not a deep copy of the module, so it works whatever
+wraps the module and costs one copy of the parameters, nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class ParameterEMA:
+    """``ema = decay * ema + (1 - decay) * p`` after every update; the first update copies.
+
+    The same rule as ``torch.optim.swa_utils.get_ema_multi_avg_fn``.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, _ in module.named_parameters()]
+        self.average = [p.detach().clone() for p in module.parameters()]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        params = [p.detach() for p in module.parameters()]
+        if self.updates == 0:
+            torch._foreach_copy_(self.average, params)
+        else:
+            torch._foreach_lerp_(self.average, params, 1 - self.decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``{parameter name: average}`` (the module's parameter names)."""
+        return dict(zip(self.names, self.average))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor], updates: int) -> None:
+        for name, tensor in zip(self.names, self.average):
+            tensor.copy_(state[name])
+        self.updates = updates
+
+    @contextmanager
+    def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block ``module`` holds the average (and the average the live weights)."""
+        self._swap(module)
+        try:
+            yield module
+        finally:
+            self._swap(module)
+
+    @torch.no_grad()
+    def _swap(self, module: nn.Module) -> None:
+        for p, a in zip(module.parameters(), self.average):
+            live = p.detach().clone()
+            p.detach().copy_(a)
+            a.copy_(live)

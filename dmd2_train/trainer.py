@@ -1,0 +1,313 @@
+"""The trained state of a DMD2 run and one iteration of it.
+
+``Trainer`` holds the three networks (prepared for DDP, or sharded with FSDP2), both optimisers,
+the EMA and the memory levers, and ``train_step(step)`` runs one iteration of the two time-scale
+rule with gradient accumulation. The run loop (``loop.py``) and the training benchmark
+(``bench.py``) build it the same way, so the benchmark times exactly what a run does.
+
+A quiet hot loop: nothing in a step waits for the GPU. Every draw comes from generators seeded
+by (seed, step, rank), noise and timesteps on the device; logged values stay on the device and
+are read once per ``log_every`` steps (``Trainer.flush_logs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dmd2_serve.backbones import Conditioning
+
+from . import checkpoint as ckpt
+from .config import DistillConfig
+from .ema import ParameterEMA
+from .memory import StateParking, make_optimizer
+from .networks import FakeScore, bottleneck_shape, build_networks
+from .step import (
+    Networks,
+    RealBatch,
+    draw_fake,
+    draw_generator,
+    draw_student,
+    fake_score_loss,
+    generator_loss,
+    micro_batch,
+)
+
+# Blocks that become their own FSDP2 units (a diffusers UNet's repeated layers).
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D", "Transformer2DModel")
+
+
+class Batches(Protocol):
+    """Where a step's conditioning and real data come from (run data, or random for the benchmark)."""
+
+    def prompts(self, n: int, g: torch.Generator) -> Conditioning:
+        """``n`` encoded prompts on the training device, drawn with the host generator ``g``."""
+
+    def real(self, n: int, g: torch.Generator, device_g: torch.Generator) -> RealBatch:
+        """``n`` real samples in UNet space with their encoded captions (indices from ``g``,
+        the latent sample from ``device_g``)."""
+
+
+def seed_of(*parts: int) -> int:
+    """A 64-bit seed from integers (numpy's SeedSequence: well mixed, stable across releases)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The host generator for the draws of one step on one process (prompts, data indices)."""
+    return torch.Generator().manual_seed(seed_of(seed, step, rank))
+
+
+def step_generators(seed: int, step: int, rank: int, device: torch.device) -> tuple[torch.Generator, ...]:
+    """(host, device, shared) generators of one step: the device one draws noise and timesteps
+    where they are used; the shared one (same on every process) draws what every process must
+    agree on, the backward-simulation step k, so sharded networks run the same passes everywhere."""
+    device_g = torch.Generator(device=device).manual_seed(seed_of(seed, step, rank, 1))
+    shared = torch.Generator().manual_seed(seed_of(seed, step))
+    return step_generator(seed, step, rank), device_g, shared
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up to a constant learning rate."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def shard_fsdp2(module: nn.Module, bf16: bool) -> nn.Module:
+    """FSDP2 (``fully_shard``) on the UNet's repeated blocks, then on the whole module."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for sub in list(module.modules())[1:]:
+        if type(sub).__name__ in FSDP_UNITS:
+            fully_shard(sub, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def full_norm(norm: Tensor) -> Tensor:
+    """A gradient norm as a plain tensor (a DTensor under FSDP2)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class Trainer:
+    """Networks, optimisers, EMA and memory levers of a run; ``train_step`` is one iteration.
+
+    Args:
+        cfg: the run's configuration.
+        accelerator: accelerate's ``Accelerator`` (devices, DDP, autocast, backward, clipping).
+        teacher: the teacher UNet (float32, on the host); the generator and the fake score start
+            as copies of it.
+        sample_shape: (C, H, W) of the UNet's input.
+        alphas_cumprod: (T,) of the teacher's scheduler.
+        batches: the conditioning and real-data source.
+        uncond_one: the unconditional conditioning, one row.
+    """
+
+    def __init__(self, cfg: DistillConfig, accelerator: Any, teacher: nn.Module, sample_shape: tuple[int, int, int],
+                 alphas_cumprod: Tensor, batches: Batches, uncond_one: Conditioning) -> None:
+        self.cfg, self.accelerator, self.batches = cfg, accelerator, batches
+        self.device, self.rank = accelerator.device, accelerator.process_index
+        self.shape = sample_shape
+        self.abar = alphas_cumprod.to(self.device)
+        self.uncond_one = uncond_one.to(self.device)
+        bf16 = accelerator.mixed_precision == "bf16"
+
+        torch.manual_seed(cfg.seed)  # the GAN head starts identical on every process
+        real, fake_unet, generator = build_networks(teacher, torch.bfloat16 if bf16 and self.device.type == "cuda"
+                                                    else torch.float32)
+        real.to(self.device)
+        if cfg.gradient_checkpointing:
+            fake_unet.enable_gradient_checkpointing()
+            generator.enable_gradient_checkpointing()
+        head = bottleneck_shape(fake_unet.to(self.device), sample_shape, self.uncond_one) if cfg.gan else None
+        fake = FakeScore(fake_unet, head).to(self.device)
+        generator.to(self.device)
+
+        if cfg.sharding == "fsdp2":
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            shard_fsdp2(generator, bf16)
+            shard_fsdp2(fake, bf16)
+            for method in ("eps", "logits"):
+                register_fsdp_forward_method(fake, method)
+            opt_g = make_optimizer(generator.parameters(), cfg.lr_generator, cfg, self.device)
+            opt_f = make_optimizer(fake.parameters(), cfg.lr_fake, cfg, self.device)
+            self.opt_g, self.opt_f = accelerator.prepare(opt_g, opt_f)
+            self.generator, self.fake = generator, fake
+        else:
+            opt_g = make_optimizer(generator.parameters(), cfg.lr_generator, cfg, self.device)
+            opt_f = make_optimizer(fake.parameters(), cfg.lr_fake, cfg, self.device)
+            self.generator, self.fake, self.opt_g, self.opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
+        self.gen_module: nn.Module = accelerator.unwrap_model(self.generator)
+        self.fake_module: FakeScore = accelerator.unwrap_model(self.fake)
+        self.gen_params = list(self.gen_module.parameters())
+        self.nets = Networks(self.generator, self.fake, self.fake_module, real, self.abar,
+                             accelerator.autocast)
+        self.ema = ParameterEMA(self.gen_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.parking = {"generator": StateParking(self.opt_g, self.device),
+                        "fake": StateParking(self.opt_f, self.device)}
+        self.updates = {"generator": 0, "fake": 0}
+        self._totals: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ one iteration
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        """One iteration: the generator step when ``step % ratio == 0``, then the fake-score step.
+
+        Returns the step's logged values as device tensors (also added to the running totals).
+        """
+        cfg = self.cfg
+        host, device_g, shared = step_generators(cfg.seed, step, self.rank, self.device)
+        scale = warmup_factor(step, cfg.warmup_steps)
+        for opt, lr in ((self.opt_g, cfg.lr_generator), (self.opt_f, cfg.lr_fake)):
+            for group in opt.param_groups:
+                if torch.is_tensor(group["lr"]):  # torchao's optimisers keep lr as a tensor
+                    group["lr"].fill_(lr * scale)
+                else:
+                    group["lr"] = lr * scale
+        logs: dict[str, Tensor] = {}
+        if step % cfg.ratio == 0:
+            logs |= self._generator_step(host, device_g, shared)
+        logs |= self._fake_step(host, device_g, shared)
+        for key, value in logs.items():
+            self._totals[key] = self._totals[key] + value if key in self._totals else value.clone()
+            self._counts[key] = self._counts.get(key, 0) + 1
+        return logs
+
+    def _draw_k(self, shared: torch.Generator) -> int:
+        return int(torch.randint(len(self.cfg.timesteps), (1,), generator=shared))
+
+    def _generator_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
+        cfg, n, parts = self.cfg, self.cfg.batch_size * self.cfg.gradient_accumulation_steps, self.cfg.gradient_accumulation_steps
+        k = self._draw_k(shared)
+        real = None if cfg.backward_simulation or k == 0 else self.batches.real(n, host, device_g)
+        # Ablation (no backward simulation): noisy real images under their own captions.
+        cond = real.cond if real is not None else self.batches.prompts(n, host)
+        student = draw_student(k, n, self.shape, device_g, real.x0 if real is not None else None)
+        draws = draw_generator(student, cfg, len(self.abar), device_g)
+        uncond = self.uncond_one.index([0] * n)
+        self.opt_g.zero_grad(set_to_none=True)
+        logs: dict[str, Tensor] = {}
+        for i in range(parts):
+            with self._no_sync(self.generator, last=i == parts - 1):
+                loss, part = generator_loss(self.nets, cfg, micro_batch(cond, i, parts), micro_batch(uncond, i, parts),
+                                            micro_batch(draws, i, parts))
+                self.accelerator.backward(loss / parts, inputs=self.gen_params)  # the fake net gets no gradient
+            logs = _add(logs, part, 1 / parts)
+        logs["grad_norm/generator"] = full_norm(self.accelerator.clip_grad_norm_(self.gen_params, cfg.grad_clip)).detach()
+        self._optimizer_step("generator", self.opt_g, idle="fake")
+        if self.ema is not None:
+            self.ema.update(self.gen_module)
+        return logs
+
+    def _fake_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
+        cfg, n, parts = self.cfg, self.cfg.batch_size * self.cfg.gradient_accumulation_steps, self.cfg.gradient_accumulation_steps
+        k = self._draw_k(shared)
+        needs_real = cfg.gan or (not cfg.backward_simulation and k > 0)
+        real = self.batches.real(n, host, device_g) if needs_real else None
+        ablation = not cfg.backward_simulation and k > 0
+        cond = real.cond if ablation else self.batches.prompts(n, host)
+        student = draw_student(k, n, self.shape, device_g, real.x0 if ablation else None)
+        draws = draw_fake(student, len(self.abar), device_g)
+        params = list(self.fake_module.parameters())
+        self.opt_f.zero_grad(set_to_none=True)
+        logs: dict[str, Tensor] = {}
+        for i in range(parts):
+            with self._no_sync(self.fake, last=i == parts - 1):
+                loss, part = fake_score_loss(self.nets, cfg, micro_batch(cond, i, parts), micro_batch(draws, i, parts),
+                                             micro_batch(real, i, parts) if cfg.gan else None)
+                self.accelerator.backward(loss / parts)
+            logs = _add(logs, part, 1 / parts)
+        logs["grad_norm/fake"] = full_norm(self.accelerator.clip_grad_norm_(params, cfg.grad_clip)).detach()
+        self._optimizer_step("fake", self.opt_f)
+        return logs
+
+    def _no_sync(self, model: nn.Module, last: bool) -> Any:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 reduces each)."""
+        return model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+
+    def _optimizer_step(self, name: str, opt: torch.optim.Optimizer, idle: str | None = None) -> None:
+        offload = self.cfg.offload_optimizer
+        if offload and idle is not None:  # only the stepping network's state on the GPU
+            self.parking[idle].park()
+        if offload:
+            self.parking[name].unpark()
+        opt.step()
+        if self.cfg.free_grads:
+            opt.zero_grad(set_to_none=True)
+        if offload and idle is not None:
+            self.parking[name].park()
+            self.parking[idle].unpark()
+        self.updates[name] += 1
+
+    # ------------------------------------------------------------------ logging
+
+    def flush_logs(self) -> dict[str, float]:
+        """Means of the logged values since the last flush: the one host synchronisation."""
+        if not self._totals:
+            return {}
+        keys = list(self._totals)
+        values = torch.stack([self._totals[k].float() / self._counts[k] for k in keys]).tolist()
+        self._totals.clear()
+        self._counts.clear()
+        return dict(zip(keys, values))
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr/generator": float(self.opt_g.param_groups[0]["lr"]),
+                "lr/fake": float(self.opt_f.param_groups[0]["lr"])}
+
+    # ------------------------------------------------------------------ state
+
+    def _parts(self) -> tuple[dict[str, nn.Module], dict[str, tuple[nn.Module, Any]]]:
+        return ({"generator": self.gen_module, "fake": self.fake_module},
+                {"opt_g": (self.gen_module, self.opt_g), "opt_f": (self.fake_module, self.opt_f)})
+
+    def training_state(self) -> dict[str, Any]:
+        """The DCP state dict of everything trained (collective under FSDP2)."""
+        models, optimizers = self._parts()
+        extra = {"generator_ema": self.ema.state_dict()} if self.ema is not None else {}
+        return ckpt.training_state(models, optimizers, extra)
+
+    def save(self, out: Any, step: int, meta: dict[str, Any]) -> None:
+        """Write checkpoint ``step`` (every process)."""
+        meta = {"updates": dict(self.updates), "world_size": self.accelerator.num_processes,
+                "ema_updates": self.ema.updates if self.ema is not None else None, **meta}
+        ckpt.save_checkpoint(out, step, self.training_state(), meta, keep=self.cfg.keep_checkpoints)
+
+    def load(self, path: Any) -> int:
+        """Restore from a checkpoint folder; returns its step."""
+        state = self.training_state()
+        ckpt.load_into(path, state)
+        models, optimizers = self._parts()
+        ckpt.apply_training_state(models, optimizers, state)
+        meta = ckpt.read_meta(path)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["generator_ema"], int(meta["ema_updates"]))
+        self.updates = dict(meta["updates"])
+        return int(meta["step"])
+
+    @contextmanager
+    def served(self) -> Iterator[nn.Module]:
+        """The generator as it is served (its EMA when on), for previews and export."""
+        with self.ema.swapped_into(self.gen_module) if self.ema is not None else nullcontext(self.gen_module) as module:
+            yield module
+
+    def served_state_dict(self) -> dict[str, Tensor]:
+        """Full (unsharded) host tensors of the served generator; collective under FSDP2."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        with self.served() as module:
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # On the host the state dict holds the parameters themselves: copy before the swap back.
+            live = {p.data_ptr() for p in module.parameters() if p.device.type == "cpu"}
+            return {k: v.clone() if v.data_ptr() in live else v for k, v in state.items()}
+
+
+def _add(total: dict[str, Tensor], part: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    return {k: total.get(k, 0) + weight * v for k, v in part.items()}

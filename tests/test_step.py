@@ -1,0 +1,100 @@
+"""One DMD2 iteration on tiny SD-shaped teachers: gradients under bf16 autocast and gradient
+checkpointing, the GAN pass with checkpointing, and gradient accumulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_overrides
+
+from dmd2_train.config import DistillConfig
+from dmd2_train.loop import prepare_run
+from dmd2_train.step import micro_batch
+from dmd2_train.trainer import Trainer, step_generators
+
+
+def accelerator(precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each test picks its own precision
+    return Accelerator(mixed_precision=precision, cpu=True)
+
+
+def trainer_for(teacher: Path, data: tuple[Path, Path], out: Path, precision: str = "no", **extra) -> Trainer:
+    prompts, images = data
+    cfg = DistillConfig(teacher=teacher, out=out, prompts=prompts, real_images=images, image_size=16,
+                        free_grads=False, **tiny_run_overrides(**extra))
+    return prepare_run(cfg, accelerator(precision)).trainer
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_steps_give_every_trained_parameter_a_gradient(family, checkpointing, request, sd_data, tmp_path):
+    teacher = request.getfixturevalue(f"{family}_teacher")
+    trainer = trainer_for(teacher, sd_data, tmp_path / "run", "bf16", gradient_checkpointing=checkpointing)
+    assert trainer.gen_module.is_gradient_checkpointing == checkpointing
+    real = trainer.nets.real
+    host, device_g, shared = step_generators(0, 0, 0, trainer.device)
+
+    trainer._generator_step(host, device_g, shared)  # DM + GAN generator term through the fake net
+    for name, g in grads(trainer.gen_module).items():
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, f"generator {name}: {g}"
+    assert all(g is None for g in grads(trainer.fake_module).values()), "the GAN pass must not train the fake net"
+    assert all(not p.requires_grad and p.grad is None for p in real.parameters())
+    generator_grads = {n: g.clone() for n, g in grads(trainer.gen_module).items()}
+
+    trainer._fake_step(host, device_g, shared)  # denoising + discriminator in one pass
+    for name, g in grads(trainer.fake_module).items():
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, f"fake {name}: {g}"
+    assert all(torch.equal(g, generator_grads[n]) for n, g in grads(trainer.gen_module).items())
+    assert all(p.grad is None for p in real.parameters())
+    assert trainer.updates == {"generator": 1, "fake": 1}
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(sd15_teacher, sd_data, tmp_path):
+    common = dict(lr_generator=1e-12, lr_fake=1e-12)  # steps too small to matter: compare gradients
+    big = trainer_for(sd15_teacher, sd_data, tmp_path / "big", batch_size=4, **common)
+    small = trainer_for(sd15_teacher, sd_data, tmp_path / "small", batch_size=2, gradient_accumulation_steps=2,
+                        **common)
+    logs = []
+    for trainer in (big, small):
+        host, device_g, shared = step_generators(3, 0, 0, trainer.device)
+        logs.append(trainer._generator_step(host, device_g, shared) | trainer._fake_step(host, device_g, shared))
+    for module in ("gen_module", "fake_module"):
+        a, b = grads(getattr(big, module)), grads(getattr(small, module))
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-6, msg=f"{module} {name}")
+    for key in logs[0]:
+        torch.testing.assert_close(logs[1][key], logs[0][key], rtol=1e-3, atol=1e-6, msg=key)
+    assert {"loss/dm", "loss/gan_generator", "loss/denoise", "loss/gan_discriminator"} <= set(logs[0])
+
+
+def test_micro_batch_splits_every_tensor_and_keeps_the_rest():
+    from dmd2_serve.backbones import Conditioning
+    from dmd2_train.step import StudentDraws
+
+    draws = StudentDraws(2, [torch.arange(4.0), torch.arange(4.0) + 10], None)
+    part = micro_batch(draws, 1, 2)
+    assert part.k == 2 and part.real_x0 is None
+    assert [t.tolist() for t in part.noise] == [[2.0, 3.0], [12.0, 13.0]]
+    cond = Conditioning(torch.arange(4.0).reshape(4, 1), {"time_ids": torch.arange(8.0).reshape(4, 2)})
+    assert micro_batch(cond, 0, 2).added["time_ids"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+def test_eight_bit_adamw_steps_and_its_state_is_eight_bit(digits_teacher, tmp_path):
+    pytest.importorskip("torchao")
+    cfg = DistillConfig(teacher=digits_teacher, out=tmp_path / "run", optimizer="adamw8bit",
+                        **tiny_run_overrides(preview_every=100))
+    trainer = prepare_run(cfg, accelerator("no")).trainer
+    before = [p.detach().clone() for p in trainer.gen_params]
+    trainer.train_step(0)
+    kinds = {type(s["exp_avg"]).__name__ for s in trainer.opt_g.optimizer.state.values()}
+    assert "OptimState8bit" in kinds  # (torchao keeps tiny tensors in full precision)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.gen_params))
