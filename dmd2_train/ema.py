@@ -23,16 +23,19 @@ class ParameterEMA:
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
         self.names = [n for n, _ in module.named_parameters()]
-        self.average = [p.detach().clone() for p in module.parameters()]
+        # The parameter objects themselves: under FSDP2 the sharded ones, which the optimiser
+        # updates (the module exposes gathered copies while a pass holds them).
+        self.params = list(module.parameters())
+        self.average = [p.detach().clone() for p in self.params]
         self.updates = 0
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        params = [p.detach() for p in module.parameters()]
+    def update(self) -> None:
+        params, average = [_local(p.detach()) for p in self.params], [_local(a) for a in self.average]
         if self.updates == 0:
-            torch._foreach_copy_(self.average, params)
+            torch._foreach_copy_(average, params)
         else:
-            torch._foreach_lerp_(self.average, params, 1 - self.decay)
+            torch._foreach_lerp_(average, params, 1 - self.decay)
         self.updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -46,17 +49,23 @@ class ParameterEMA:
         self.updates = updates
 
     @contextmanager
-    def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
-        """Inside the block ``module`` holds the average (and the average the live weights)."""
-        self._swap(module)
+    def swapped(self) -> Iterator[None]:
+        """Inside the block the parameters hold the average (and the average the live weights)."""
+        self._swap()
         try:
-            yield module
+            yield
         finally:
-            self._swap(module)
+            self._swap()
 
     @torch.no_grad()
-    def _swap(self, module: nn.Module) -> None:
-        for p, a in zip(module.parameters(), self.average):
-            live = p.detach().clone()
-            p.detach().copy_(a)
+    def _swap(self) -> None:
+        for p, a in zip(self.params, self.average):
+            p, a = _local(p.detach()), _local(a)
+            live = p.clone()
+            p.copy_(a)
             a.copy_(live)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This process's shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t

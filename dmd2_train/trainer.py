@@ -39,7 +39,7 @@ from .step import (
 )
 
 # Blocks that become their own FSDP2 units (a diffusers UNet's repeated layers).
-FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D", "Transformer2DModel")
+FSDP_UNITS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 class Batches(Protocol):
@@ -82,11 +82,25 @@ def shard_fsdp2(module: nn.Module, bf16: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for sub in list(module.modules())[1:]:
+    for sub in reversed(list(module.modules())[1:]):  # innermost first
         if type(sub).__name__ in FSDP_UNITS:
             fully_shard(sub, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
     return module
+
+
+def reshard(module: nn.Module) -> None:
+    """Return every FSDP2 unit of ``module`` to its sharded state (a no-op without FSDP).
+
+    A pass whose backward never reaches a unit (no-grad backward simulation, the GAN pass whose
+    backward stops at the generator) leaves it gathered; its next forward would then reuse that
+    copy even after the optimiser updated the shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def full_norm(norm: Tensor) -> Tensor:
@@ -203,7 +217,7 @@ class Trainer:
         logs["grad_norm/generator"] = full_norm(self.accelerator.clip_grad_norm_(self.gen_params, cfg.grad_clip)).detach()
         self._optimizer_step("generator", self.opt_g, idle="fake")
         if self.ema is not None:
-            self.ema.update(self.gen_module)
+            self.ema.update()
         return logs
 
     def _fake_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
@@ -233,6 +247,9 @@ class Trainer:
         return model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
 
     def _optimizer_step(self, name: str, opt: torch.optim.Optimizer, idle: str | None = None) -> None:
+        if self.cfg.sharding == "fsdp2":
+            reshard(self.gen_module)
+            reshard(self.fake_module)
         offload = self.cfg.offload_optimizer
         if offload and idle is not None:  # only the stepping network's state on the GPU
             self.parking[idle].park()
@@ -295,8 +312,14 @@ class Trainer:
     @contextmanager
     def served(self) -> Iterator[nn.Module]:
         """The generator as it is served (its EMA when on), for previews and export."""
-        with self.ema.swapped_into(self.gen_module) if self.ema is not None else nullcontext(self.gen_module) as module:
-            yield module
+        if self.cfg.sharding == "fsdp2":
+            reshard(self.gen_module)
+        try:
+            with self.ema.swapped() if self.ema is not None else nullcontext():
+                yield self.gen_module
+        finally:
+            if self.cfg.sharding == "fsdp2":  # the served weights' gathered copies must not outlive the block
+                reshard(self.gen_module)
 
     def served_state_dict(self) -> dict[str, Tensor]:
         """Full (unsharded) host tensors of the served generator; collective under FSDP2."""

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from dmd2_train import checkpoint as ckpt
 
 FAST = ["batch_size=2", "ratio=2", "warmup_steps=1", "preview_every=1000", "log_every=1", "preview_prompts=[a 1]"]
@@ -92,3 +94,56 @@ def test_two_process_data_parallel_on_cpu(digits_teacher: Path, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "generator" / "dmd2.json").read_text())
     assert meta["world_size"] == 2 and meta["updates"] == {"generator": 2, "fake": 3}
+
+
+def torchrun(nproc: int, port: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "dmd2_train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def exported_unet(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "generator" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_sharded_checkpoints_resume_on_another_number_of_processes(digits_teacher: Path, tmp_path: Path):
+    """FSDP2 on 2 gloo processes writes a sharded checkpoint; 1 process resumes it exactly, trains on,
+    and 2 sharded processes resume that one in turn."""
+    out = tmp_path / "run"
+    def common(steps: int, *extra: str) -> list:  # options first, then key=value overrides
+        return ["--teacher", digits_teacher, "--out", out, "--max-steps", str(steps), *extra, *FAST,
+                "checkpoint_every=2", "ema_decay=0.5"]
+
+    two = torchrun(2, 29541, *common(2), "sharding=fsdp2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    state = ckpt.read_checkpoint(ckpt.latest(out)[1])
+    assert state["meta"]["world_size"] == 2 and len(list(ckpt.latest(out)[1].glob("*.distcp"))) == 2
+    written_by_two = exported_unet(out)
+    assert all(torch.equal(v, written_by_two[k]) for k, v in state["generator_ema"].items())
+
+    # 2 -> 1: nothing left to train, so the export is the checkpoint as one process loaded it
+    one = cli(*common(2, "--resume"))
+    assert one.returncode == 0 and "already at step 2" in one.stdout + one.stderr, one.stderr[-3000:]
+    assert all(torch.equal(v, exported_unet(out)[k]) for k, v in written_by_two.items())
+    one = cli(*common(3, "--resume"))  # and the optimiser states load: it trains on
+    assert one.returncode == 0 and "resumed from step 2" in one.stdout + one.stderr, one.stderr[-3000:]
+    written_by_one = exported_unet(out)
+    assert ckpt.read_meta(ckpt.latest(out)[1])["world_size"] == 1
+
+    # 1 -> 2, sharded
+    two = torchrun(2, 29542, *common(3, "--resume"), "sharding=fsdp2")
+    assert two.returncode == 0 and "already at step 3" in two.stdout + two.stderr, two.stderr[-3000:]
+    assert all(torch.equal(v, exported_unet(out)[k]) for k, v in written_by_one.items())
+    two = torchrun(2, 29543, *common(4, "--resume"), "sharding=fsdp2")
+    assert two.returncode == 0 and "resumed from step 3" in two.stdout + two.stderr, two.stderr[-3000:]
+    assert ckpt.read_meta(ckpt.latest(out)[1])["updates"] == {"generator": 2, "fake": 4}
+
+
+def test_tiny_sdxl_trains_in_bf16_with_gradient_checkpointing(sdxl_teacher: Path, sd_data, tmp_path: Path):
+    prompts, images = sd_data
+    result = cli("--teacher", sdxl_teacher, "--prompts", prompts, "--real-images", images, "--out", tmp_path / "run",
+                 "--max-steps", "2", *FAST, "gradient_checkpointing=true", "mixed_precision=bf16", "image_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ckpt.read_meta(ckpt.latest(tmp_path / "run")[1])["config"]["mixed_precision"] == "bf16"
