@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_bench_runs_at_toy_size_and_writes_its_rows(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -26,3 +28,19 @@ def test_bench_runs_at_toy_size_and_writes_its_rows(tmp_path: Path) -> None:
     assert {r["mode"] for r in kernel} == {"x0", "from eps"} and all(r["max_err"] < 1e-2 for r in kernel)
     assert any("tensorrt not measured" in n and "dmd2-fast[tensorrt]" in n for n in result["notes"])
     assert "| sd15 | 2 | eager |" in run.stdout  # the printed table
+
+
+def test_training_bench_runs_at_toy_size(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    run = subprocess.run([sys.executable, "-m", "dmd2_train.bench", "--tiny", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"tiny-sd15", "tiny-sd15-fsdp2", "tiny-sdxl-ckpt"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["iteration_s"] > r["fake_step_s"] > 0 and r["tflop_per_iteration"] > 0 and 0 < r["mfu"] and r["finite"]
+    # the same architecture and batch count (nearly) the same FLOPs whether sharded or not
+    assert rows["tiny-sd15-fsdp2"]["tflop_per_iteration"] == pytest.approx(rows["tiny-sd15"]["tflop_per_iteration"], rel=0.05)
+    assert result["bf16_matmul_tflops"] > 0 and "| tiny-sdxl-ckpt |" in run.stdout

@@ -111,3 +111,51 @@ def test_sd_shaped_pipelines_distil_and_export(family, request, sd_data, tmp_pat
     out = stock("a red cube", timesteps=meta["timesteps"], guidance_scale=0.0, height=16, width=16,
                 output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()
+
+
+def test_out_of_memory_names_the_options_and_keeps_the_last_checkpoint(digits_teacher: Path, tmp_path: Path,
+                                                                       monkeypatch):
+    from dmd2_train.run import RunError
+    from dmd2_train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_oom(self, step: int):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_oom)
+    with pytest.raises(RunError) as err:
+        run(digits_teacher, tmp_path / "run", max_steps=6, checkpoint_every=2, preview_every=100)
+    message = str(err.value)
+    assert "out of GPU memory at step 3" in message and "step_0000002" in message and "intact" in message
+    assert "gradient_checkpointing=true" in message and "optimizer=adamw8bit" in message
+    assert "batch_size=1 gradient_accumulation_steps=2" in message
+    assert last_checkpoint(tmp_path / "run")["meta"]["step"] == 2  # finished work kept
+
+
+def test_logs_speed_memory_and_learning_rates(digits_teacher: Path, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(digits_teacher, tmp_path / "run", max_steps=4, log_every=2, preview_every=100, warmup_steps=4)
+    events = next((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"perf/seconds_per_step", "perf/samples_per_second", "lr/generator", "lr/fake", "loss/dm",
+            "loss/denoise", "grad_norm/generator"} <= tags
+    assert [e.step for e in acc.Scalars("loss/denoise")] == [2, 4]  # read once per log_every window
+    assert [e.value for e in acc.Scalars("lr/fake")] == pytest.approx([1e-4 * 2 / 4, 1e-4])  # warm-up: step index 1 of 4, then full
+    assert all(e.value > 0 for e in acc.Scalars("perf/samples_per_second"))
+
+
+def test_wandb_without_the_package_is_a_clear_error(digits_teacher: Path, tmp_path: Path):
+    import importlib.util
+
+    from dmd2_train.run import RunError
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(RunError, match=r"pip install 'dmd2-fast\[wandb\]'"):
+        run(digits_teacher, tmp_path / "run", log_with=["wandb"])
