@@ -104,8 +104,8 @@ def bottleneck_shape(unet: nn.Module, sample_shape: tuple[int, int, int], cond: 
     seen: list[torch.Size] = []
     handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.shape))
     try:
-        x = torch.zeros((1, *sample_shape), device=cond.hidden.device, dtype=cond.hidden.dtype)
-        unet(x, torch.zeros(1, dtype=torch.long, device=x.device), **cond.index([0]).unet_kwargs())
+        x = torch.zeros((1, *sample_shape), device=cond.hidden.device)
+        unet_eps(unet, x, torch.zeros(1, dtype=torch.long, device=x.device), cond.index([0]))
     finally:
         handle.remove()
     c, h, w = seen[0][1:]

@@ -38,7 +38,7 @@ def check_output_folder(out: Path) -> None:
 def make_accelerator(cfg: DistillConfig) -> Any:
     """accelerate's ``Accelerator`` for the run: precision, trackers, the run folder."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     cuda = torch.cuda.is_available()
     precision = cfg.mixed_precision
@@ -55,6 +55,8 @@ def make_accelerator(cfg: DistillConfig) -> Any:
                            " or log_with=[tensorboard]") from None
     return Accelerator(
         mixed_precision=precision, cpu=not cuda, log_with=list(cfg.log_with) or None,
+        # DDP's gradients live in its all-reduce buckets instead of beside them (one copy, not two)
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "logs")),
     )
 

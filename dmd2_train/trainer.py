@@ -288,6 +288,8 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         """The DCP state dict of everything trained (collective under FSDP2)."""
         models, optimizers = self._parts()
+        if self.cfg.offload_optimizer and self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # parked states arrive in host memory asynchronously
         extra = {"generator_ema": self.ema.state_dict()} if self.ema is not None else {}
         return ckpt.training_state(models, optimizers, extra)
 
