@@ -20,15 +20,15 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 # torch first (the CUDA 12.8 build) with the torch-tensorrt release made for it (its TensorRT
-# wheels come from PyPI), so the project install keeps both.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 "torch==2.11.0" "torch-tensorrt==2.11.0"
+# wheels come from PyPI), so the project install keeps both; torchao for optimizer=adamw8bit.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 "torch==2.11.0" "torch-tensorrt==2.11.0" "torchao==0.18.0"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY dmd2_train ./dmd2_train
 COPY dmd2_serve ./dmd2_serve
 COPY kernels ./kernels
-RUN pip install ".[lowmem]"
+RUN pip install .
 
 RUN useradd --create-home --uid 1000 dmd2 && mkdir -p /models /cache && chown 1000 /models /cache
 USER 1000
