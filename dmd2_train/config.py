@@ -89,7 +89,8 @@ class DistillConfig(_Strict):
             raise ValueError("dm_t_min must be below dm_t_max")
         if self.offload_optimizer and self.sharding == "fsdp2":
             raise ValueError("offload_optimizer works with sharding=ddp; with fsdp2 each GPU already holds"
-                             " only its shard of the optimiser state")
+                             " only its shard of the optimiser state: add offload_optimizer=false (the sdxl"
+                             " preset turns it on)")
         return self
 
 

@@ -59,3 +59,16 @@ def test_paper_defaults():
     assert (sd15.ratio, sd15.guidance_scale, sd15.gan_weight_generator) == (10, 1.75, 1e-3)
     assert (sdxl.ratio, sdxl.guidance_scale, sdxl.gan_weight_generator) == (5, 8.0, 5e-3)
     assert sd15.timesteps == [999, 749, 499, 249] and (sd15.dm_t_min, sd15.dm_t_max) == (0.02, 0.98)
+
+
+def test_memory_keys_and_their_conflicts():
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, "sdxl", [])
+    assert cfg.gradient_checkpointing and cfg.offload_optimizer and cfg.sharding == "ddp"
+    with pytest.raises(ConfigError, match="offload_optimizer=false"):
+        build_config(DistillConfig, DISTILL_PRESETS, "sdxl", [parse_overrides(["sharding=fsdp2"])])
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, "sdxl", [parse_overrides(["sharding=fsdp2", "offload_optimizer=false"])])
+    assert cfg.sharding == "fsdp2"
+    with pytest.raises(ConfigError, match="optimizer"):
+        build_config(DistillConfig, DISTILL_PRESETS, None, [parse_overrides(["optimizer=sgd"])])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        build_config(DistillConfig, DISTILL_PRESETS, None, [parse_overrides(["gradient_accumulation_steps=0"])])

@@ -159,3 +159,11 @@ def test_wandb_without_the_package_is_a_clear_error(digits_teacher: Path, tmp_pa
         pytest.skip("wandb is installed here")
     with pytest.raises(RunError, match=r"pip install 'dmd2-fast\[wandb\]'"):
         run(digits_teacher, tmp_path / "run", log_with=["wandb"])
+
+
+def test_old_single_file_checkpoints_are_refused_clearly(digits_teacher: Path, tmp_path: Path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_0000200.pt").write_bytes(b"an older format")
+    with pytest.raises(ckpt.CheckpointError, match="single-file checkpoints"):
+        run(digits_teacher, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "checkpoints" / "step_0000200.pt").read_bytes() == b"an older format"  # untouched
