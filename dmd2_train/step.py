@@ -176,9 +176,11 @@ def generator_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, uncon
                    d: GeneratorDraws) -> tuple[Tensor, dict[str, Tensor]]:
     """The generator's loss: distribution matching plus the non-saturating GAN term.
 
-    The GAN term runs the fake network with grad so that the gradient reaches x; its parameters
-    must receive none: the caller's backward names the generator's parameters as ``inputs``
-    (no ``requires_grad`` toggling, which breaks gradient checkpointing and sharded parameters).
+    The fake network is frozen for the GAN term without touching ``requires_grad`` (which breaks
+    gradient checkpointing and sharded parameters): the term's gradient is taken with respect to
+    x alone (``torch.autograd.grad``: no weight gradients are computed or stored) and joins the
+    returned loss as a surrogate whose value is the term and whose gradient is that one. A plain
+    backward of the returned loss then reaches the generator's parameters only.
     """
     abar = nets.alphas_cumprod
     x = student_x0(nets, cfg, cond, d.student)  # (B, C, H, W), grad to G
@@ -194,11 +196,14 @@ def generator_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, uncon
     logs = {"loss/dm": loss_dm.detach()}
     if not cfg.gan:
         return loss_dm, logs
+    x_gan = x.detach().requires_grad_(True)
     with nets.autocast():  # non-saturating GAN through the fake network's trunk and head
-        logits = nets.fake_score.logits(add_noise(x, d.eps_gan, d.t_gan, abar), d.t_gan, cond)
+        logits = nets.fake_score.logits(add_noise(x_gan, d.eps_gan, d.t_gan, abar), d.t_gan, cond)
     loss_gan = gan_generator_loss(logits)
+    (grad_x,) = torch.autograd.grad(cfg.gan_weight_generator * loss_gan, x_gan)  # through the frozen fake net
     logs["loss/gan_generator"] = loss_gan.detach()
-    return loss_dm + cfg.gan_weight_generator * loss_gan, logs
+    surrogate = (x * grad_x).sum()  # value 0 after the subtraction below, gradient grad_x
+    return loss_dm + cfg.gan_weight_generator * loss_gan.detach() + (surrogate - surrogate.detach()), logs
 
 
 def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: FakeDraws,

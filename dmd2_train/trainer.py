@@ -149,17 +149,19 @@ class Trainer:
             shard_fsdp2(fake, bf16)
             for method in ("eps", "logits"):
                 register_fsdp_forward_method(fake, method)
-            opt_g = make_optimizer(generator.parameters(), cfg.lr_generator, cfg, self.device)
-            opt_f = make_optimizer(fake.parameters(), cfg.lr_fake, cfg, self.device)
-            self.opt_g, self.opt_f = accelerator.prepare(opt_g, opt_f)
+        opt_g = make_optimizer(generator.parameters(), cfg.lr_generator, cfg, self.device)
+        opt_f = make_optimizer(fake.parameters(), cfg.lr_fake, cfg, self.device)
+        if cfg.sharding == "fsdp2":  # sharded in place: accelerate prepares only the optimisers
             self.generator, self.fake = generator, fake
+            self.opt_g, self.opt_f = accelerator.prepare(opt_g, opt_f)
         else:
-            opt_g = make_optimizer(generator.parameters(), cfg.lr_generator, cfg, self.device)
-            opt_f = make_optimizer(fake.parameters(), cfg.lr_fake, cfg, self.device)
             self.generator, self.fake, self.opt_g, self.opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
         self.gen_module: nn.Module = accelerator.unwrap_model(self.generator)
         self.fake_module: FakeScore = accelerator.unwrap_model(self.fake)
+        # The parameter objects the optimisers hold (under FSDP2 the shards: a module exposes
+        # gathered copies while a pass holds them).
         self.gen_params = list(self.gen_module.parameters())
+        self.fake_params = list(self.fake_module.parameters())
         self.nets = Networks(self.generator, self.fake, self.fake_module, real, self.abar,
                              accelerator.autocast)
         self.ema = ParameterEMA(self.gen_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -212,7 +214,7 @@ class Trainer:
             with self._no_sync(self.generator, last=i == parts - 1):
                 loss, part = generator_loss(self.nets, cfg, micro_batch(cond, i, parts), micro_batch(uncond, i, parts),
                                             micro_batch(draws, i, parts))
-                self.accelerator.backward(loss / parts, inputs=self.gen_params)  # the fake net gets no gradient
+                self.accelerator.backward(loss / parts)
             logs = _add(logs, part, 1 / parts)
         logs["grad_norm/generator"] = full_norm(self.accelerator.clip_grad_norm_(self.gen_params, cfg.grad_clip)).detach()
         self._optimizer_step("generator", self.opt_g, idle="fake")
@@ -229,7 +231,6 @@ class Trainer:
         cond = real.cond if ablation else self.batches.prompts(n, host)
         student = draw_student(k, n, self.shape, device_g, real.x0 if ablation else None)
         draws = draw_fake(student, len(self.abar), device_g)
-        params = list(self.fake_module.parameters())
         self.opt_f.zero_grad(set_to_none=True)
         logs: dict[str, Tensor] = {}
         for i in range(parts):
@@ -238,7 +239,7 @@ class Trainer:
                                              micro_batch(real, i, parts) if cfg.gan else None)
                 self.accelerator.backward(loss / parts)
             logs = _add(logs, part, 1 / parts)
-        logs["grad_norm/fake"] = full_norm(self.accelerator.clip_grad_norm_(params, cfg.grad_clip)).detach()
+        logs["grad_norm/fake"] = full_norm(self.accelerator.clip_grad_norm_(self.fake_params, cfg.grad_clip)).detach()
         self._optimizer_step("fake", self.opt_f)
         return logs
 

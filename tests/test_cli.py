@@ -123,6 +123,19 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(digits_teache
     written_by_two = exported_unet(out)
     assert all(torch.equal(v, written_by_two[k]) for k, v in state["generator_ema"].items())
 
+    # Sharded training is the same training: DDP on 2 processes makes the same updates (to float
+    # rounding; a stale gathered copy or a lost gradient would differ by the whole update).
+    ddp = torchrun(2, 29544, *common(2)[:3], tmp_path / "ddp", *common(2)[4:])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    reference = ckpt.read_checkpoint(ckpt.latest(tmp_path / "ddp")[1])
+    from dmd2_serve.backbones import load_unet
+
+    start = load_unet(digits_teacher).state_dict()
+    for net, prefix in (("generator", ""), ("fake", "unet.")):
+        moved = sum((reference[net][prefix + k] - v).abs().sum() for k, v in start.items())
+        apart = sum((reference[net][prefix + k] - state[net][prefix + k]).abs().sum() for k in start)
+        assert moved > 0 and apart < 0.01 * moved, f"{net}: fsdp2 vs ddp differ by {apart / moved:.2%} of the update"
+
     # 2 -> 1: nothing left to train, so the export is the checkpoint as one process loaded it
     one = cli(*common(2, "--resume"))
     assert one.returncode == 0 and "already at step 2" in one.stdout + one.stderr, one.stderr[-3000:]

@@ -98,3 +98,38 @@ def test_eight_bit_adamw_steps_and_its_state_is_eight_bit(digits_teacher, tmp_pa
     kinds = {type(s["exp_avg"]).__name__ for s in trainer.opt_g.optimizer.state.values()}
     assert "OptimState8bit" in kinds  # (torchao keeps tiny tensors in full precision)
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.gen_params))
+
+
+def test_gan_term_reaches_the_generator_as_the_plain_loss_would(sd15_teacher, sd_data, tmp_path):
+    """The surrogate (input gradient through the frozen fake net) equals autograd through the
+    whole loss with the fake network's parameters frozen."""
+    from dmd2_serve.sampling import add_noise
+    from dmd2_train.losses import gan_generator_loss
+    from dmd2_train.step import draw_generator, draw_student, generator_loss, student_x0
+
+    trainer = trainer_for(sd15_teacher, sd_data, tmp_path / "run", gan_weight_generator=0.5)
+    cfg, nets, gen = trainer.cfg, trainer.nets, trainer.gen_module
+    host, device_g, _ = step_generators(0, 0, 0, trainer.device)
+    cond = trainer.batches.prompts(2, host)
+    draws = draw_generator(draw_student(1, 2, trainer.shape, device_g), cfg, len(trainer.abar), device_g)
+    uncond = trainer.uncond_one.index([0, 0])
+
+    def generator_grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        gen.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in gen.named_parameters()}
+
+    loss, logs = generator_loss(nets, cfg, cond, uncond, draws)
+    ours = generator_grads(loss)
+    dm_only = generator_grads(generator_loss(nets, cfg.model_copy(update={"gan": False}), cond, uncond, draws)[0])
+    trainer.fake_module.requires_grad_(False)  # the reference: plain autograd, fake net frozen
+    x = student_x0(nets, cfg, cond, draws.student)
+    reference_gan = gan_generator_loss(trainer.fake_module.logits(add_noise(x, draws.eps_gan, draws.t_gan, trainer.abar),
+                                                                 draws.t_gan, cond))
+    gan_only = generator_grads(cfg.gan_weight_generator * reference_gan)
+    assert all(p.grad is None for p in trainer.fake_module.parameters())
+    torch.testing.assert_close(logs["loss/gan_generator"], reference_gan.detach())
+    torch.testing.assert_close(loss.detach(), logs["loss/dm"] + cfg.gan_weight_generator * reference_gan.detach())
+    for name, g in ours.items():
+        torch.testing.assert_close(g, dm_only[name] + gan_only[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert any(gan_only[n].abs().sum() > 0 for n in gan_only)
