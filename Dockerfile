@@ -21,7 +21,7 @@ RUN apt-get update \
 
 # torch first (the CUDA 12.8 build) with the torch-tensorrt release made for it (its TensorRT
 # wheels come from PyPI), so the project install keeps both; torchao for optimizer=adamw8bit.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 "torch==2.11.0" "torch-tensorrt==2.11.0" "torchao==0.18.0"
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 "torch==2.13.0" "torch-tensorrt==2.13.0" "torchao==0.18.0"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

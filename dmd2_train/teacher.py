@@ -18,8 +18,8 @@ from dmd2_serve.backbones import META_FILE, DigitsBackbone, unet_eps
 from dmd2_serve.sampling import add_noise
 
 from .config import TeacherConfig
-from .export import folder_written_atomically
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
+from .export import folder_written_atomically
 from .run import PromptEncoder, check_output_folder
 from .trainer import step_generator
 
