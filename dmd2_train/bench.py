@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,10 @@ from typing import Any
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent.parent / "dmd2_serve" / "configs"
+import dmd2_serve
+from dmd2_serve.launch import free_port
+
+CONFIGS = Path(dmd2_serve.__file__).parent / "configs"  # the real SD1.5 / SDXL architectures
 HIDDEN = {"sd15": (77, 768), "sdxl": (77, 2048)}
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 2,
              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "transformer_layers_per_block": 1,
@@ -149,7 +151,7 @@ def run_row(row: Row, tiny: bool, peak_tflops: float) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     if row.options.get("sharding") == "fsdp2" and not torch.distributed.is_initialized():
-        port = _free_port()  # a one-process mesh still runs the whole FSDP2 path
+        port = free_port()  # a one-process mesh still runs the whole FSDP2 path
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     preset = {k: v for k, v in DISTILL_PRESETS[row.preset].items() if k not in ("image_size",)}
@@ -240,12 +242,6 @@ def uncounted_optimizer_steps(trainer: Any) -> Iterator[None]:
     finally:
         for opt in inner:
             del opt.step  # back to the class's method
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def lever_available(row: Row) -> str | None:
