@@ -33,12 +33,14 @@ from .previews import save_grid
 from .run import PromptEncoder, RunBatches, RunError, check_output_folder, make_accelerator, make_data
 from .trainer import Trainer
 
-# Re-exported: the digits teacher's trainer and older callers import these from here.
+# Re-exported for callers of the earlier layout (they lived here before run.py).
 __all__ = ["RunError", "PromptEncoder", "check_output_folder", "distill", "prepare_run"]
 
 
 @dataclass
 class PreparedRun:
+    """What ``prepare_run`` built: the teacher's facts, its adapter, its schedule and the trainer."""
+
     meta: dict[str, Any]
     backbone: Backbone
     alphas_cumprod: Tensor
