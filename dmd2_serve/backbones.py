@@ -111,11 +111,6 @@ class Backbone(nn.Module):
         """UNet space -> images in [0, 1], (B, C_img, H_img, W_img), float32."""
         raise NotImplementedError
 
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1] (B, C_img, H_img, W_img) -> UNet space (for real GAN data): one sample."""
-        mean, std = self.encode_distribution(images)
-        return mean + std * torch.randn_like(std)
-
     def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """Images in [-1, 1] -> (mean, std) of their distribution in UNet space, float32."""
         raise NotImplementedError

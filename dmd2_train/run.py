@@ -15,7 +15,7 @@ from torch import Tensor
 from dmd2_serve.backbones import Backbone, Conditioning
 
 from .config import DistillConfig
-from .data import CaptionedImages, TrainingData, digits_data, read_image_folder, read_prompts
+from .data import TrainingData, digits_data, read_image_folder, read_prompts
 from .step import RealBatch
 
 
@@ -121,16 +121,15 @@ class RunBatches:
 
     def __init__(self, data: TrainingData, encode: PromptEncoder, backbone: Backbone) -> None:
         self.data, self.encode = data, encode
-        self.real_set: CaptionedImages | None = data.real
         self.latents = RealLatents(backbone, data.real.images) if data.real is not None else None
 
     def prompts(self, n: int, g: torch.Generator) -> Conditioning:
         return self.encode(self.data.prompts(n, g))
 
     def real(self, n: int, g: torch.Generator, device_g: torch.Generator) -> RealBatch:
-        if self.real_set is None or self.latents is None:
+        if self.data.real is None or self.latents is None:
             raise RunError("the GAN needs real images: pass real_images=FOLDER, or gan=false")
-        idx, captions = self.real_set.draw(n, g)
+        idx, captions = self.data.real.draw(n, g)
         return RealBatch(self.latents.sample(idx, device_g), self.encode(captions))
 
 

@@ -12,7 +12,7 @@ are read once per ``log_every`` steps (``Trainer.flush_logs``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from .networks import FakeScore, bottleneck_shape, build_networks
 from .step import (
     Networks,
     RealBatch,
+    StudentDraws,
     draw_fake,
     draw_generator,
     draw_student,
@@ -196,51 +197,55 @@ class Trainer:
             self._counts[key] = self._counts.get(key, 0) + 1
         return logs
 
-    def _draw_k(self, shared: torch.Generator) -> int:
-        return int(torch.randint(len(self.cfg.timesteps), (1,), generator=shared))
+    def _student_inputs(self, n: int, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator,
+                        gan_real: bool) -> tuple[Conditioning, StudentDraws, RealBatch | None]:
+        """The step's prompts, the draws for G's input and (when needed) a real batch.
+
+        Ablation (no backward simulation): for k > 0 G's input is a noisy real image, under its own
+        caption. ``gan_real`` asks for a real batch for the discriminator as well.
+        """
+        k = int(torch.randint(len(self.cfg.timesteps), (1,), generator=shared))
+        ablation = not self.cfg.backward_simulation and k > 0
+        real = self.batches.real(n, host, device_g) if ablation or gan_real else None
+        cond = real.cond if ablation else self.batches.prompts(n, host)
+        return cond, draw_student(k, n, self.shape, device_g, real.x0 if ablation else None), real
 
     def _generator_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
-        cfg, n, parts = self.cfg, self.cfg.batch_size * self.cfg.gradient_accumulation_steps, self.cfg.gradient_accumulation_steps
-        k = self._draw_k(shared)
-        real = None if cfg.backward_simulation or k == 0 else self.batches.real(n, host, device_g)
-        # Ablation (no backward simulation): noisy real images under their own captions.
-        cond = real.cond if real is not None else self.batches.prompts(n, host)
-        student = draw_student(k, n, self.shape, device_g, real.x0 if real is not None else None)
-        draws = draw_generator(student, cfg, len(self.abar), device_g)
+        n = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+        cond, student, _ = self._student_inputs(n, host, device_g, shared, gan_real=False)
+        draws = draw_generator(student, self.cfg, len(self.abar), device_g)
         uncond = self.uncond_one.index([0] * n)
-        self.opt_g.zero_grad(set_to_none=True)
-        logs: dict[str, Tensor] = {}
-        for i in range(parts):
-            with self._no_sync(self.generator, last=i == parts - 1):
-                loss, part = generator_loss(self.nets, cfg, micro_batch(cond, i, parts), micro_batch(uncond, i, parts),
-                                            micro_batch(draws, i, parts))
-                self.accelerator.backward(loss / parts)
-            logs = _add(logs, part, 1 / parts)
-        logs["grad_norm/generator"] = full_norm(self.accelerator.clip_grad_norm_(self.gen_params, cfg.grad_clip)).detach()
-        self._optimizer_step("generator", self.opt_g, idle="fake")
+        logs = self._update("generator", self.generator, self.opt_g, self.gen_params, idle="fake",
+                            loss_of=lambda i, parts: generator_loss(
+                                self.nets, self.cfg, micro_batch(cond, i, parts), micro_batch(uncond, i, parts),
+                                micro_batch(draws, i, parts)))
         if self.ema is not None:
             self.ema.update()
         return logs
 
     def _fake_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
-        cfg, n, parts = self.cfg, self.cfg.batch_size * self.cfg.gradient_accumulation_steps, self.cfg.gradient_accumulation_steps
-        k = self._draw_k(shared)
-        needs_real = cfg.gan or (not cfg.backward_simulation and k > 0)
-        real = self.batches.real(n, host, device_g) if needs_real else None
-        ablation = not cfg.backward_simulation and k > 0
-        cond = real.cond if ablation else self.batches.prompts(n, host)
-        student = draw_student(k, n, self.shape, device_g, real.x0 if ablation else None)
+        n = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+        cond, student, real = self._student_inputs(n, host, device_g, shared, gan_real=self.cfg.gan)
         draws = draw_fake(student, len(self.abar), device_g)
-        self.opt_f.zero_grad(set_to_none=True)
+        return self._update("fake", self.fake, self.opt_f, self.fake_params,
+                            loss_of=lambda i, parts: fake_score_loss(
+                                self.nets, self.cfg, micro_batch(cond, i, parts), micro_batch(draws, i, parts),
+                                micro_batch(real, i, parts) if self.cfg.gan else None))
+
+    def _update(self, name: str, model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+                loss_of: Callable[[int, int], tuple[Tensor, dict[str, Tensor]]],
+                idle: str | None = None) -> dict[str, Tensor]:
+        """Accumulate ``loss_of(i, parts)`` over the micro-batches, clip, step one network."""
+        parts = self.cfg.gradient_accumulation_steps
+        opt.zero_grad(set_to_none=True)
         logs: dict[str, Tensor] = {}
         for i in range(parts):
-            with self._no_sync(self.fake, last=i == parts - 1):
-                loss, part = fake_score_loss(self.nets, cfg, micro_batch(cond, i, parts), micro_batch(draws, i, parts),
-                                             micro_batch(real, i, parts) if cfg.gan else None)
+            with self._no_sync(model, last=i == parts - 1):
+                loss, part = loss_of(i, parts)
                 self.accelerator.backward(loss / parts)
             logs = _add(logs, part, 1 / parts)
-        logs["grad_norm/fake"] = full_norm(self.accelerator.clip_grad_norm_(self.fake_params, cfg.grad_clip)).detach()
-        self._optimizer_step("fake", self.opt_f)
+        logs[f"grad_norm/{name}"] = full_norm(self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)).detach()
+        self._optimizer_step(name, opt, idle)
         return logs
 
     def _no_sync(self, model: nn.Module, last: bool) -> Any:
