@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; a bad argument prints one line and exits 2."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .metrics import ensure_multiprocess_dir
+    from .server.metrics import ensure_multiprocess_dir
 
     ensure_multiprocess_dir()  # before any worker starts, so they inherit it
-    from .api import build_server, default_threads
-    from .backends import BackendError, FastPath, check_fast_path
-    from .backbones import ModelFolderError, read_meta
+    from .model.adapters import ModelFolderError, read_meta
+    from .model.backends import BackendError, FastPath, check_fast_path
+    from .server.api import build_server, default_threads
 
     try:
         meta = read_meta(args.model)

@@ -73,9 +73,9 @@ def _distill(args: argparse.Namespace) -> None:
         if args.teacher is None:
             preset = "digits"
         else:
-            from dmd2_serve.backbones import read_meta
+            from dmd2_serve.model.adapters import adapter, read_meta
 
-            preset = read_meta(args.teacher)["family"]
+            preset = adapter(read_meta(args.teacher)["family"]).default_preset
     flags: dict[str, Any] = {"teacher": args.teacher, "out": args.out, "max_steps": args.max_steps,
                              "prompts": args.prompts, "real_images": args.real_images}
     layers = ([read_yaml(args.config)] if args.config else []) + [flags, parse_overrides(args.overrides)]
@@ -99,7 +99,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dmd2_serve.backbones import read_meta
+    from dmd2_serve.model.adapters import adapter, read_meta
 
     from .evaluate import generator_sampler, score_digits, teacher_sampler
     from .loop import RunError
@@ -108,7 +108,7 @@ def _eval(args: argparse.Namespace) -> None:
     if folder is None or (args.generator and args.teacher):
         raise RunError("give exactly one of --generator DIR or --teacher DIR")
     real_scale = args.captions is not None
-    if not real_scale and read_meta(folder)["family"] != "digits":
+    if not real_scale and adapter(read_meta(folder)["family"]).bundled_data != "digits":
         raise RunError("an SD-family model is scored at real scale: give --captions FILE --reference DIR"
                        " --inception FILE (and --clip DIR for the CLIP score)")
     device = "cuda" if real_scale and torch.cuda.is_available() else "cpu"
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
-    from dmd2_serve.backbones import ModelFolderError
+    from dmd2_serve.model.adapters import ModelFolderError
 
     from .checkpoint import CheckpointError
     from .config import ConfigError

@@ -36,11 +36,10 @@ from typing import Any
 
 import torch
 
-import dmd2_serve
-from dmd2_serve.launch import free_port
+from dmd2_serve.model.adapters import ReferenceArch, adapter
+from dmd2_serve.model.schedule import Schedule
+from dmd2_serve.server.launch import free_port
 
-CONFIGS = Path(dmd2_serve.__file__).parent / "configs"  # the real SD1.5 / SDXL architectures
-HIDDEN = {"sd15": (77, 768), "sdxl": (77, 2048)}
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 2,
              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "transformer_layers_per_block": 1,
              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "addition_time_embed_dim": 8}
@@ -51,7 +50,7 @@ class Row:
     """One benchmarked configuration."""
 
     name: str
-    arch: str  # sd15 | sdxl
+    arch: str  # a family id whose adapter has a reference architecture
     batch: int
     image: int
     preset: str  # the DistillConfig preset whose ratio / GAN weights apply
@@ -87,18 +86,10 @@ class RandomBatches:
     """Random prompt embeddings and real latents of the architecture's shapes, on the device."""
 
     def __init__(self, arch: str, image: int, shape: tuple[int, int, int], device: torch.device) -> None:
-        self.arch, self.image, self.shape, self.device = arch, image, shape, device
+        self.arch, self.image, self.shape, self.device = reference(arch), image, shape, device
 
     def _cond(self, n: int, g: torch.Generator) -> Any:
-        from dmd2_serve.backbones import Conditioning
-
-        hidden = torch.randn((n, *HIDDEN[self.arch]), generator=g, device=g.device)
-        if self.arch != "sdxl":
-            return Conditioning(hidden)
-        size = float(self.image)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=g.device).repeat(n, 1)
-        return Conditioning(hidden, {"text_embeds": torch.randn((n, 1280), generator=g, device=g.device),
-                                     "time_ids": time_ids})
+        return self.arch.conditioning(n, g, self.image)
 
     def prompts(self, n: int, g: torch.Generator) -> Any:
         return self._cond(n, torch.Generator(self.device).manual_seed(int(torch.randint(1 << 30, (1,), generator=g))))
@@ -109,12 +100,22 @@ class RandomBatches:
         return RealBatch(torch.randn((n, *self.shape), generator=device_g, device=self.device), self._cond(n, device_g))
 
 
+def reference(arch: str) -> ReferenceArch:
+    """The real architecture of a family (its adapter's)."""
+    ref = adapter(arch).reference
+    if ref is None:
+        raise SystemExit(f"the {arch} family has no reference architecture to benchmark")
+    return ref
+
+
 def unet_config(arch: str, tiny: bool) -> dict[str, Any]:
-    cfg = json.loads((CONFIGS / f"{arch}_unet.json").read_text())
+    ref = reference(arch)
+    cfg = ref.unet_config()
     if tiny:
         cfg.update(TINY_UNET)
-        if arch == "sdxl":
-            cfg["projection_class_embeddings_input_dim"] = 1280 + 6 * TINY_UNET["addition_time_embed_dim"]
+        if "text_embeds" in ref.added:  # pooled text embedding + six time ids
+            cfg["projection_class_embeddings_input_dim"] = ref.added["text_embeds"][0] + 6 * TINY_UNET[
+                "addition_time_embed_dim"]
             cfg["attention_head_dim"] = 2
     return cfg
 
@@ -168,7 +169,7 @@ def run_row(row: Row, tiny: bool, peak_tflops: float) -> dict[str, Any]:
     batches = RandomBatches(row.arch, row.image, shape, device)
     uncond = batches._cond(1, torch.Generator(device).manual_seed(0))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, accelerator, teacher, shape, abar, batches, uncond)
+    trainer = Trainer(cfg, accelerator, teacher, shape, Schedule(abar.double()), batches, uncond)
     del teacher
     build_s = time.perf_counter() - t0
     if device.type == "cuda":

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmd2_serve.backbones import Conditioning, load_alphas_cumprod, load_backbone, load_unet, unet_eps
-from dmd2_serve.pipeline import FewStepPipeline
-from dmd2_serve.sampling import ddim_sample
+from dmd2_serve.model.adapters import Conditioning, load_backbone, load_unet, unet_eps
+from dmd2_serve.model.pipeline import FewStepPipeline
+from dmd2_serve.model.sampling import ddim_sample
 
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
 from .losses import classifier_free_guidance
@@ -124,19 +124,19 @@ def generator_sampler(folder: Path, steps: int | None = None, device: str = "cpu
 def teacher_sampler(folder: Path, steps: int, guidance: float, device: str = "cpu") -> Sampler:
     """A teacher sampled with deterministic DDIM over ``steps`` evenly spaced timesteps, with CFG."""
     backbone, unet = load_backbone(folder).to(device), load_unet(folder).eval().to(device)
-    abar = load_alphas_cumprod(folder)
-    timesteps = np.linspace(len(abar) - 1, 0, steps).round().astype(int).tolist()
+    T = backbone.schedule.num_train_timesteps
+    schedule = backbone.schedule.with_timesteps(np.linspace(T - 1, 0, steps).round().astype(int).tolist())
 
     def sample(prompts: list[str], seeds: list[int]) -> Tensor:
         cond = Conditioning.cat([backbone.unconditional(len(prompts)), backbone.encode_prompts(prompts)])
 
         def eps_fn(x: Tensor, t: Tensor) -> Tensor:
-            eps_u, eps_c = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
+            eps_u, eps_c = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]), cond, schedule).chunk(2)
             return classifier_free_guidance(eps_u, eps_c, guidance)
 
         noise = torch.stack([torch.randn(backbone.sample_shape, generator=torch.Generator().manual_seed(s))
                              for s in seeds]).to(device)
-        return backbone.decode(ddim_sample(eps_fn, noise, timesteps, abar)) * 2 - 1
+        return backbone.decode(ddim_sample(eps_fn, noise, schedule)) * 2 - 1
 
     return sample
 

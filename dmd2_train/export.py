@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dmd2_serve.backbones import META_FILE, Backbone
+from dmd2_serve.model.adapters import META_FILE, Backbone
 
 
 @contextmanager

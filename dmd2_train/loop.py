@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from dmd2_serve.backbones import Backbone, load_alphas_cumprod, load_backbone, load_unet, read_meta
-from dmd2_serve.backends import FastPath
-from dmd2_serve.pipeline import FewStepPipeline
+from dmd2_serve.model.adapters import Backbone, load_backbone, load_unet, read_meta
+from dmd2_serve.model.backends import FastPath
+from dmd2_serve.model.pipeline import FewStepPipeline
 
 from . import checkpoint as ckpt
 from .config import BUNDLED_DIGITS_TEACHER, DistillConfig
@@ -39,11 +38,10 @@ __all__ = ["RunError", "PromptEncoder", "check_output_folder", "distill", "prepa
 
 @dataclass
 class PreparedRun:
-    """What ``prepare_run`` built: the teacher's facts, its adapter, its schedule and the trainer."""
+    """What ``prepare_run`` built: the teacher's facts, its adapter (with its schedule) and the trainer."""
 
     meta: dict[str, Any]
     backbone: Backbone
-    alphas_cumprod: Tensor
     trainer: Trainer
 
 
@@ -53,13 +51,12 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     backbone = load_backbone(cfg.teacher, meta, cfg.image_size).to(accelerator.device)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
         backbone.to(torch.bfloat16)  # frozen text encoders and VAE: bf16 halves them
-    abar = load_alphas_cumprod(cfg.teacher)
-    data = make_data(cfg, meta["family"], backbone)
+    data = make_data(cfg, backbone)
     known = data.texts() + list(cfg.preview_prompts)
     batches = RunBatches(data, PromptEncoder(backbone, known if len(known) <= 8192 else None), backbone)
-    trainer = Trainer(cfg, accelerator, load_unet(cfg.teacher), backbone.sample_shape, abar, batches,
-                      backbone.unconditional(1))
-    return PreparedRun(meta, backbone, abar, trainer)
+    trainer = Trainer(cfg, accelerator, load_unet(cfg.teacher), backbone.sample_shape, backbone.schedule, batches,
+                      backbone.unconditional(1), backbone.bottleneck)
+    return PreparedRun(meta, backbone, trainer)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
@@ -78,7 +75,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     # 2. The teacher, its adapter, the data and the trained state.
     run = prepare_run(cfg, accelerator)
-    meta, backbone, abar, trainer = run.meta, run.backbone, run.alphas_cumprod, run.trainer
+    backbone, trainer = run.backbone, run.trainer
 
     # 3. Resume.
     start = 0
@@ -109,7 +106,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
         share = -(-len(prompts) // world)
         mine = (prompts[rank * share:(rank + 1) * share] + prompts[-1:] * share)[:share]  # padded: equal passes
         with trainer.served() as module, accelerator.autocast():
-            pipe = FewStepPipeline(module, backbone, abar, cfg.timesteps)
+            pipe = FewStepPipeline(module, backbone, cfg.timesteps)
             pipe.fast = FastPath(cuda_graphs=False)
             images = pipe(mine, list(range(rank * share, rank * share + share))).cpu()
         gathered = accelerator.gather(images.to(device)) if world > 1 else images
@@ -130,7 +127,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             except torch.OutOfMemoryError:
                 last = ckpt.latest(cfg.out)
                 kept = f"the last checkpoint ({last[1]}) is intact" if last else "no checkpoint was written yet"
-                raise RunError(out_of_memory_message(cfg, meta["family"], accelerator.num_processes, step, kept)) from None
+                raise RunError(out_of_memory_message(cfg, backbone.title, accelerator.num_processes, step, kept)) from None
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:

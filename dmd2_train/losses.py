@@ -39,9 +39,9 @@ def distribution_matching_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> T
     return 0.5 * F.mse_loss(x.float(), target)
 
 
-def denoising_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
-    """Fake score's denoising score matching: eps-prediction MSE."""
-    return F.mse_loss(eps_pred.float(), eps.float())
+def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Fake score's denoising score matching: MSE to the target of its parameterisation (eps or v)."""
+    return F.mse_loss(prediction.float(), target.float())
 
 
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

@@ -87,7 +87,7 @@ def memory_options(cfg: DistillConfig) -> dict[str, Any]:
                                          "offload_optimizer", "free_grads", "sharding")}
 
 
-def out_of_memory_message(cfg: DistillConfig, family: str, world_size: int, step: int, last_checkpoint: str) -> str:
+def out_of_memory_message(cfg: DistillConfig, model: str, world_size: int, step: int, last_checkpoint: str) -> str:
     """One message for a CUDA OOM: the configuration and the options that would help."""
     helps = []
     if not cfg.gradient_checkpointing:
@@ -106,6 +106,6 @@ def out_of_memory_message(cfg: DistillConfig, family: str, world_size: int, step
     if world_size > 1 and cfg.sharding != "fsdp2":
         helps.append("sharding=fsdp2 (shards both networks and their optimiser states over the GPUs)")
     options = ", ".join(f"{k}={v}" for k, v in memory_options(cfg).items())
-    return (f"out of GPU memory at step {step} ({family}, {options}, {world_size} process(es)); "
+    return (f"out of GPU memory at step {step} ({model}, {options}, {world_size} process(es)); "
             f"{last_checkpoint}; try: {'; '.join(helps) or 'a GPU with more memory or more GPUs with sharding=fsdp2'}"
             " (the README's training-memory table shows what each option saves)")

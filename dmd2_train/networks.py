@@ -1,10 +1,12 @@
 """The three networks from one teacher, and the GAN head on the fake score's bottleneck.
 
 real score  : the teacher UNet, frozen (bf16 on GPU).
-fake score  : a trainable copy of the teacher; tracks the generator's distribution.
-generator   : a trainable copy of the teacher; the few-step student (eps parameterisation).
-GAN head    : a small conv classifier on the fake UNet's mid-block output (DMD2 Sec. 4.3),
-              reached with a forward hook, never by rewriting the UNet's forward.
+fake score  : a trainable copy of the teacher; tracks the generator's distribution, trained in
+              the teacher's parameterisation (eps or v).
+generator   : a trainable copy of the teacher; the few-step student (the teacher's parameterisation).
+GAN head    : a small conv classifier on the fake UNet's bottleneck (the adapter names the module;
+              the mid block for every UNet family; DMD2 Sec. 4.3), reached with a forward hook,
+              never by rewriting the UNet's forward.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from dmd2_serve.backbones import Conditioning, unet_eps
+from dmd2_serve.model.adapters import Conditioning, unet_prediction
+from dmd2_serve.model.schedule import Schedule
 
 
 def head_groups(channels: int, most: int = 32, min_group: int = 16) -> int:
@@ -58,38 +61,42 @@ class FakeScore(nn.Module):
     """The fake score UNet with the GAN head on its bottleneck.
 
     Three calls, no mode flags:
-        ``eps(x_t, t, cond)``     the eps prediction alone (the DM loss's fake score, no head);
+        ``eps(x_t, t, cond)``     the prediction as eps (the DM loss's fake score, no head);
         ``logits(x_t, t, cond)``  the head's logits (the GAN generator loss);
-        ``forward(x_t, t, cond)`` both from ONE pass (the fake-score step: denoising + discriminator).
+        ``forward(x_t, t, cond)`` the raw prediction (eps or v, as the teacher's) and the logits
+                                  from ONE pass (the fake-score step: denoising + discriminator).
     The UNet always runs to its end: stopping at the bottleneck would need an exception out of a
     hook, which leaves a sharded (FSDP) module half-way through its forward. The wasted decoder
     half costs forward FLOPs only on the generator's GAN pass (no gradient flows through it).
     """
 
-    def __init__(self, unet: nn.Module, bottleneck_shape: tuple[int, int, int] | None) -> None:
+    def __init__(self, unet: nn.Module, bottleneck_shape: tuple[int, int, int] | None, schedule: Schedule,
+                 bottleneck: nn.Module | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.schedule = schedule  # the prediction type and abar (on the training device)
         # No head without the GAN: parameters that never get a gradient would stall DDP.
         self.head = GanHead(bottleneck_shape[0], bottleneck_shape[1]) if bottleneck_shape else None
         self._features: Tensor | None = None
-        unet.mid_block.register_forward_hook(self._grab)
+        (bottleneck if bottleneck is not None else unet.mid_block).register_forward_hook(self._grab)
 
     def _grab(self, module: nn.Module, args: object, output: Tensor) -> None:
         self._features = output
 
     def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
-        eps = unet_eps(self.unet, x_t, t, cond)
+        prediction = unet_prediction(self.unet, x_t, t, cond)
         features, self._features = self._features, None
-        return eps, features
+        return prediction, features
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
-        """``(eps_pred, logits)``: (B, C, H, W) and (B,), logits None without a head."""
-        eps, features = self._unet(x_t, t, cond)
-        return eps, (self.head(features) if self.head is not None else None)
+        """``(prediction, logits)``: (B, C, H, W) in the teacher's parameterisation and (B,),
+        logits None without a head."""
+        prediction, features = self._unet(x_t, t, cond)
+        return prediction, (self.head(features) if self.head is not None else None)
 
     def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """The eps prediction, (B, C, H, W)."""
-        return self._unet(x_t, t, cond)[0]
+        """The prediction as eps, (B, C, H, W)."""
+        return self.schedule.eps(x_t, self._unet(x_t, t, cond)[0], t)
 
     def logits(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The GAN head's logits, (B,)."""
@@ -99,13 +106,16 @@ class FakeScore(nn.Module):
 
 
 @torch.no_grad()
-def bottleneck_shape(unet: nn.Module, sample_shape: tuple[int, int, int], cond: Conditioning) -> tuple[int, int, int]:
-    """(C, H, W) of ``unet.mid_block``'s output for inputs of ``sample_shape``, by one probe pass."""
+def bottleneck_shape(unet: nn.Module, sample_shape: tuple[int, int, int], cond: Conditioning,
+                     bottleneck: nn.Module | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the bottleneck's output (default ``unet.mid_block``) for inputs of
+    ``sample_shape``, by one probe pass."""
     seen: list[torch.Size] = []
-    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    module = bottleneck if bottleneck is not None else unet.mid_block
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.shape))
     try:
         x = torch.zeros((1, *sample_shape), device=cond.hidden.device)
-        unet_eps(unet, x, torch.zeros(1, dtype=torch.long, device=x.device), cond.index([0]))
+        unet_prediction(unet, x, torch.zeros(1, dtype=torch.long, device=x.device), cond.index([0]))
     finally:
         handle.remove()
     c, h, w = seen[0][1:]

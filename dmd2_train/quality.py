@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from .config import BUNDLED_DIGITS_TEACHER, DISTILL_PRESETS, DistillConfig
-from .evaluate import DigitsScores, Sampler, generator_sampler, protocol_prompts, real_sampler, score_digits, teacher_sampler
+from .evaluate import (
+    DigitsScores,
+    Sampler,
+    generator_sampler,
+    protocol_prompts,
+    real_sampler,
+    score_digits,
+    teacher_sampler,
+)
 from .previews import save_grid
 
 
@@ -55,7 +63,7 @@ def curve_points(run: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags().get("scalars", []):
             if tag.startswith("loss/"):
                 series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    from dmd2_serve.pipeline import FewStepPipeline
+    from dmd2_serve.model.pipeline import FewStepPipeline
 
     from . import checkpoint as ckpt
 
@@ -108,11 +116,11 @@ def sample_grid(sample: Sampler, path: Path) -> None:
 
 def untrained_student_sampler(teacher: Path, timesteps: list[int]) -> Sampler:
     """Step 0 of distillation: the teacher's own weights run through the few-step sampler."""
-    from dmd2_serve.backbones import load_alphas_cumprod, load_backbone, load_unet
-    from dmd2_serve.pipeline import FewStepPipeline
+    from dmd2_serve.model.adapters import load_backbone, load_unet
+    from dmd2_serve.model.pipeline import FewStepPipeline
 
     unet = load_unet(teacher).eval().requires_grad_(False)
-    pipe = FewStepPipeline(unet, load_backbone(teacher), load_alphas_cumprod(teacher), timesteps, name="step0")
+    pipe = FewStepPipeline(unet, load_backbone(teacher), timesteps, name="step0")
     return lambda prompts, seeds: pipe(prompts, seeds) * 2 - 1
 
 

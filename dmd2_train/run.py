@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmd2_serve.backbones import Backbone, Conditioning
+from dmd2_serve.model.adapters import Backbone, Conditioning
 
 from .config import DistillConfig
 from .data import TrainingData, digits_data, read_image_folder, read_prompts
@@ -133,9 +133,9 @@ class RunBatches:
         return RealBatch(self.latents.sample(idx, device_g), self.encode(captions))
 
 
-def make_data(cfg: DistillConfig, family: str, backbone: Backbone) -> TrainingData:
-    """The digits data for the bundled family, otherwise the prompt file and image folder."""
-    if family == "digits" and cfg.prompts is None and cfg.real_images is None:
+def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
+    """The family's bundled data (digits) when no data is given, otherwise the prompt file and images."""
+    if backbone.bundled_data == "digits" and cfg.prompts is None and cfg.real_images is None:
         return digits_data()
     if cfg.prompts is None:
         raise RunError("this teacher needs a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)")
@@ -143,7 +143,5 @@ def make_data(cfg: DistillConfig, family: str, backbone: Backbone) -> TrainingDa
     if cfg.gan or not cfg.backward_simulation:
         if cfg.real_images is None:
             raise RunError("the GAN needs real images: pass real_images=FOLDER, or gan=false")
-        size = cfg.image_size or (backbone.sample_shape[-1] if family == "digits" else backbone.image_size)
-        channels = 1 if family == "digits" else 3
-        real = read_image_folder(cfg.real_images, size, channels)
+        real = read_image_folder(cfg.real_images, cfg.image_size or backbone.image_size, backbone.image_channels)
     return TrainingData(read_prompts(cfg.prompts), real)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dmd2_serve.sampling import EpsFn, add_noise, few_step_sample
+from dmd2_serve.model.sampling import EpsFn, add_noise, few_step_sample
+from dmd2_serve.model.schedule import Schedule
 
 
 @dataclass
@@ -28,21 +29,20 @@ class SimulatedInput:
 
 def backward_simulate(
     eps_fn: EpsFn,
-    timesteps: Sequence[int],
-    alphas_cumprod: Tensor,
+    schedule: Schedule,
     k: int,
     noise: Sequence[Tensor],
 ) -> SimulatedInput:
     """The noisy input of step ``k`` that inference would give G.
 
     Args:
-        eps_fn: the generator (conditioning bound in); called under ``no_grad`` here.
-        timesteps: the fixed schedule.
-        alphas_cumprod: (T,) of the teacher scheduler.
+        eps_fn: the generator as an eps-predictor (conditioning bound in); called under ``no_grad`` here.
+        schedule: abar and the fixed steps.
         k: the step whose input is wanted, 0 <= k < len(timesteps).
         noise: at least ``k + 1`` fresh (B, C, H, W) draws: ``noise[0]`` starts the chain and
             ``noise[i]`` re-noises into ``timesteps[i]``, the same roles as in the sampler.
     """
+    timesteps = schedule.timesteps
     if not 0 <= k < len(timesteps):
         raise ValueError(f"k={k} is outside the schedule of {len(timesteps)} steps")
     batch = noise[0].shape[0]
@@ -50,5 +50,5 @@ def backward_simulate(
     if k == 0:
         return SimulatedInput(noise[0], t_k, 0)
     with torch.no_grad():
-        x0 = few_step_sample(eps_fn, noise[0], timesteps[:k], alphas_cumprod, noise[1:k])
-    return SimulatedInput(add_noise(x0, noise[k], t_k, alphas_cumprod).to(noise[0].dtype), t_k, k)
+        x0 = few_step_sample(eps_fn, noise[0], schedule.with_timesteps(timesteps[:k]), noise[1:k])
+    return SimulatedInput(add_noise(x0, noise[k], t_k, schedule.alphas_cumprod).to(noise[0].dtype), t_k, k)

@@ -5,7 +5,8 @@ DMD2 Alg. 1, per iteration (the loop calls these; the two time-scale rule decide
     generator_loss:   x = G(backward-simulated x_{t_k})                          (Sec. 4.4)
                       loss = DM(x; real score with CFG, fake score)          (DMD Eq. 7)
                              + w_G * softplus(-D(F(x, t)))                       (Sec. 4.3)
-    fake_score_loss:  x = stopgrad(G(...));  loss = ||eps_fake(x_t, t) - eps||^2
+    fake_score_loss:  x = stopgrad(G(...));  loss = ||F(x_t, t) - target||^2  (eps, or v for a
+                             v-prediction teacher: the fake score learns as its teacher did)
                              + w_D * [softplus(D(F(x))) + softplus(-D(F(x_real)))]
 
 Each function takes the networks, the settings, the encoded prompts and the step's random draws
@@ -30,8 +31,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from dmd2_serve.backbones import Conditioning, unet_eps
-from dmd2_serve.sampling import add_noise, predict_x0, x0_from_eps
+from dmd2_serve.model.adapters import Conditioning, unet_eps
+from dmd2_serve.model.sampling import add_noise, predict_x0, x0_from_eps
+from dmd2_serve.model.schedule import Schedule
 
 from .config import DistillConfig
 from .losses import (
@@ -59,7 +61,7 @@ class Networks:
     fake: nn.Module
     fake_score: FakeScore
     real: nn.Module
-    alphas_cumprod: Tensor  # (T,) float64, on the device
+    schedule: Schedule  # abar on the device, the prediction type, the generator's steps
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
@@ -149,8 +151,8 @@ def _randint(lo: int, hi: int, batch: int, g: torch.Generator) -> Tensor:
     return torch.randint(lo, hi, (batch,), generator=g, device=g.device)
 
 
-def _eps_fn(unet: nn.Module, cond: Conditioning) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda x_t, t: unet_eps(unet, x_t, t, cond)
+def _eps_fn(unet: nn.Module, cond: Conditioning, schedule: Schedule) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda x_t, t: unet_eps(unet, x_t, t, cond, schedule)
 
 
 def student_x0(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: StudentDraws) -> Tensor:
@@ -160,16 +162,18 @@ def student_x0(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: Studen
     noise (backward simulation, its own autocast region), re-noised to t_k; or, in the ablation,
     a real image noised to t_k. Returns (B, C, H, W) float32.
     """
-    abar, timesteps = nets.alphas_cumprod, cfg.timesteps
+    schedule = nets.schedule
+    abar, timesteps = schedule.alphas_cumprod, schedule.timesteps
+    generator = _eps_fn(nets.generator, cond, schedule)
     if d.real_x0 is not None:
         t = torch.full((d.real_x0.shape[0],), timesteps[d.k], device=d.real_x0.device, dtype=torch.long)
         x_t = add_noise(d.real_x0, d.noise[d.k], t, abar)
     else:
         with nets.autocast():
-            sim = backward_simulate(_eps_fn(nets.generator, cond), timesteps, abar, d.k, d.noise)
+            sim = backward_simulate(generator, schedule, d.k, d.noise)
         x_t, t = sim.x_t, sim.t
     with nets.autocast():
-        return predict_x0(_eps_fn(nets.generator, cond), x_t, t, abar)
+        return predict_x0(generator, x_t, t, abar)
 
 
 def generator_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, uncond: Conditioning,
@@ -182,13 +186,14 @@ def generator_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, uncon
     returned loss as a surrogate whose value is the term and whose gradient is that one. A plain
     backward of the returned loss then reaches the generator's parameters only.
     """
-    abar = nets.alphas_cumprod
+    abar = nets.schedule.alphas_cumprod
     x = student_x0(nets, cfg, cond, d.student)  # (B, C, H, W), grad to G
     # Distribution matching (DMD Eq. 7): real score with CFG vs fake score, both without grad.
     x_t = add_noise(x.detach(), d.eps_dm, d.t_dm, abar)
     with torch.no_grad(), nets.autocast():
         both = Conditioning.cat([uncond, cond])
-        eps_u, eps_c = unet_eps(nets.real, torch.cat([x_t, x_t]), torch.cat([d.t_dm, d.t_dm]), both).chunk(2)
+        eps_u, eps_c = unet_eps(nets.real, torch.cat([x_t, x_t]), torch.cat([d.t_dm, d.t_dm]), both,
+                                nets.schedule).chunk(2)
         eps_fake = nets.fake_score.eps(x_t, d.t_dm, cond)
     x0_real = x0_from_eps(x_t, classifier_free_guidance(eps_u.float(), eps_c.float(), cfg.guidance_scale), d.t_dm, abar)
     x0_fake = x0_from_eps(x_t, eps_fake, d.t_dm, abar)
@@ -213,7 +218,7 @@ def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: F
     Generator samples and (with the GAN) noised real images share ONE pass of the fake network,
     so a data-parallel wrapper sees one forward and one backward that use every parameter.
     """
-    abar = nets.alphas_cumprod
+    abar = nets.schedule.alphas_cumprod
     with torch.no_grad():
         x = student_x0(nets, cfg, cond, d.student)
     batch = x.shape[0]
@@ -225,8 +230,9 @@ def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: F
         times.append(d.t_real)
         conds.append(real.cond)
     with nets.autocast():
-        eps_pred, logits = nets.fake(torch.cat(inputs), torch.cat(times), Conditioning.cat(conds))
-    loss_denoise = denoising_loss(eps_pred[:batch], d.eps)
+        prediction, logits = nets.fake(torch.cat(inputs), torch.cat(times), Conditioning.cat(conds))
+    # in the teacher's parameterisation: eps itself, or v = sqrt(abar) eps - sqrt(1 - abar) x
+    loss_denoise = denoising_loss(prediction[:batch], nets.schedule.target(x, d.eps, d.t))
     logs = {"loss/denoise": loss_denoise.detach()}
     if not cfg.gan:
         return loss_denoise, logs

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dmd2_serve.backbones import META_FILE, DigitsBackbone, unet_eps
-from dmd2_serve.sampling import add_noise
+from dmd2_serve.model.adapters import META_FILE, unet_prediction
+from dmd2_serve.model.adapters.digits import DigitsBackbone
+from dmd2_serve.model.sampling import add_noise
 
 from .config import TeacherConfig
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
@@ -80,7 +81,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         x0 = images[idx]
         eps = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, len(abar), (cfg.batch_size,), generator=g)
-        loss = F.mse_loss(unet_eps(unet, add_noise(x0, eps, t, abar), t, encode(prompts)), eps)
+        loss = F.mse_loss(unet_prediction(unet, add_noise(x0, eps, t, abar), t, encode(prompts)), eps)  # eps-prediction
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dmd2_serve.backbones import Conditioning
+from dmd2_serve.model.adapters import Backbone, Conditioning
+from dmd2_serve.model.schedule import Schedule
 
 from . import checkpoint as ckpt
 from .config import DistillConfig
@@ -118,17 +119,19 @@ class Trainer:
         teacher: the teacher UNet (float32, on the host); the generator and the fake score start
             as copies of it.
         sample_shape: (C, H, W) of the UNet's input.
-        alphas_cumprod: (T,) of the teacher's scheduler.
+        schedule: the teacher's schedule and prediction type (its steps are set to ``cfg.timesteps``).
         batches: the conditioning and real-data source.
         uncond_one: the unconditional conditioning, one row.
+        bottleneck_of: the adapter's choice of the module the GAN head reads, given a UNet.
     """
 
     def __init__(self, cfg: DistillConfig, accelerator: Any, teacher: nn.Module, sample_shape: tuple[int, int, int],
-                 alphas_cumprod: Tensor, batches: Batches, uncond_one: Conditioning) -> None:
+                 schedule: Schedule, batches: Batches, uncond_one: Conditioning,
+                 bottleneck_of: Callable[[nn.Module], nn.Module] = Backbone.bottleneck) -> None:
         self.cfg, self.accelerator, self.batches = cfg, accelerator, batches
         self.device, self.rank = accelerator.device, accelerator.process_index
         self.shape = sample_shape
-        self.abar = alphas_cumprod.to(self.device)
+        self.schedule = schedule.with_timesteps(cfg.timesteps).to(self.device)
         self.uncond_one = uncond_one.to(self.device)
         bf16 = accelerator.mixed_precision == "bf16"
 
@@ -139,8 +142,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             fake_unet.enable_gradient_checkpointing()
             generator.enable_gradient_checkpointing()
-        head = bottleneck_shape(fake_unet.to(self.device), sample_shape, self.uncond_one) if cfg.gan else None
-        fake = FakeScore(fake_unet, head).to(self.device)
+        bottleneck = bottleneck_of(fake_unet)
+        head = bottleneck_shape(fake_unet.to(self.device), sample_shape, self.uncond_one, bottleneck) if cfg.gan else None
+        fake = FakeScore(fake_unet, head, self.schedule, bottleneck).to(self.device)
         generator.to(self.device)
 
         if cfg.sharding == "fsdp2":
@@ -163,7 +167,7 @@ class Trainer:
         # gathered copies while a pass holds them).
         self.gen_params = list(self.gen_module.parameters())
         self.fake_params = list(self.fake_module.parameters())
-        self.nets = Networks(self.generator, self.fake, self.fake_module, real, self.abar,
+        self.nets = Networks(self.generator, self.fake, self.fake_module, real, self.schedule,
                              accelerator.autocast)
         self.ema = ParameterEMA(self.gen_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.parking = {"generator": StateParking(self.opt_g, self.device),
@@ -213,7 +217,7 @@ class Trainer:
     def _generator_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
         n = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
         cond, student, _ = self._student_inputs(n, host, device_g, shared, gan_real=False)
-        draws = draw_generator(student, self.cfg, len(self.abar), device_g)
+        draws = draw_generator(student, self.cfg, self.schedule.num_train_timesteps, device_g)
         uncond = self.uncond_one.index([0] * n)
         logs = self._update("generator", self.generator, self.opt_g, self.gen_params, idle="fake",
                             loss_of=lambda i, parts: generator_loss(
@@ -226,7 +230,7 @@ class Trainer:
     def _fake_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
         n = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
         cond, student, real = self._student_inputs(n, host, device_g, shared, gan_real=self.cfg.gan)
-        draws = draw_fake(student, len(self.abar), device_g)
+        draws = draw_fake(student, self.schedule.num_train_timesteps, device_g)
         return self._update("fake", self.fake, self.opt_f, self.fake_params,
                             loss_of=lambda i, parts: fake_score_loss(
                                 self.nets, self.cfg, micro_batch(cond, i, parts), micro_batch(draws, i, parts),

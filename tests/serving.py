@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
-from dmd2_serve.launch import LocalServer, launch, stop
+from dmd2_serve.server.launch import LocalServer, launch, stop
 
 
 @dataclass

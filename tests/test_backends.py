@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmd2_serve.backbones import load_alphas_cumprod, load_backbone, load_unet
-from dmd2_serve.backends import BackendError, FastPath, check_fast_path
-from dmd2_serve.pipeline import FewStepPipeline
+from dmd2_serve.model.adapters import load_backbone, load_unet
+from dmd2_serve.model.backends import BackendError, FastPath, check_fast_path
+from dmd2_serve.model.pipeline import FewStepPipeline
 
 PROMPTS, SEEDS = ["a red cube", "a small dog", "a city at night"], [3, 1, 2**32 - 1]
 # Stated tolerance of the fast path on the CPU (float32): images in [0, 1] agree within 1e-3.
@@ -23,7 +23,7 @@ CPU_TOLERANCE = 1e-3
 def pipeline(folder: Path) -> FewStepPipeline:
     """A few-step pipeline straight from a tiny teacher folder (random weights are enough here)."""
     unet = load_unet(folder).eval().requires_grad_(False)
-    return FewStepPipeline(unet, load_backbone(folder), load_alphas_cumprod(folder), (999, 749, 499, 249))
+    return FewStepPipeline(unet, load_backbone(folder), (999, 749, 499, 249))
 
 
 @pytest.mark.parametrize("scope", ["full", "regional"])

@@ -4,8 +4,8 @@ import torch
 from sklearn.svm import SVC
 
 from dmd2_serve import BUNDLED_DIGITS_GENERATOR
-from dmd2_serve.backbones import load_unet, read_meta
-from dmd2_serve.pipeline import FewStepPipeline
+from dmd2_serve.model.adapters import load_unet, read_meta
+from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_train.config import BUNDLED_DIGITS_TEACHER, DISTILL_PRESETS
 from dmd2_train.data import digit_caption, load_digits
 

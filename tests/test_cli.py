@@ -128,7 +128,7 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(digits_teache
     ddp = torchrun(2, 29544, *common(2)[:3], tmp_path / "ddp", *common(2)[4:])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     reference = ckpt.read_checkpoint(ckpt.latest(tmp_path / "ddp")[1])
-    from dmd2_serve.backbones import load_unet
+    from dmd2_serve.model.adapters import load_unet
 
     start = load_unet(digits_teacher).state_dict()
     for net, prefix in (("generator", ""), ("fake", "unet.")):

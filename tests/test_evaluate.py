@@ -75,7 +75,7 @@ def test_training_curves_score_the_exported_weights(digits_teacher, tmp_path):
     """curves.png's FD points are the checkpoints' exported weights: the EMA when it is on."""
     from conftest import tiny_run_overrides
 
-    from dmd2_serve.pipeline import FewStepPipeline
+    from dmd2_serve.model.pipeline import FewStepPipeline
     from dmd2_train.config import DistillConfig
     from dmd2_train.evaluate import generator_sampler
     from dmd2_train.loop import distill

@@ -4,9 +4,12 @@ import pytest
 import torch
 from conftest import tiny_digits_unet
 
-from dmd2_serve.backbones import Conditioning
+from dmd2_serve.model.adapters import Conditioning
+from dmd2_serve.model.schedule import Schedule
 from dmd2_train.losses import gan_discriminator_loss
 from dmd2_train.networks import FakeScore, GanHead, bottleneck_shape, build_networks, head_groups
+
+SCHEDULE = Schedule(torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("shape", [(1280, 8, 8), (1280, 32, 32), (64, 4, 4), (16, 2, 2)])
@@ -49,7 +52,7 @@ def test_fake_score_head_sees_the_bottleneck():
     cond = Conditioning(torch.randn(3, 16, 384))
     shape = bottleneck_shape(unet, (1, 8, 8), cond)
     assert shape == (16, 4, 4)  # last block width, 8x8 halved once
-    fake = FakeScore(unet, shape)
+    fake = FakeScore(unet, shape, SCHEDULE)
     seen = []
     fake.head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
@@ -61,13 +64,13 @@ def test_fake_score_head_sees_the_bottleneck():
     torch.testing.assert_close(fake.eps(x, t, cond), eps)
     assert len(seen) == 2  # eps() does not run the head
     with pytest.raises(ValueError, match="without a GAN head"):
-        FakeScore(tiny_digits_unet(), None).logits(x, t, cond)
+        FakeScore(tiny_digits_unet(), None, SCHEDULE).logits(x, t, cond)
 
 
 def test_gan_loss_trains_trunk_and_head():
     unet = tiny_digits_unet()
     cond = Conditioning(torch.randn(2, 16, 384))
-    fake = FakeScore(unet, bottleneck_shape(unet, (1, 8, 8), cond))
+    fake = FakeScore(unet, bottleneck_shape(unet, (1, 8, 8), cond), SCHEDULE)
     fake.logits(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]), cond).sum().backward()
     assert fake.head.net[0].weight.grad is not None
     assert unet.down_blocks[0].resnets[0].conv1.weight.grad is not None  # the shared trunk

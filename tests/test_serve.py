@@ -210,7 +210,7 @@ def test_request_waiting_too_long_is_504(impatient: Server):
 
 
 def test_loadtest_script(server: Server, capsys):
-    from dmd2_serve.loadtest import main
+    from dmd2_serve.server.loadtest import main
 
     assert main(["--url", server.url, "--clients", "1", "4", "--seconds", "1.5", "--max-requests", "40"]) == 0
     out = capsys.readouterr().out

@@ -77,7 +77,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(sd15_teacher, sd_data, 
 
 
 def test_micro_batch_splits_every_tensor_and_keeps_the_rest():
-    from dmd2_serve.backbones import Conditioning
+    from dmd2_serve.model.adapters import Conditioning
     from dmd2_train.step import StudentDraws
 
     draws = StudentDraws(2, [torch.arange(4.0), torch.arange(4.0) + 10], None)
@@ -103,7 +103,7 @@ def test_eight_bit_adamw_steps_and_its_state_is_eight_bit(digits_teacher, tmp_pa
 def test_gan_term_reaches_the_generator_as_the_plain_loss_would(sd15_teacher, sd_data, tmp_path):
     """The surrogate (input gradient through the frozen fake net) equals autograd through the
     whole loss with the fake network's parameters frozen."""
-    from dmd2_serve.sampling import add_noise
+    from dmd2_serve.model.sampling import add_noise
     from dmd2_train.losses import gan_generator_loss
     from dmd2_train.step import draw_generator, draw_student, generator_loss, student_x0
 
@@ -111,7 +111,7 @@ def test_gan_term_reaches_the_generator_as_the_plain_loss_would(sd15_teacher, sd
     cfg, nets, gen = trainer.cfg, trainer.nets, trainer.gen_module
     host, device_g, _ = step_generators(0, 0, 0, trainer.device)
     cond = trainer.batches.prompts(2, host)
-    draws = draw_generator(draw_student(1, 2, trainer.shape, device_g), cfg, len(trainer.abar), device_g)
+    draws = draw_generator(draw_student(1, 2, trainer.shape, device_g), cfg, trainer.schedule.num_train_timesteps, device_g)
     uncond = trainer.uncond_one.index([0, 0])
 
     def generator_grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,7 +124,7 @@ def test_gan_term_reaches_the_generator_as_the_plain_loss_would(sd15_teacher, sd
     dm_only = generator_grads(generator_loss(nets, cfg.model_copy(update={"gan": False}), cond, uncond, draws)[0])
     trainer.fake_module.requires_grad_(False)  # the reference: plain autograd, fake net frozen
     x = student_x0(nets, cfg, cond, draws.student)
-    reference_gan = gan_generator_loss(trainer.fake_module.logits(add_noise(x, draws.eps_gan, draws.t_gan, trainer.abar),
+    reference_gan = gan_generator_loss(trainer.fake_module.logits(add_noise(x, draws.eps_gan, draws.t_gan, trainer.schedule.alphas_cumprod),
                                                                  draws.t_gan, cond))
     gan_only = generator_grads(cfg.gan_weight_generator * reference_gan)
     assert all(p.grad is None for p in trainer.fake_module.parameters())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 
-from dmd2_serve.backbones import load_unet
-from dmd2_serve.pipeline import FewStepPipeline
+from dmd2_serve.model.adapters import load_unet
+from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_train import checkpoint as ckpt
 from dmd2_train.config import DistillConfig
 from dmd2_train.loop import distill

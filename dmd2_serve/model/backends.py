@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .backbones import Conditioning
+from .adapters import Conditioning
 
 Backend = Literal["eager", "compile", "tensorrt"]
 Attention = Literal["sdpa", "xformers"]

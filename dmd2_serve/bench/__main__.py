@@ -33,32 +33,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-CONFIGS = Path(__file__).parent / "configs"
+from ..model.adapters import ADAPTERS, ReferenceArch
+
 TIMESTEPS = (999, 749, 499, 249)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """A benchmarked architecture: UNet and VAE configs, image size, conditioning shapes."""
-
-    unet: str
-    vae: str
-    image: int
-    hidden: tuple[int, int]
-    added: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-
-ARCHS = {
-    "sd15": Arch("sd15_unet.json", "sd_vae.json", 512, (77, 768)),
-    "sdxl": Arch("sdxl_unet.json", "sdxl_vae.json", 1024, (77, 2048), {"text_embeds": (1280,), "time_ids": (6,)}),
-}
+Arch = ReferenceArch
+# The families with a real architecture to benchmark (their adapters' reference configs).
+ARCHS = {family: a.reference for family, a in ADAPTERS.items() if a.reference is not None}
 
 # --tiny: the same families at toy size (CPU tests of this script).
 TINY = {
@@ -252,11 +238,12 @@ def build(arch: Arch, device: torch.device, tiny: bool, name: str = "generator")
     """A few-step pipeline on a random-weight fp16 UNet and bf16 (CPU: fp32) VAE, made on the device."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from .backbones import LatentBackbone
-    from .pipeline import FewStepPipeline
+    from ..model.adapters import LatentBackbone
+    from ..model.pipeline import FewStepPipeline
+    from ..model.schedule import Schedule
 
-    unet_cfg = json.loads((CONFIGS / arch.unet).read_text())
-    vae_cfg = json.loads((CONFIGS / arch.vae).read_text())
+    unet_cfg = arch.unet_config()
+    vae_cfg = arch.vae_config()
     if tiny:
         unet_cfg.update(TINY["unet"])
         if arch.added:  # pooled text embedding + six time ids, each embedded in addition_time_embed_dim
@@ -270,22 +257,12 @@ def build(arch: Arch, device: torch.device, tiny: bool, name: str = "generator")
     unet = unet.to(torch.float16 if half else torch.float32).eval().requires_grad_(False)
     vae = vae.to(torch.bfloat16 if half else torch.float32).eval().requires_grad_(False)
     alphas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    return FewStepPipeline(unet, LatentBackbone(vae, 32 if tiny else arch.image), alphas, TIMESTEPS, name=name)
+    schedule = Schedule(alphas.double(), timesteps=TIMESTEPS)
+    return FewStepPipeline(unet, LatentBackbone(vae, 32 if tiny else arch.image, schedule), name=name)
 
 
 def conditioning(arch: Arch, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
-    from .backbones import Conditioning
-
-    g = torch.Generator(device="cpu").manual_seed(batch)
-    hidden = torch.randn(batch, *arch.hidden, generator=g).to(device, dtype)
-    added = {}
-    for name, shape in arch.added.items():
-        if name == "time_ids":
-            added[name] = torch.tensor([arch.image, arch.image, 0, 0, arch.image, arch.image]).repeat(batch, 1)
-        else:
-            added[name] = torch.randn(batch, *shape, generator=g)
-        added[name] = added[name].to(device, dtype)
-    return Conditioning(hidden, added)
+    return arch.conditioning(batch, torch.Generator(device="cpu").manual_seed(batch)).to(device, dtype)
 
 
 def plain_loop(unet: nn.Module, vae: nn.Module, cond: Any, latent: tuple[int, ...], seed: int = 0) -> Callable[[], Tensor]:
@@ -325,7 +302,7 @@ def uncompile(module: nn.Module) -> None:
 def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str], device: torch.device,
                budget: Budget, cache_dir: Path, tiny: bool, backends: list[str], eager_rows: bool = True) -> None:
     """All rows of one architecture (``eager_rows`` False: only the compile rows, for a second scope)."""
-    from .backends import FastPath, check_fast_path
+    from ..model.backends import FastPath, check_fast_path
 
     arch = ARCHS[name]
     pipe = build(arch, device, tiny, name)
@@ -405,7 +382,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
 def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float) -> float:
     """Child process: seconds from its launch (``launched``, the parent's clock) to the first
     batch-1 image of the compile path."""
-    from .backends import FastPath
+    from ..model.backends import FastPath
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = ARCHS[name]
@@ -421,7 +398,7 @@ def preflight(device: torch.device, cache_dir: Path) -> None:
     """Fail in seconds, not minutes: the kernel and a graphed compiled loop must be right here."""
     from dmd2_kernels.renoise import renoise_reference, renoise_triton
 
-    from .backends import FastPath
+    from ..model.backends import FastPath
 
     seeds = torch.tensor([0, 1, 2**33 + 5], device=device)
     x = torch.randn(3, 4, 9, 13, device=device, dtype=torch.float16)
@@ -435,7 +412,7 @@ def preflight(device: torch.device, cache_dir: Path) -> None:
         want = renoise_reference(x.cpu(), seeds.cpu(), 2, 0.6, **cpu_extra).float()
         err = (got - want).abs().max().item()
         assert err < 2e-2, f"kernel ({'from eps' if extra else 'x0'}) differs from the reference by {err}"
-    arch = ARCHS["sd15"]
+    arch = next(iter(ARCHS.values()))
     pipe = build(arch, device, tiny=True)
     cond = conditioning(arch, 2, device, pipe.dtype)
     seeds = torch.tensor([3, 4], device=device)
@@ -527,14 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     def scopes_for(name: str, extra: bool) -> list[str]:
         if args.scopes:
             return args.scopes if not extra else []
-        first = {"sd15": ["full"], "sdxl": ["regional"]}[name]
-        second = {"sd15": ["regional"], "sdxl": ["full"]}[name]
-        return second if extra else first
+        scopes = ARCHS[name].compile_scopes
+        return list(scopes[1:]) if extra else list(scopes[:1])
 
     for name in args.archs:
         stages.append((name, lambda n=name: bench_arch(report, n, args.batches, scopes_for(n, False), device, budget,
                                                         cache_dir, args.tiny, args.backends)))
-        if name == "sd15" and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
+        if name == args.archs[0] and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
             def cold(n: str = name) -> None:
                 budget.require(40 if not args.tiny else 30, "cold start")
                 cmd = [sys.executable, "-m", "dmd2_serve.bench", "--cold-start", n, "--scope", scopes_for(n, False)[0],

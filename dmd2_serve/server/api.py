@@ -26,11 +26,11 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from ..model.adapters import adapter, read_meta
+from ..model.backends import FastPath
+from ..model.pipeline import FewStepPipeline
 from . import metrics
-from .backbones import read_meta
-from .backends import FastPath
 from .middleware import ServingMiddleware, openai_error
-from .pipeline import FewStepPipeline
 from .schemas import (
     MAX_SEED,
     SIZE_PATTERN,
@@ -43,7 +43,6 @@ from .schemas import (
 GENERATE_PATH = "/generate"
 OPENAI_PATH = "/v1/images/generations"
 STATIC = Path(__file__).parent / "static"
-MAX_SIDE = 1024
 
 
 class RequestProblem(ValueError):
@@ -77,13 +76,8 @@ class ModelFacts:
         if not m:
             raise RequestProblem("size", f"size must look like WIDTHxHEIGHT, e.g. {self.native}x{self.native}")
         w, h = int(m.group(1)), int(m.group(2))
-        if self.family == "digits":
-            ok = w == h and w % self.native == 0 and self.native <= w <= MAX_SIDE
-            rule = f"square multiples of {self.native} up to {MAX_SIDE} (rendered at {self.native}, scaled up)"
-        else:
-            ok = w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 2048
-            rule = "multiples of 64 from 256 to 2048 per side"
-        if not ok:
+        rule = adapter(self.family).size_rule(self.native, w, h)
+        if rule is not None:
             raise RequestProblem("size", f"size {size} is not supported by this model; use {rule}")
         return w, h
 
@@ -221,11 +215,10 @@ class FewStepAPI(ls.LitAPI):
     # -- helpers --------------------------------------------------------------------------------
     def _shape(self, size: tuple[int, int]) -> tuple[int, int, int] | None:
         """UNet-space shape for an output size (None: the model's own)."""
-        if self.facts.family == "digits" or size == (self.facts.native, self.facts.native):
+        render = adapter(self.facts.family).render_size(self.facts.native, *size)
+        if render == (self.facts.native, self.facts.native):
             return None
-        channels, h, _ = self.pipe.backbone.sample_shape
-        factor = self.facts.native // h
-        return channels, size[1] // factor, size[0] // factor
+        return self.pipe.backbone.shape_for(*render)
 
 
 def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01,

@@ -9,17 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import (
-    META_FILE,
-    Backbone,
-    Conditioning,
-    ModelFolderError,
-    load_alphas_cumprod,
-    load_backbone,
-    load_unet,
-    read_meta,
-    unet_eps,
-)
+from .adapters import META_FILE, Backbone, Conditioning, ModelFolderError, load_backbone, load_unet, read_meta, unet_eps
 from .backends import Denoiser, FastPath, GraphedLoop, check_fast_path, compile_modules, set_attention, tensorrt_modules
 from .sampling import philox_sample
 
@@ -32,24 +22,26 @@ class FewStepPipeline:
     to another backend; on CUDA each batch shape's whole loop is then replayed from a CUDA graph.
 
     Args:
-        unet: the eps-predicting generator UNet.
-        backbone: the family adapter (prompt encoding, decode).
-        alphas_cumprod: (T,) of the teacher's scheduler (kept on the CPU).
-        timesteps: the schedule the generator was distilled for, e.g. (999, 749, 499, 249).
+        unet: the generator UNet (eps- or v-predicting, as its teacher; ``backbone.schedule`` says).
+        backbone: the family adapter (prompt encoding, decode, the schedule and prediction type).
+        timesteps: the schedule the generator was distilled for, e.g. (999, 749, 499, 249);
+            default: the steps recorded in the backbone's schedule.
         name: a display name (the folder's name when loaded).
     """
 
     def __init__(
-        self, unet: nn.Module, backbone: Backbone, alphas_cumprod: Tensor, timesteps: Sequence[int],
-        name: str = "generator",
+        self, unet: nn.Module, backbone: Backbone, timesteps: Sequence[int] | None = None, name: str = "generator",
     ) -> None:
         self.unet = unet
         self.backbone = backbone
-        self.alphas_cumprod = alphas_cumprod.detach().cpu()
-        self.timesteps = tuple(int(t) for t in timesteps)
+        self.schedule = backbone.schedule.with_timesteps(
+            backbone.schedule.timesteps if timesteps is None else timesteps).to("cpu")
+        if not self.schedule.timesteps:
+            raise ValueError("a few-step pipeline needs the generator's timesteps, e.g. (999, 749, 499, 249)")
         self.name = name
         self.dtype = next(unet.parameters()).dtype
-        self.denoise: Denoiser = lambda x_t, t, cond: unet_eps(self.unet, x_t, t, cond)
+        self._on_device: dict[torch.device, Any] = {}
+        self.denoise: Denoiser = lambda x_t, t, cond: unet_eps(self.unet, x_t, t, cond, self._schedule(x_t.device))
         self.fast = FastPath()
         self._graphs: dict[tuple, GraphedLoop] = {}
         self._pool: Any = None
@@ -75,11 +67,22 @@ class FewStepPipeline:
         if on_cuda and getattr(backbone, "vae", None) is not None:
             backbone.vae.to(torch.bfloat16)
         unet = load_unet(folder).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return cls(unet, backbone, load_alphas_cumprod(folder), meta["timesteps"], name=folder.name)
+        return cls(unet, backbone, name=folder.name)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The generator's few-step schedule."""
+        return self.schedule.timesteps
+
+    def _schedule(self, device: torch.device) -> Any:
+        """The schedule with ``alphas_cumprod`` on ``device`` (the v -> eps conversion indexes it there)."""
+        if device not in self._on_device:
+            self._on_device[device] = self.schedule.to(device)
+        return self._on_device[device]
 
     def accelerate(self, fast: FastPath, buckets: Sequence[int] = (1,), example: Conditioning | None = None) -> None:
         """Prepare the UNet and VAE decoder for ``fast.backend`` (in place; raises ``BackendError``).
@@ -96,7 +99,8 @@ class FewStepPipeline:
             compile_modules(self.unet, vae, fast)
         elif fast.backend == "tensorrt":
             cond = (example or self.backbone.encode_prompts([""])).to(self.device, self.dtype)
-            self.denoise, decoder = tensorrt_modules(self.unet, vae, fast, self.backbone.sample_shape, cond, buckets)
+            predict, decoder = tensorrt_modules(self.unet, vae, fast, self.backbone.sample_shape, cond, buckets)
+            self.denoise = lambda x_t, t, c: self._schedule(x_t.device).eps(x_t, predict(x_t, t, c), t)
             if decoder is not None:
                 vae.decoder = decoder
         self.fast = fast
@@ -108,10 +112,11 @@ class FewStepPipeline:
         return self.fast.cuda_graphs and self.device.type == "cuda" and self.fast.backend != "tensorrt"
 
     def sample_images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
-                      shape: Sequence[int]) -> Tensor:
-        """The whole loop for one batch: Philox noise, UNet steps, fused re-noise, decode to [0, 1]."""
-        x0 = philox_sample(lambda x_t, t: self.denoise(x_t, t, cond), seeds, shape, timesteps,
-                           self.alphas_cumprod, self.dtype)
+                      shape: Sequence[int], latents: Tensor | None = None) -> Tensor:
+        """The whole loop for one batch: Philox noise (or ``latents`` to start from), UNet steps,
+        fused re-noise, decode to [0, 1]."""
+        x0 = philox_sample(lambda x_t, t: self.denoise(x_t, t, cond), seeds, shape,
+                           self.schedule.with_timesteps(timesteps), self.dtype, start=latents)
         return self.backbone.decode(x0)
 
     def _seeds(self, seeds: Sequence[int]) -> Tensor:
@@ -119,13 +124,24 @@ class FewStepPipeline:
         return torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                 shape: tuple[int, int, int] | None = None) -> Tensor:
-        """Images in [0, 1], (B, C, H, W), for ``prompts[b]`` drawn from ``seeds[b]``."""
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int | None = None,
+                 shape: tuple[int, int, int] | None = None, latents: Tensor | None = None) -> Tensor:
+        """Images in [0, 1], (B, C, H, W), for ``prompts[b]`` drawn from ``seeds[b]``.
+
+        ``latents`` (B, C, h, w), as in diffusers pipelines, is the starting noise (instead of
+        the seeds' stream 0); the seeds (default 0..B-1) still give the re-noise draws.
+        """
+        seeds = list(range(len(prompts))) if seeds is None else seeds
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         cond = self.backbone.encode_prompts(list(prompts))
-        return self.images(cond, self._seeds(seeds), self.timesteps[: steps or len(self.timesteps)], shape)
+        timesteps = self.timesteps[: steps or len(self.timesteps)]
+        if latents is not None:
+            if latents.shape[0] != len(prompts):
+                raise ValueError(f"got {latents.shape[0]} latents for {len(prompts)} prompts")
+            return self.sample_images(cond.to(self.device, self.dtype), self._seeds(seeds), timesteps,
+                                      tuple(latents.shape[1:]), latents.to(self.device, self.dtype))
+        return self.images(cond, self._seeds(seeds), timesteps, shape)
 
     @torch.no_grad()
     def images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],

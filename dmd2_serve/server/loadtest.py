@@ -1,7 +1,7 @@
 """Load benchmark: concurrent clients against a server on loopback; prints a table.
 
-    python -m dmd2_serve.loadtest                       # starts the bundled digits server itself
-    python -m dmd2_serve.loadtest --url http://127.0.0.1:8000 --clients 1 32 --seconds 20
+    python -m dmd2_serve.server.loadtest                       # starts the bundled digits server itself
+    python -m dmd2_serve.server.loadtest --url http://127.0.0.1:8000 --clients 1 32 --seconds 20
 
 Each scenario runs ``clients`` closed-loop clients (send, wait for the answer, send again) for a
 bounded time and request count, then reports latency percentiles, throughput, the batch sizes the
@@ -88,7 +88,7 @@ def table(rows: list[Scenario]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dmd2_serve.loadtest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dmd2_serve.server.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running server; default: start the bundled digits server on a free port")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=20.0, help="per scenario")

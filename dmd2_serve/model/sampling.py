@@ -5,7 +5,9 @@ first k steps of it for backward simulation (DMD2, Sec. 4.4), so training and in
 never disagree about what the generator sees.
 
 Notation (DDPM): ``abar[t]`` is the scheduler's ``alphas_cumprod``;
-``x_t = sqrt(abar[t]) * x0 + sqrt(1 - abar[t]) * eps``.
+``x_t = sqrt(abar[t]) * x0 + sqrt(1 - abar[t]) * eps``. Every loop works in eps: a denoiser
+converts its UNet's prediction (eps or v) with ``Schedule.eps`` before the loop sees it, so the
+fused kernel keeps one eps -> x0 mode. The loops take a :class:`Schedule` (abar and the steps).
 """
 
 from __future__ import annotations
@@ -16,16 +18,12 @@ import torch
 from dmd2_kernels.renoise import renoise
 from torch import Tensor
 
+from .schedule import Schedule, _abar
+
 # A denoiser maps (x_t, t) to eps. Conditioning is bound in by the caller.
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (999, 749, 499, 249)
-
-
-def _abar(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """``abar[t]`` per sample, in float32, shaped to broadcast against ``like`` (B, ...)."""
-    a = alphas_cumprod.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
-    return a.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def add_noise(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
@@ -81,8 +79,7 @@ def few_step_loop(eps_fn: EpsFn, x: Tensor, timesteps: Sequence[int], step: Step
 def few_step_sample(
     eps_fn: EpsFn,
     noise: Tensor,
-    timesteps: Sequence[int],
-    alphas_cumprod: Tensor,
+    schedule: Schedule,
     renoise: Sequence[Tensor] | Callable[[int], Tensor],
 ) -> Tensor:
     """Multi-step sampling with given noise draws (the trainer's backward simulation uses this).
@@ -93,8 +90,7 @@ def few_step_sample(
     Args:
         eps_fn: the generator as an eps-predictor, conditioning bound in.
         noise: (B, C, H, W) starting Gaussian noise (the input at ``timesteps[0]``).
-        timesteps: the fixed schedule, e.g. (999, 749, 499, 249); its length is the step count.
-        alphas_cumprod: the teacher scheduler's ``alphas_cumprod`` (T,).
+        schedule: abar and the fixed steps, e.g. (999, 749, 499, 249); their number is the step count.
         renoise: the fresh noise for each re-noise: ``renoise[i]`` (or ``renoise(i)``) is the
             eps that takes ``x0`` of step i to ``timesteps[i + 1]``.
 
@@ -102,6 +98,7 @@ def few_step_sample(
         x0 of the last step, float32, shaped like ``noise``.
     """
     draw = renoise if callable(renoise) else renoise.__getitem__
+    timesteps, alphas_cumprod = schedule.timesteps, schedule.alphas_cumprod
 
     def final(x: Tensor, eps: Tensor, i: int) -> Tensor:
         return x0_from_eps(x, eps, _steps(timesteps[i], x), alphas_cumprod)
@@ -113,8 +110,8 @@ def few_step_sample(
 
 
 def philox_sample(
-    eps_fn: EpsFn, seeds: Tensor, shape: Sequence[int], timesteps: Sequence[int], alphas_cumprod: Tensor,
-    dtype: torch.dtype = torch.float32,
+    eps_fn: EpsFn, seeds: Tensor, shape: Sequence[int], schedule: Schedule, dtype: torch.dtype = torch.float32,
+    start: Tensor | None = None,
 ) -> Tensor:
     """The serving sampler: every draw comes from the fused Philox re-noise kernel.
 
@@ -126,15 +123,17 @@ def philox_sample(
         eps_fn: the generator as an eps-predictor, conditioning bound in.
         seeds: (B,) int64 seeds on the sampling device.
         shape: (C, H, W) of one sample.
-        timesteps: the schedule; alphas_cumprod: (T,) of the teacher's scheduler, read on the host
-            (the loop itself touches no host memory, so it can be captured in a CUDA graph).
+        schedule: the steps and abar, read on the host (the loop itself touches no host memory,
+            so it can be captured in a CUDA graph).
         dtype: the dtype of the generator's inputs.
+        start: the starting noise (B, *shape) instead of stream 0 (a caller's ``latents``).
 
     Returns:
         x0 of the last step, float32.
     """
-    abar = [float(alphas_cumprod[int(t)]) for t in timesteps]
-    x = renoise(None, seeds, 0, 0.0, shape=tuple(shape), dtype=dtype)
+    timesteps = schedule.timesteps
+    abar = [schedule.abar(t) for t in timesteps]
+    x = renoise(None, seeds, 0, 0.0, shape=tuple(shape), dtype=dtype) if start is None else start.to(dtype)
 
     def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
         return renoise(x, seeds, i + 1, abar[i + 1], eps=eps, abar_t=abar[i])
@@ -145,12 +144,13 @@ def philox_sample(
     return few_step_loop(eps_fn, x, timesteps, step, final)
 
 
-def ddim_sample(eps_fn: EpsFn, noise: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor) -> Tensor:
+def ddim_sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule) -> Tensor:
     """Deterministic DDIM (eta = 0, Song et al. 2021, Eq. 12): how a teacher is sampled.
 
     At each step the x0 estimate is moved to the next timestep with the predicted eps (not fresh
     noise, which is the few-step generator's rule). Returns the final x0, float32.
     """
+    timesteps, alphas_cumprod = schedule.timesteps, schedule.alphas_cumprod
     x = noise
     x0 = noise.float()
     for i, t in enumerate(timesteps):

@@ -1,0 +1,115 @@
+"""The backbone adapters' registry: which family a folder is, and loading its parts.
+
+Adding a family is one new adapter file (a :class:`~.base.Backbone` subclass) plus its line in
+``ADAPTERS`` below; nothing outside this package knows family names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..schedule import Schedule
+from .base import META_FILE, Backbone, Conditioning, ModelFolderError, ReferenceArch, unet_eps, unet_prediction
+from .digits import DigitsBackbone
+from .sd import LatentBackbone, StableDiffusionBackbone, load_part
+from .sdxl import StableDiffusionXLBackbone
+
+ADAPTERS: dict[str, type[Backbone]] = {a.family: a for a in (DigitsBackbone, StableDiffusionBackbone,
+                                                              StableDiffusionXLBackbone)}
+
+# Families people bring that the project does not distil, by what gives them away in model_index.json.
+UNSUPPORTED = {"StableDiffusion3Pipeline": "SD3 (flow matching)", "FluxPipeline": "Flux (flow matching)",
+               "PixArtAlphaPipeline": "PixArt (a transformer)", "PixArtSigmaPipeline": "PixArt (a transformer)",
+               "KandinskyV22Pipeline": "Kandinsky 2.2", "StableCascadePriorPipeline": "Stable Cascade",
+               "LatentConsistencyModelPipeline": "an LCM pipeline"}
+
+__all__ = ["ADAPTERS", "META_FILE", "Backbone", "Conditioning", "LatentBackbone", "ModelFolderError", "ReferenceArch",
+           "adapter", "load_backbone", "load_schedule", "load_unet", "read_meta", "supported", "unet_eps",
+           "unet_prediction"]
+
+
+def supported() -> str:
+    """The supported families, for messages."""
+    return "; ".join(f"{a.title} ({', '.join(a.pipeline_classes) or 'bundled'})" for a in ADAPTERS.values())
+
+
+def adapter(family: str) -> type[Backbone]:
+    """The adapter class of a family id (as written in dmd2.json)."""
+    if family not in ADAPTERS:
+        raise ModelFolderError(f"unknown model family {family!r}; supported: {supported()}")
+    return ADAPTERS[family]
+
+
+def _family_of_index(folder: Path, index: dict[str, Any]) -> str:
+    name = index.get("_class_name", "")
+    if name in UNSUPPORTED or "transformer" in index:
+        what = UNSUPPORTED.get(name, f"{name or 'a pipeline'} with a transformer backbone")
+        raise ModelFolderError(f"'{folder}' is {what}, which is not supported; supported teachers: {supported()}")
+    for cls in ADAPTERS.values():
+        if cls.matches(index):
+            return cls.family
+    raise ModelFolderError(f"'{folder}' holds a {name or 'pipeline of unknown class'}, which is not supported;"
+                           f" supported teachers: {supported()}")
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The folder's family and facts: from ``dmd2.json`` or a diffusers ``model_index.json``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder '{folder}' does not exist or is not a directory; pass the path of a"
+            " diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder or an exported generator"
+        )
+    meta_path = folder / META_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelFolderError(f"'{meta_path}' is not valid JSON ({e}); re-export the folder") from e
+        if meta.get("family") not in ADAPTERS:
+            raise ModelFolderError(f"'{meta_path}' names family {meta.get('family')!r}; expected one of"
+                                   f" {', '.join(ADAPTERS)}")
+        return meta
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelFolderError(
+            f"'{folder}' has neither {META_FILE} nor model_index.json, so it is not a diffusers"
+            " pipeline folder; point at the folder that holds model_index.json, unet/, vae/ ..."
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"'{index_path}' is not valid JSON ({e})") from e
+    family = _family_of_index(folder, index)
+    for part in ADAPTERS[family].parts:
+        if not (folder / part).is_dir():
+            raise ModelFolderError(f"'{folder}' is missing the '{part}/' sub-folder a {ADAPTERS[family].title}"
+                                   " pipeline needs")
+    return {"family": family}
+
+
+def load_schedule(folder: Path, meta: dict[str, Any] | None = None) -> Schedule:
+    """The folder's noise schedule and prediction type (and a generator's recorded steps)."""
+    meta = meta or read_meta(folder)
+    return Schedule.from_folder(folder, tuple(meta.get("timesteps", ())))
+
+
+def load_backbone(folder: Path, meta: dict[str, Any] | None = None, image_size: int | None = None) -> Backbone:
+    """Build the adapter for a teacher or generator folder (CPU, float32, frozen)."""
+    folder = Path(folder)
+    meta = meta or read_meta(folder)
+    return adapter(meta["family"]).from_folder(folder, meta, image_size, load_schedule(folder, meta))
+
+
+def load_unet(folder: Path) -> nn.Module:
+    """The folder's ``unet/`` as a diffusers ``UNet2DConditionModel`` (float32; fp16 variants too)."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return load_part(UNet2DConditionModel, folder, "unet")
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"could not load '{Path(folder) / 'unet'}': {e}") from e
