@@ -27,6 +27,7 @@ from dmd2_serve.model.pipeline import FewStepPipeline
 from . import checkpoint as ckpt
 from .config import BUNDLED_DIGITS_TEACHER, DistillConfig
 from .export import export_generator
+from .init_from import read_initial_weights
 from .memory import out_of_memory_message
 from .previews import save_grid
 from .run import PromptEncoder, RunBatches, RunError, check_output_folder, make_accelerator, make_data
@@ -54,8 +55,9 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     data = make_data(cfg, backbone)
     known = data.texts() + list(cfg.preview_prompts)
     batches = RunBatches(data, PromptEncoder(backbone, known if len(known) <= 8192 else None), backbone)
+    init = read_initial_weights(cfg.init_from) if cfg.init_from is not None else None
     trainer = Trainer(cfg, accelerator, load_unet(cfg.teacher), backbone.sample_shape, backbone.schedule, batches,
-                      backbone.unconditional(1), backbone.bottleneck)
+                      backbone.unconditional(1), backbone.bottleneck, init)
     return PreparedRun(meta, backbone, trainer)
 
 

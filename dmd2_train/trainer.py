@@ -26,6 +26,7 @@ from dmd2_serve.model.schedule import Schedule
 from . import checkpoint as ckpt
 from .config import DistillConfig
 from .ema import ParameterEMA
+from .init_from import apply_initial_weights
 from .memory import StateParking, make_optimizer
 from .networks import FakeScore, bottleneck_shape, build_networks
 from .step import (
@@ -123,11 +124,13 @@ class Trainer:
         batches: the conditioning and real-data source.
         uncond_one: the unconditional conditioning, one row.
         bottleneck_of: the adapter's choice of the module the GAN head reads, given a UNet.
+        init: weights to start from instead of the teacher's (``init_from``; weights only).
     """
 
     def __init__(self, cfg: DistillConfig, accelerator: Any, teacher: nn.Module, sample_shape: tuple[int, int, int],
                  schedule: Schedule, batches: Batches, uncond_one: Conditioning,
-                 bottleneck_of: Callable[[nn.Module], nn.Module] = Backbone.bottleneck) -> None:
+                 bottleneck_of: Callable[[nn.Module], nn.Module] = Backbone.bottleneck,
+                 init: dict[str, dict[str, Tensor]] | None = None) -> None:
         self.cfg, self.accelerator, self.batches = cfg, accelerator, batches
         self.device, self.rank = accelerator.device, accelerator.process_index
         self.shape = sample_shape
@@ -145,6 +148,8 @@ class Trainer:
         bottleneck = bottleneck_of(fake_unet)
         head = bottleneck_shape(fake_unet.to(self.device), sample_shape, self.uncond_one, bottleneck) if cfg.gan else None
         fake = FakeScore(fake_unet, head, self.schedule, bottleneck).to(self.device)
+        if init is not None:
+            apply_initial_weights(generator, fake, init)
         generator.to(self.device)
 
         if cfg.sharding == "fsdp2":

@@ -55,10 +55,11 @@ def test_unknown_preset_and_bad_files(tmp_path: Path):
 
 
 def test_paper_defaults():
-    sd15, sdxl = (build_config(DistillConfig, DISTILL_PRESETS, p, []) for p in ("sd15", "sdxl"))
+    sd15, sdxl = (build_config(DistillConfig, DISTILL_PRESETS, p, []) for p in ("sd15-4step", "sdxl"))
     assert (sd15.ratio, sd15.guidance_scale, sd15.gan_weight_generator) == (10, 1.75, 1e-3)
     assert (sdxl.ratio, sdxl.guidance_scale, sdxl.gan_weight_generator) == (5, 8.0, 5e-3)
     assert sd15.timesteps == [999, 749, 499, 249] and (sd15.dm_t_min, sd15.dm_t_max) == (0.02, 0.98)
+    assert sdxl.timesteps == [999, 749, 499, 249] and sdxl.image_size is None  # the teacher's own size
 
 
 def test_memory_keys_and_their_conflicts():

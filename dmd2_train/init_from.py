@@ -1,0 +1,79 @@
+"""``init_from``: start a run from an earlier run's weights (the paper's two-stage recipe).
+
+Stage 2 of DMD2's SD1.5 recipe starts from stage 1's generator with the GAN turned on. This
+module reads the weights only (no optimiser state, no step count) from
+
+* a run folder (its newest checkpoint), or one checkpoint folder ``checkpoints/step_XXXXXXX``:
+  the generator (its EMA when the run kept one: the weights it served and exported) and the
+  fake score's UNet (the GAN head too when both runs have one);
+* an exported generator folder (``dmd2.json`` with a schedule, ``unet/``): the generator only;
+  the fake score starts from the teacher, as in a fresh run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from dmd2_serve.model.adapters import META_FILE
+
+from . import checkpoint as ckpt
+from .run import RunError
+
+# Which weights to start from: {"generator": state dict, "fake": state dict (optional)}.
+InitialWeights = dict[str, dict[str, Tensor]]
+
+
+def _checkpoint_folder(path: Path) -> Path | None:
+    if (path / ckpt.META).is_file():
+        return path
+    found = ckpt.latest(path)
+    return found[1] if found else None
+
+
+def read_initial_weights(path: Path) -> InitialWeights:
+    """The weights ``init_from=path`` names; ``RunError`` with the fix when it names none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"init_from '{path}' is not a folder; give a run folder, a checkpoint folder"
+                       " (checkpoints/step_XXXXXXX) or an exported generator folder")
+    meta_path = path / META_FILE
+    if meta_path.is_file() and "timesteps" in json.loads(meta_path.read_text()):
+        from safetensors.torch import load_file
+
+        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise RunError(f"init_from '{path}' is an exported generator without '{weights.name}' in unet/;"
+                           " re-export it or give its run folder")
+        return {"generator": load_file(str(weights))}
+    folder = _checkpoint_folder(path)
+    if folder is None:
+        raise RunError(f"init_from '{path}' holds no checkpoint and no exported generator; give a run folder"
+                       " (with checkpoints/), a checkpoint folder or a generator folder (with dmd2.json)")
+    state = ckpt.read_checkpoint(folder)
+    generator = dict(state["generator"])
+    if state.get("generator_ema"):  # the weights the run served: its EMA
+        generator.update(state["generator_ema"])
+    return {"generator": generator, "fake": dict(state["fake"])}
+
+
+def apply_initial_weights(generator: nn.Module, fake: nn.Module, init: InitialWeights) -> None:
+    """Load ``init`` into the freshly built networks (before sharding or wrapping).
+
+    The generator must match exactly; the fake score's UNet too when given, while its GAN head is
+    taken only when the earlier run had one of the same shape (stage 1 runs without the GAN).
+    """
+    try:
+        generator.load_state_dict(init["generator"])
+        if "fake" in init:
+            own = fake.state_dict()
+            kept = {k: v for k, v in init["fake"].items() if k in own and own[k].shape == v.shape}
+            missing = [k for k in own if k.startswith("unet.") and k not in kept]
+            if missing:
+                raise RuntimeError(f"the fake score lacks {len(missing)} UNet weights, e.g. {missing[0]}")
+            fake.load_state_dict(kept, strict=False)
+    except RuntimeError as e:
+        raise RunError(f"init_from does not fit this teacher's UNet: {str(e).splitlines()[0]}; give a run or"
+                       " generator distilled from the same teacher") from None
