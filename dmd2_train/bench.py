@@ -65,20 +65,20 @@ class Row:
 ROWS = [  # in priority order: the budget skips the tail first
     # The two targets: SD1.5 MFU at batch 8 (with a count of host synchronisations), and SDXL at
     # 1024x1024, batch 2, on one 80 GB GPU (<= 75 GB reserved) with the sdxl preset's levers.
-    Row("sd15-b8", "sd15", 8, 512, "sd15", count_syncs=True),
+    Row("sd15-b8", "sd15", 8, 512, "sd15-4step", count_syncs=True),
     Row("sdxl-b2-preset", "sdxl", 2, 1024, "sdxl", {"gradient_checkpointing": True, "offload_optimizer": True}),
     Row("sdxl-b2-ckpt-8bit", "sdxl", 2, 1024, "sdxl", {"gradient_checkpointing": True, "optimizer": "adamw8bit"}),
     Row("sdxl-b2-ckpt", "sdxl", 2, 1024, "sdxl", {"gradient_checkpointing": True}),
     # The FSDP2 path on a one-process mesh, then each lever on its own where everything fits.
-    Row("sd15-b8-fsdp2", "sd15", 8, 512, "sd15", {"sharding": "fsdp2"}),
-    Row("sd15-b8-ckpt", "sd15", 8, 512, "sd15", {"gradient_checkpointing": True}),
-    Row("sd15-b8-offload", "sd15", 8, 512, "sd15", {"offload_optimizer": True}),
-    Row("sd15-b8-keepgrads", "sd15", 8, 512, "sd15", {"free_grads": False}),
-    Row("sd15-b8-8bit", "sd15", 8, 512, "sd15", {"optimizer": "adamw8bit"}),
+    Row("sd15-b8-fsdp2", "sd15", 8, 512, "sd15-4step", {"sharding": "fsdp2"}),
+    Row("sd15-b8-ckpt", "sd15", 8, 512, "sd15-4step", {"gradient_checkpointing": True}),
+    Row("sd15-b8-offload", "sd15", 8, 512, "sd15-4step", {"offload_optimizer": True}),
+    Row("sd15-b8-keepgrads", "sd15", 8, 512, "sd15-4step", {"free_grads": False}),
+    Row("sd15-b8-8bit", "sd15", 8, 512, "sd15-4step", {"optimizer": "adamw8bit"}),
     Row("sdxl-b2", "sdxl", 2, 1024, "sdxl"),
 ]
-TINY_ROWS = [Row("tiny-sd15", "sd15", 2, 64, "sd15"),
-             Row("tiny-sd15-fsdp2", "sd15", 2, 64, "sd15", {"sharding": "fsdp2"}),
+TINY_ROWS = [Row("tiny-sd15", "sd15", 2, 64, "sd15-4step"),
+             Row("tiny-sd15-fsdp2", "sd15", 2, 64, "sd15-4step", {"sharding": "fsdp2"}),
              Row("tiny-sdxl-ckpt", "sdxl", 2, 64, "sdxl", {"gradient_checkpointing": True})]
 
 

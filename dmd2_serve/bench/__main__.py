@@ -462,7 +462,7 @@ def _list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the stages in priority order within the budget; print the tables."""
     p = argparse.ArgumentParser(prog="python -m dmd2_serve.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--archs", type=_list, default=["sd15", "sdxl"])
+    p.add_argument("--archs", type=_list, default=list(ARCHS))
     p.add_argument("--batches", type=lambda s: [int(b) for b in _list(s)], default=[1, 4, 16])
     p.add_argument("--backends", type=_list, default=["compile", "tensorrt", "xformers"])
     p.add_argument("--scopes", type=_list, default=None,
