@@ -155,9 +155,10 @@ def run_row(row: Row, tiny: bool, peak_tflops: float) -> dict[str, Any]:
         port = free_port()  # a one-process mesh still runs the whole FSDP2 path
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    preset = {k: v for k, v in DISTILL_PRESETS[row.preset].items() if k not in ("image_size",)}
-    cfg = DistillConfig(**preset | row.options, batch_size=row.batch, image_size=row.image, warmup_steps=0,
-                        mixed_precision="bf16", gan=True, out=Path("/tmp/dmd2-bench"))
+    preset = DISTILL_PRESETS[row.preset] | row.options | dict(  # every row runs the whole step: GAN on
+        batch_size=row.batch, image_size=row.image, warmup_steps=0, mixed_precision="bf16", gan=True,
+        out=Path("/tmp/dmd2-bench"))
+    cfg = DistillConfig(**preset)
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     factor = 8
     shape = (4, row.image // factor, row.image // factor)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .adapters import Conditioning
+from .adapters import Conditioning, unet_prediction
 
 Backend = Literal["eager", "compile", "tensorrt"]
 Attention = Literal["sdpa", "xformers"]
@@ -156,7 +156,8 @@ def tensorrt_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, sam
     often, max = largest); engines are cached on disk, keyed by graph, shapes and settings.
 
     Returns:
-        the UNet as a :data:`Denoiser`, and the decoder module to put in ``vae.decoder``.
+        the UNet as a :data:`Denoiser` of its raw prediction (the caller converts v to eps), and
+        the decoder module to put in ``vae.decoder``.
     """
     try:
         import torch_tensorrt
@@ -201,10 +202,7 @@ class _UNetForTensorRT(nn.Module):
         self.unet, self.added_keys = unet, added_keys
 
     def forward(self, sample: Tensor, timestep: Tensor, hidden: Tensor, *added: Tensor) -> Tensor:
-        kwargs: dict[str, Any] = {"encoder_hidden_states": hidden, "return_dict": False}
-        if self.added_keys:
-            kwargs["added_cond_kwargs"] = dict(zip(self.added_keys, added))
-        return self.unet(sample, timestep, **kwargs)[0]
+        return unet_prediction(self.unet, sample, timestep, Conditioning(hidden, dict(zip(self.added_keys, added))))
 
 
 # --------------------------------------------------------------------------------------------
