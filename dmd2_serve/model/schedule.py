@@ -107,6 +107,11 @@ class Schedule:
         prediction = config.get("prediction_type", "epsilon")
         if prediction not in PREDICTION_TYPES:
             raise ScheduleError(f"the scheduler predicts {prediction!r}; supported: {', '.join(PREDICTION_TYPES)}")
+        if config.get("rescale_betas_zero_snr"):
+            # abar[T-1] = 0: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero at t = 999
+            raise ScheduleError("the scheduler rescales betas to zero terminal SNR (rescale_betas_zero_snr: true),"
+                                " which the eps-space loops here cannot invert at t = 999; supported: DDPM-family"
+                                " schedulers without it, with epsilon or v_prediction")
         scheduler = DDPMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
         return cls(scheduler.alphas_cumprod.to(torch.float64), prediction, tuple(timesteps))
 

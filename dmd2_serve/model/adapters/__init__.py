@@ -17,6 +17,7 @@ from .base import META_FILE, Backbone, Conditioning, ModelFolderError, Reference
 from .digits import DigitsBackbone
 from .sd import LatentBackbone, StableDiffusionBackbone, load_part
 from .sdxl import StableDiffusionXLBackbone
+from .single_file import is_single_file
 
 ADAPTERS: dict[str, type[Backbone]] = {a.family: a for a in (DigitsBackbone, StableDiffusionBackbone,
                                                               StableDiffusionXLBackbone)}
@@ -28,8 +29,8 @@ UNSUPPORTED = {"StableDiffusion3Pipeline": "SD3 (flow matching)", "FluxPipeline"
                "LatentConsistencyModelPipeline": "an LCM pipeline"}
 
 __all__ = ["ADAPTERS", "META_FILE", "Backbone", "Conditioning", "LatentBackbone", "ModelFolderError", "ReferenceArch",
-           "adapter", "load_backbone", "load_schedule", "load_unet", "read_meta", "supported", "unet_eps",
-           "unet_prediction"]
+           "adapter", "checkpoint_adapter", "is_single_file", "load_backbone", "load_schedule", "load_single_file",
+           "load_unet", "read_meta", "supported", "teacher_adapter", "unet_eps", "unet_prediction"]
 
 
 def supported() -> str:
@@ -42,6 +43,26 @@ def adapter(family: str) -> type[Backbone]:
     if family not in ADAPTERS:
         raise ModelFolderError(f"unknown model family {family!r}; supported: {supported()}")
     return ADAPTERS[family]
+
+
+def checkpoint_adapter(path: Path) -> tuple[type[Backbone], str]:
+    """The adapter of a single-file checkpoint and diffusers' model type of it (``v1``, ``xl_base`` ...)."""
+    from .single_file import checkpoint_adapter as detect
+
+    return detect(Path(path), list(ADAPTERS.values()))
+
+
+def load_single_file(path: Path, config: Path | None) -> Any:
+    """A single-file checkpoint as a diffusers pipeline, its configs and tokenizers from the local
+    folder ``config``; refused with one line when it is not a supported family."""
+    from .single_file import load_single_file as load
+
+    return load(Path(path), config, list(ADAPTERS.values()))
+
+
+def teacher_adapter(path: Path) -> type[Backbone]:
+    """The adapter of a teacher: a diffusers folder, an exported generator or a single file."""
+    return checkpoint_adapter(path)[0] if is_single_file(path) else adapter(read_meta(path)["family"])
 
 
 def _family_of_index(folder: Path, index: dict[str, Any]) -> str:
@@ -59,6 +80,11 @@ def _family_of_index(folder: Path, index: dict[str, Any]) -> str:
 def read_meta(folder: Path) -> dict[str, Any]:
     """The folder's family and facts: from ``dmd2.json`` or a diffusers ``model_index.json``."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ModelFolderError(
+            f"'{folder}' is a file, not a model folder; a single-file checkpoint is a teacher for"
+            " python -m dmd2_train --teacher FILE.safetensors --teacher-config DIR, which converts it to a folder"
+        )
     if not folder.is_dir():
         raise ModelFolderError(
             f"model folder '{folder}' does not exist or is not a directory; pass the path of a"

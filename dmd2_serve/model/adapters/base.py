@@ -138,6 +138,10 @@ class Backbone(nn.Module):
     title: ClassVar[str] = ""  # how a message names it, e.g. "Stable Diffusion 1.x / 2.x"
     pipeline_classes: ClassVar[tuple[str, ...]] = ()  # diffusers pipeline classes it reads
     parts: ClassVar[tuple[str, ...]] = ()  # the sub-folders a diffusers folder of it must hold
+    # Single-file checkpoints (original key layout): the model types diffusers'
+    # ``infer_diffusers_model_type`` gives them, and the diffusers pipeline class that reads them.
+    single_file_types: ClassVar[tuple[str, ...]] = ()
+    single_file_pipeline: ClassVar[str | None] = None
     default_preset: ClassVar[str | None] = None  # the distillation preset for its teachers
     bundled_data: ClassVar[str | None] = None  # a dataset shipped with the family (digits)
     image_channels: ClassVar[int] = 3

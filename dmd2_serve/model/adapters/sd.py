@@ -19,19 +19,24 @@ from .base import Backbone, Conditioning, ModelFolderError, ReferenceArch
 
 
 def weights_variant(part: Path) -> str | None:
-    """``"fp16"`` when a sub-folder holds only fp16-variant weights (``*.fp16.safetensors``)."""
+    """``"fp16"`` when a sub-folder holds only fp16-variant weights (``*.fp16.safetensors``, or
+    sharded ``*.fp16-00001-of-00002.safetensors``)."""
     names = [p.name for p in part.glob("*") if p.suffix in (".safetensors", ".bin")]
-    plain = [n for n in names if ".fp16." not in n]
+    plain = [n for n in names if ".fp16." not in n and ".fp16-" not in n]
     return "fp16" if names and not plain else None
 
 
 def load_part(cls: Any, folder: Path, name: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(folder / name)`` in float32, fp16-variant folders included."""
+    """``cls.from_pretrained(folder / name)`` in float32, fp16-variant folders included.
+
+    float32 is asked for explicitly: transformers loads weights in their stored dtype by default,
+    so a folder saved in half precision would otherwise give a half-precision text encoder.
+    """
     part = Path(folder) / name
     variant = weights_variant(part)
     if variant:
-        kwargs.update(variant=variant, torch_dtype=torch.float32)
-    return cls.from_pretrained(part, **kwargs)
+        kwargs["variant"] = variant
+    return cls.from_pretrained(part, torch_dtype=torch.float32, **kwargs)
 
 
 def native_image_size(folder: Path, vae: nn.Module) -> int:
@@ -118,6 +123,8 @@ class StableDiffusionBackbone(LatentBackbone):
     title = "Stable Diffusion 1.x / 2.x"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    single_file_types = ("v1", "v2")
+    single_file_pipeline = "StableDiffusionPipeline"
     default_preset = "sd15"
     reference = ReferenceArch("sd15_unet.json", "sd_vae.json", 512, (77, 768))
 

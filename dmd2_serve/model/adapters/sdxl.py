@@ -21,6 +21,8 @@ class StableDiffusionXLBackbone(LatentBackbone):
     title = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     parts = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+    single_file_types = ("xl_base",)
+    single_file_pipeline = "StableDiffusionXLPipeline"
     default_preset = "sdxl"
     reference = ReferenceArch("sdxl_unet.json", "sdxl_vae.json", 1024, (77, 2048),
                               {"text_embeds": (1280,), "time_ids": (6,)},
