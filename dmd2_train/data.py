@@ -4,8 +4,8 @@ Sources:
     the bundled digits: scikit-learn's 8x8 handwritten digits (real scans, shipped inside
         scikit-learn, no download) with varied captions ("a handwritten 7", "the number seven");
     a prompt file: one prompt a line, or JSON lines with a "text" (or "prompt"/"caption") field;
-    an image folder: images with a same-named .txt caption, or a metadata.jsonl of
-        {"file_name": ..., "text": ...} rows (the diffusers ImageFolder convention).
+    real images at scale (image folders, WebDataset shards, latent shards): streamed, never held
+        whole in memory, in ``datasets.py`` / ``stream.py``.
 Every draw takes an explicit ``torch.Generator``, so a run is reproducible step by step.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ CAPTION_TEMPLATES = (
     "the numeral {d}, written by hand",
 )
 HELD_OUT_EVERY = 5  # every fifth digit is held out of training, for evaluation
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+if TYPE_CHECKING:
+    from .datasets import StreamedImages
 
 
 class DataError(ValueError):
@@ -74,9 +79,10 @@ class CaptionedImages:
 
 
 class TrainingData:
-    """Prompts for the generator and (optionally) captioned real images for the GAN."""
+    """Prompts for the generator and (optionally) real images for the GAN: in memory (the bundled
+    digits) or streamed (``StreamedImages``)."""
 
-    def __init__(self, prompts: list[str], real: CaptionedImages | None) -> None:
+    def __init__(self, prompts: list[str], real: CaptionedImages | StreamedImages | None) -> None:
         if not prompts:
             raise DataError("the prompt set is empty; give a file with at least one prompt")
         self.prompt_list = prompts
@@ -84,7 +90,7 @@ class TrainingData:
 
     def texts(self) -> list[str]:
         """Every text the run may encode: the prompts and the real images' captions."""
-        captions = [c for caps in self.real.captions for c in caps] if self.real is not None else []
+        captions = [c for caps in self.real.captions for c in caps] if isinstance(self.real, CaptionedImages) else []
         return self.prompt_list + captions
 
     def prompts(self, n: int, g: torch.Generator) -> list[str]:
@@ -92,7 +98,7 @@ class TrainingData:
         return [self.prompt_list[i] for i in idx.tolist()]
 
     def real_batch(self, n: int, g: torch.Generator) -> tuple[Tensor, list[str]]:
-        if self.real is None:
+        if not isinstance(self.real, CaptionedImages):
             raise DataError("the GAN needs real images: pass real_images=FOLDER or set gan=false")
         return self.real.sample(n, g)
 
@@ -123,37 +129,3 @@ def read_prompts(path: Path) -> list[str]:
             raise DataError(f"{path}:{n} has no 'text', 'prompt' or 'caption' string")
         prompts.append(text)
     return prompts
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-def read_image_folder(folder: Path, size: int, channels: int = 3) -> CaptionedImages:
-    """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], with captions."""
-    from PIL import Image
-
-    if not folder.is_dir():
-        raise DataError(f"real image folder '{folder}' does not exist")
-    meta = folder / "metadata.jsonl"
-    if meta.is_file():
-        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-        pairs = [(folder / r["file_name"], r.get("text", "")) for r in rows]
-    else:
-        pairs = []
-        for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                cap = p.with_suffix(".txt")
-                pairs.append((p, cap.read_text().strip() if cap.is_file() else ""))
-    if not pairs:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in '{folder}'")
-    tensors = []
-    for path, _ in pairs:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            scale = size / min(im.size)
-            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1
-        tensors.append(torch.from_numpy(arr).permute(2, 0, 1))
-    return CaptionedImages(torch.stack(tensors), [[c] for _, c in pairs])

@@ -15,8 +15,10 @@ from torch import Tensor
 from dmd2_serve.model.adapters import Backbone, Conditioning
 
 from .config import DistillConfig
-from .data import TrainingData, digits_data, read_image_folder, read_prompts
+from .data import CaptionedImages, TrainingData, digits_data, read_prompts
+from .datasets import StreamedImages, open_real_source
 from .step import RealBatch
+from .stream import StreamBatch, StreamPlan, StreamReader
 
 
 class RunError(RuntimeError):
@@ -110,27 +112,93 @@ class RealLatents:
 
     def sample(self, idx: Tensor, g: torch.Generator) -> Tensor:
         """Samples of images ``idx`` on ``g``'s device, (B, C, H, W) float32."""
-        mean = self.mean[idx].to(g.device, non_blocking=True)
-        std = self.std[idx].to(g.device, non_blocking=True)
-        return mean + std * torch.randn(mean.shape, generator=g, device=g.device)
+        return draw_latents(self.mean[idx], self.std[idx], g)
+
+
+def draw_latents(mean: Tensor, std: Tensor, g: torch.Generator) -> Tensor:
+    """A fresh sample ``mean + std * z`` of latent distributions, on ``g``'s device, float32."""
+    mean = mean.to(g.device, non_blocking=True).float()
+    std = std.to(g.device, non_blocking=True).float()
+    return mean + std * torch.randn(mean.shape, generator=g, device=g.device)
+
+
+def stream_plan(cfg: DistillConfig, accelerator: Any) -> StreamPlan:
+    """How this process reads a streamed real-data source."""
+    return StreamPlan(batch=cfg.batch_size * cfg.gradient_accumulation_steps, seed=cfg.seed,
+                      rank=accelerator.process_index, world=accelerator.num_processes, workers=cfg.data_workers,
+                      prefetch=cfg.data_prefetch, pin_memory=accelerator.device.type == "cuda")
 
 
 class RunBatches:
     """A run's conditioning and real data: prompts drawn from the prompt set, encoded; real
-    images with their captions for the GAN."""
+    images with their captions for the GAN.
 
-    def __init__(self, data: TrainingData, encode: PromptEncoder, backbone: Backbone) -> None:
-        self.data, self.encode = data, encode
-        self.latents = RealLatents(backbone, data.real.images) if data.real is not None else None
+    Real data in memory (the bundled digits) is drawn by index from the step's host generator;
+    streamed real data (``datasets.py``) comes in the stream's fixed order (``stream.py``), its
+    position saved in each checkpoint (``data_state``) so a resumed run continues it exactly.
+    """
+
+    def __init__(self, data: TrainingData, encode: PromptEncoder, backbone: Backbone,
+                 plan: StreamPlan | None = None) -> None:
+        self.data, self.encode, self.backbone = data, encode, backbone
+        self.latents = RealLatents(backbone, data.real.images) if isinstance(data.real, CaptionedImages) else None
+        self.stream: StreamReader | None = None
+        if isinstance(data.real, StreamedImages):
+            self.stream = StreamReader(data.real.source, data.real.fallback, plan or StreamPlan(1, 0),
+                                       self._stream_latents)
 
     def prompts(self, n: int, g: torch.Generator) -> Conditioning:
         return self.encode(self.data.prompts(n, g))
 
     def real(self, n: int, g: torch.Generator, device_g: torch.Generator) -> RealBatch:
-        if self.data.real is None or self.latents is None:
+        if self.stream is not None:
+            mean, std, captions = self.stream.take(n)
+            return RealBatch(draw_latents(mean, std, device_g), self.encode(captions))
+        if not isinstance(self.data.real, CaptionedImages) or self.latents is None:
             raise RunError("the GAN needs real images: pass real_images=FOLDER, or gan=false")
         idx, captions = self.data.real.draw(n, g)
         return RealBatch(self.latents.sample(idx, device_g), self.encode(captions))
+
+    @torch.no_grad()
+    def _stream_latents(self, batch: StreamBatch, chunk: int = 16) -> tuple[Tensor, Tensor]:
+        """A streamed batch as (mean, std) on the device: latent shards as they are, images
+        VAE-encoded here, in fixed chunks (the same numbers however the run was resumed)."""
+        device = self.backbone.device
+        if batch.pixels is None:
+            return batch.mean.to(device, non_blocking=True), batch.std.to(device, non_blocking=True)
+        parts = [self.backbone.encode_distribution(batch.pixels[i:i + chunk].to(device, non_blocking=True))
+                 for i in range(0, len(batch.pixels), chunk)]
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+
+    # -- the stream's place in checkpoints and logs (collective: every process calls these) --
+    def _totals(self, accelerator: Any) -> dict[str, int]:
+        assert self.stream is not None
+        state = self.stream.state()
+        counts = torch.tensor([state["skipped"], state["uncaptioned"]], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        return state | {"skipped": int(counts[0]), "uncaptioned": int(counts[1])}
+
+    def data_state(self, accelerator: Any) -> dict[str, int] | None:
+        """What a checkpoint keeps of the stream: its position and the counts of all processes."""
+        return self._totals(accelerator) if self.stream is not None else None
+
+    def restore_data(self, state: dict[str, int] | None) -> None:
+        if self.stream is not None and state:
+            self.stream.restore(state)
+
+    def data_logs(self, accelerator: Any) -> dict[str, float]:
+        """Running totals of the stream, all processes together: unreadable samples skipped,
+        samples without a caption, passes over the source."""
+        if self.stream is None:
+            return {}
+        totals = self._totals(accelerator)
+        return {"data/skipped": totals["skipped"], "data/uncaptioned": totals["uncaptioned"],
+                "data/epochs": self.stream.epochs}
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
 
 def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
@@ -143,5 +211,5 @@ def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
     if cfg.gan or not cfg.backward_simulation:
         if cfg.real_images is None:
             raise RunError("the GAN needs real images: pass real_images=FOLDER, or gan=false")
-        real = read_image_folder(cfg.real_images, cfg.image_size or backbone.image_size, backbone.image_channels)
+        real = open_real_source(cfg.real_images, backbone)
     return TrainingData(read_prompts(cfg.prompts), real)

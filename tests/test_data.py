@@ -1,12 +1,11 @@
-"""Prompt files, image folders and the bundled digits."""
+"""Prompt files and the bundled digits (image folders and shards: test_datasets.py)."""
 
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
 
-from dmd2_train.data import DataError, digit_caption, digits_data, load_digits, read_image_folder, read_prompts
+from dmd2_train.data import DataError, digit_caption, digits_data, load_digits, read_prompts
 
 
 def test_digits_are_real_and_split():
@@ -40,11 +39,3 @@ def test_prompt_files(tmp_path: Path):
     with pytest.raises(DataError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
 
-
-def test_image_folder(tmp_path: Path):
-    folder = write_image_folder(tmp_path / "imgs", n=3, size=16)
-    data = read_image_folder(folder, 16)
-    assert data.images.shape == (3, 3, 16, 16) and data.captions[0] == ["a photo of thing 0"]
-    assert data.images.min() >= -1 and data.images.max() <= 1
-    with pytest.raises(DataError, match="no images"):
-        read_image_folder(tmp_path, 16)

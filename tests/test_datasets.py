@@ -1,0 +1,200 @@
+"""Streamed real data: image folders, WebDataset shards, the deterministic and resumable stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmd2_train.data import DataError
+from dmd2_train.datasets import Sample, first_readable, image_source
+from dmd2_train.stream import EpochOrder, RealStream, StreamPlan, StreamReader
+
+
+def encoded(fmt: str = "PNG", seed: int = 0, size: tuple[int, int] = (20, 16)) -> bytes:
+    """A random RGB image (height, width) encoded as ``fmt``."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def truncated_jpeg() -> bytes:
+    data = encoded("JPEG", seed=9, size=(32, 32))
+    return data[: len(data) // 2]
+
+
+def write_captioned_folder(root: Path) -> Path:
+    """Nested folders: captions from metadata.csv (root), metadata.jsonl (b/c) and a .txt; one
+    truncated JPEG; one image with no caption anywhere; a hidden folder that is not data."""
+    for sub in ("a", "b/c", ".cache"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "a" / "one.png").write_bytes(encoded(seed=1))
+    (root / "a" / "two.jpg").write_bytes(truncated_jpeg())
+    (root / "metadata.csv").write_text("file_name,text\na/one.png,a red cube\na/two.jpg,a broken file\n")
+    (root / "b" / "three.png").write_bytes(encoded(seed=3, size=(16, 30)))
+    (root / "b" / "three.txt").write_text("a small dog\n")
+    (root / "b" / "four.jpg").write_bytes(encoded("JPEG", seed=4))  # no caption
+    (root / "b" / "c" / "five.webp").write_bytes(encoded("WEBP", seed=5))
+    (root / "b" / "c" / "metadata.jsonl").write_text(json.dumps({"file_name": "five.webp", "text": "a city"})
+                                                     + "\n{not json\n")  # a damaged row: warned, not fatal
+    (root / ".cache" / "six.png").write_bytes(encoded(seed=6))
+    return root
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset shard: for each (key, {extension: bytes}) the members ``key.extension``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_shards(folder: Path) -> Path:
+    """Two shards: one with a corrupt image and an uncaptioned one, one cut inside an image."""
+    write_shard(folder / "shard-000.tar", [
+        ("s/000", {"jpg": encoded("JPEG", seed=10), "txt": b"a red cube"}),
+        ("s/001", {"png": encoded(seed=11), "json": json.dumps({"caption": "a small dog"}).encode()}),
+        ("s/002", {"jpg": b"\xff\xd8 not really a jpeg", "txt": b"corrupt"}),
+        ("s/003", {"png": encoded(seed=13)}),
+    ])
+    whole = write_shard(folder / "cut.tmp", [("t/000", {"png": encoded(seed=20), "txt": b"a city at night"}),
+                                            ("t/001", {"png": encoded(seed=21, size=(64, 64)), "txt": b"cut"})])
+    data = whole.read_bytes()
+    whole.unlink()
+    offset = data.index(b"t/001.png") + 512  # the second image's data starts one header block later
+    (folder / "shard-001.tar").write_bytes(data[: offset + 200])
+    return folder
+
+
+def test_image_folder_is_read_recursively_with_its_captions(tmp_path: Path):
+    root = write_captioned_folder(tmp_path / "images")
+    source = image_source(root, 16, 3)
+    assert source.files == ["a/one.png", "a/two.jpg", "b/c/five.webp", "b/four.jpg", "b/three.png"]
+    captions = {}
+    for k, name in enumerate(source.files):
+        if name == "a/two.jpg":
+            with pytest.raises(OSError):
+                source.read(0, k)
+            continue
+        sample = source.read(0, k)
+        assert sample.pixels.shape == (3, 16, 16) and -1 <= sample.pixels.min() and sample.pixels.max() <= 1
+        captions[name] = sample.caption
+    assert captions == {"a/one.png": "a red cube", "b/c/five.webp": "a city", "b/four.jpg": "",
+                        "b/three.png": "a small dog"}
+    # one pass over the folder: the truncated JPEG skipped and counted, the uncaptioned image counted
+    batch = RealStream(source, first_readable(source), StreamPlan(batch=5, seed=0)).batch_at(0)
+    assert batch.skipped == 1 and batch.uncaptioned == 1 and "a/two.jpg" in batch.first_skip
+    assert batch.pixels.shape == (5, 3, 16, 16) and set(batch.captions) <= set(captions.values())
+
+
+def test_webdataset_shards_skip_corrupt_and_truncated_members(tmp_path: Path):
+    folder = write_shards(tmp_path / "shards")
+    for where in (folder, folder / "*.tar"):
+        source = image_source(where, 16, 3)
+        assert source.unit_sizes == [4, 2]
+    assert image_source(folder / "shard-000.tar", 16, 3).unit_sizes == [4]
+    assert source.read(0, 0).caption == "a red cube" and source.read(0, 1).caption == "a small dog"
+    assert source.read(0, 3).caption == "" and source.read(1, 0).pixels.shape == (3, 16, 16)
+    with pytest.raises(OSError):
+        source.read(0, 2)  # not an image
+    with pytest.raises(EOFError, match="truncated"):
+        source.read(1, 1)
+    batch = RealStream(source, first_readable(source), StreamPlan(batch=6, seed=0)).batch_at(0)
+    assert batch.skipped == 2 and batch.uncaptioned == 1 and len(batch.captions) == 6
+
+
+def test_a_source_with_nothing_readable_is_one_line(tmp_path: Path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(DataError, match="no images .* found in") as err:
+        image_source(bad, 16, 3)
+    (bad / "x.jpg").write_bytes(truncated_jpeg())
+    (bad / "y.png").write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 2 samples of the image folder .* can be read") as err:
+        first_readable(image_source(bad, 16, 3))
+    assert "\n" not in str(err.value) and "x.jpg" in str(err.value)
+    with pytest.raises(DataError, match="do not exist"):
+        image_source(tmp_path / "missing", 16, 3)
+    with pytest.raises(DataError, match="no .tar shards match"):
+        image_source(tmp_path / "*.tar", 16, 3)
+
+
+class CountingSource:
+    """Sample (u, k) is an image filled with its global index; every ``bad``-th one is unreadable."""
+
+    where = "test source"
+
+    def __init__(self, sizes: list[int], bad: int = 0) -> None:
+        self.unit_sizes, self.bad = sizes, bad
+        self.starts = np.cumsum([0, *sizes])
+
+    def name_of(self, unit: int, k: int) -> str:
+        return f"{unit}/{k}"
+
+    def read(self, unit: int, k: int) -> Sample:
+        i = int(self.starts[unit] + k)
+        if self.bad and i % self.bad == self.bad - 1:
+            raise OSError("damaged")
+        return Sample(f"sample {i}" if i % 4 else "", pixels=torch.full((1, 2, 2), float(i)))
+
+
+def test_order_is_a_permutation_per_epoch_split_across_processes():
+    sizes = [3, 0, 4, 2]
+    order = EpochOrder(sizes, seed=1)
+    every = {(u, k) for u, n in enumerate(sizes) for k in range(n)}
+    epochs = [[order.locate(e * 9 + i) for i in range(9)] for e in range(3)]
+    assert all(set(epoch) == every for epoch in epochs) and epochs[0] != epochs[1]
+    assert [EpochOrder(sizes, seed=1).locate(i) for i in range(9)] == epochs[0]  # a function of the seed
+    source = CountingSource(sizes)
+    seen = []
+    for rank in range(3):  # 3 processes, batches of 3: one epoch is one batch each
+        batch = RealStream(source, (0, 0), StreamPlan(batch=3, seed=1, rank=rank, world=3)).batch_at(0)
+        seen += batch.pixels[:, 0, 0, 0].tolist()
+    assert sorted(seen) == list(range(9))
+
+
+def test_resumed_stream_continues_exactly(tmp_path: Path):
+    source = CountingSource([5, 7, 3], bad=6)
+    plan = StreamPlan(batch=4, seed=3, workers=2, prefetch=2)
+
+    def reader() -> StreamReader:
+        return StreamReader(source, (0, 0), plan, lambda b: (b.pixels, b.pixels + 0.5))
+
+    straight = reader()
+    whole = [straight.take(4) for _ in range(9)]  # more than two epochs, unreadable samples included
+    first, state = reader(), None
+    before = [first.take(4) for _ in range(3)] + [first.take(1)]  # stopped mid-batch
+    state = first.state()
+    first.close()
+    second = reader()
+    second.restore(state)
+    after = [second.take(3)] + [second.take(4) for _ in range(5)]
+    flat = torch.cat([m for m, _, _ in whole])
+    resumed = torch.cat([m for m, _, _ in before + after])
+    assert torch.equal(flat, resumed)
+    assert [c for _, _, caps in whole for c in caps] == [c for _, _, caps in before + after for c in caps]
+    assert straight.state()["skipped"] == second.state()["skipped"] > 0  # skips counted once, across the resume
+    assert straight.state()["uncaptioned"] == second.state()["uncaptioned"] > 0
+    assert torch.equal(torch.cat([s for _, s, _ in whole]), flat + 0.5)
+    straight.close()
+    second.close()
+
+
+def test_a_source_that_becomes_unreadable_is_one_line_from_a_worker():
+    source = CountingSource([4], bad=1)  # every sample, the probe's fallback included
+    reader = StreamReader(source, (0, 0), StreamPlan(batch=2, seed=0, workers=1), lambda b: (b.pixels, b.pixels))
+    with pytest.raises(DataError) as err:
+        reader.take(2)
+    assert str(err.value).startswith("the test source has become unreadable (0/0: damaged)") and "\n" not in str(err.value)
+    reader.close()
