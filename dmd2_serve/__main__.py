@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     from . import BUNDLED_DIGITS_GENERATOR
 
     p = argparse.ArgumentParser(prog="python -m dmd2_serve", description="Serve a few-step generator over HTTP.")
-    p.add_argument("--model", type=Path, default=BUNDLED_DIGITS_GENERATOR, help="exported generator folder")
+    p.add_argument("--model", type=Path, default=BUNDLED_DIGITS_GENERATOR,
+                   help="exported generator folder, or its lora/ folder (a LoRA run: served on the teacher it names)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch")

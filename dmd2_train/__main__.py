@@ -1,10 +1,12 @@
 """Command line: ``python -m dmd2_train [distill|teacher] ...``.
 
     python -m dmd2_train --preset digits --out runs/digits         distil the bundled teacher
-    python -m dmd2_train --teacher PATH --prompts FILE ...         distil an SD1.5 / SDXL folder
+    python -m dmd2_train --teacher PATH --prompts FILE ...         distil an SD 1.x / 2.x / SDXL folder
+    python -m dmd2_train --teacher M.safetensors --teacher-config DIR ...   or a single-file checkpoint
     python -m dmd2_train --config run.yaml ratio=5 lr_fake=1e-6    YAML plus key=value overrides
     python -m dmd2_train --out runs/digits --resume                continue from the last checkpoint
     python -m dmd2_train teacher --preset digits                   retrain the bundled teacher
+    python -m dmd2_train encode-latents --teacher DIR --images SRC --out DIR   pre-encode real images
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("distill", "teacher", "eval", "table")
+COMMANDS = ("distill", "teacher", "eval", "table", "encode-latents")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,11 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--preset", help="digits (bundled, CPU), sd15 or sdxl; default: from the teacher's family")
     d.add_argument("--config", type=Path, help="YAML file of config keys")
-    d.add_argument("--teacher", type=Path, help="diffusers-format SD1.5/SDXL folder (default: the bundled digits teacher)")
+    d.add_argument("--teacher", type=Path, help="diffusers-format SD 1.x / 2.x / SDXL folder, or a single-file"
+                   " .safetensors checkpoint with --teacher-config (default: the bundled digits teacher)")
+    d.add_argument("--teacher-config", type=Path, help="for a single-file teacher: the model's diffusers config"
+                   " folder (model_index.json, component configs, tokenizers; no weights needed)")
     d.add_argument("--out", type=Path, help="run folder (checkpoints, logs, previews, generator/)")
     d.add_argument("--max-steps", type=int, help="total training steps")
     d.add_argument("--prompts", type=Path, help="prompt file (.txt, one a line, or .jsonl)")
-    d.add_argument("--real-images", type=Path, help="folder of captioned real images for the GAN")
+    d.add_argument("--real-images", type=Path, help="real images for the GAN: an image folder, WebDataset .tar"
+                   " shards (folder, file or glob) or an encode-latents folder")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. ratio=5")
     t = sub.add_parser("teacher", help="train the bundled digits teacher")
@@ -62,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--runs", type=Path, default=Path("runs/quality"))
     q.add_argument("--guidance", type=float, default=None, help="default: the digits preset's")
     q.add_argument("--max-steps", type=int, help="shorter runs, for a smoke test")
+    about = ("pre-encode real images (centre crop, the teacher's size) into fp16 VAE latent shards: the mean and"
+             " std of each latent distribution, with the captions; resumable, parallel under torchrun")
+    n = sub.add_parser("encode-latents", help=about, description=about + " (README: Data formats)",
+                       prog="python -m dmd2_train encode-latents")
+    n.add_argument("--teacher", type=Path, required=True, help="the teacher whose VAE encodes the images")
+    n.add_argument("--images", type=Path, required=True, help="an image folder or WebDataset .tar shards")
+    n.add_argument("--out", type=Path, required=True, help="latent folder; pass it to training as --real-images")
+    n.add_argument("--batch-size", type=int, default=16, help="images per VAE pass")
+    n.add_argument("--shard-size", type=int, default=1000, help="source images per shard")
+    n.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    n.add_argument("--image-size", type=int, help="image side in pixels (default: the teacher's)")
     return p
 
 
@@ -69,16 +86,18 @@ def _distill(args: argparse.Namespace) -> None:
     from .config import DISTILL_PRESETS, DistillConfig, build_config, parse_overrides, read_yaml
 
     preset = args.preset
+    overrides = parse_overrides(args.overrides)
+    teacher = overrides.get("teacher") or args.teacher
     if preset is None and args.config is None:
-        if args.teacher is None:
+        if teacher is None:
             preset = "digits"
         else:
-            from dmd2_serve.model.adapters import adapter, read_meta
+            from dmd2_serve.model.adapters import teacher_adapter
 
-            preset = adapter(read_meta(args.teacher)["family"]).default_preset
-    flags: dict[str, Any] = {"teacher": args.teacher, "out": args.out, "max_steps": args.max_steps,
-                             "prompts": args.prompts, "real_images": args.real_images}
-    layers = ([read_yaml(args.config)] if args.config else []) + [flags, parse_overrides(args.overrides)]
+            preset = teacher_adapter(Path(teacher)).default_preset  # a folder's or a single file's family
+    flags: dict[str, Any] = {"teacher": args.teacher, "teacher_config": args.teacher_config, "out": args.out,
+                             "max_steps": args.max_steps, "prompts": args.prompts, "real_images": args.real_images}
+    layers = ([read_yaml(args.config)] if args.config else []) + [flags, overrides]
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
     from .loop import distill
 
@@ -135,6 +154,15 @@ def _table(args: argparse.Namespace) -> None:
     print(build_table(args.out, args.runs, guidance, max_steps=args.max_steps))
 
 
+def _encode_latents(args: argparse.Namespace) -> None:
+    from .latents import encode_latents, process_split
+
+    report = encode_latents(args.teacher, args.images, args.out, args.batch_size, args.shard_size, args.workers,
+                            args.image_size)
+    rank, world, _ = process_split()
+    print(report.line(rank, world))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -157,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from .run import RunError
 
     try:
-        {"distill": _distill, "teacher": _teacher, "eval": _eval, "table": _table}[args.command](args)
+        {"distill": _distill, "teacher": _teacher, "eval": _eval, "table": _table,
+         "encode-latents": _encode_latents}[args.command](args)
     except (ConfigError, ModelFolderError, DataError, RunError, EvalError, CheckpointError, MemoryOptionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,10 @@ class DistillConfig(_Strict):
     """Everything a DMD2 distillation run needs. Defaults are the paper's SD1.5 numbers."""
 
     # what to distil, where to write
-    teacher: Path = Field(BUNDLED_DIGITS_TEACHER, description="teacher folder (diffusers format or bundled)")
+    teacher: Path = Field(BUNDLED_DIGITS_TEACHER, description="teacher folder (diffusers format or bundled) or a"
+                          " single-file .safetensors checkpoint (converted once into <out>/teacher)")
+    teacher_config: Path | None = Field(None, description="for a single-file teacher: the model's diffusers config"
+                                        " folder (model_index.json, component configs, tokenizers; no weights)")
     out: Path = Field(Path("runs/dmd2"), description="run folder: checkpoints, logs, previews, generator/")
     image_size: int | None = Field(None, gt=0, description="image side in pixels (default: the teacher's)")
     init_from: Path | None = Field(None, description="start from an earlier run's weights (run, checkpoint or"
@@ -32,7 +35,11 @@ class DistillConfig(_Strict):
 
     # data
     prompts: Path | None = Field(None, description="text file (one prompt a line) or .jsonl with 'text'")
-    real_images: Path | None = Field(None, description="folder of images with .txt captions or metadata.jsonl")
+    real_images: Path | None = Field(None, description="real images for the GAN, streamed: an image folder"
+                                     " (recursive; metadata.jsonl/.csv or .txt captions), WebDataset .tar shards"
+                                     " (a folder, a file or a glob) or an encode-latents folder (README: Data formats)")
+    data_workers: int = Field(2, ge=0, description="DataLoader processes reading real_images (0: in the training process)")
+    data_prefetch: int = Field(2, ge=1, description="batches each data worker prepares ahead")
 
     # generator and schedule
     timesteps: list[int] = Field([999, 749, 499, 249], min_length=1, description="the fixed few-step schedule")
@@ -70,6 +77,14 @@ class DistillConfig(_Strict):
     free_grads: bool = Field(True, description="free each network's gradients right after its step")
     sharding: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp: replicate per GPU; fsdp2: shard both networks")
 
+    # LoRA (dmd2_train/lora.py): the generator as a low-rank adapter on the frozen teacher
+    lora_rank: int = Field(0, ge=0, description="LoRA rank of the generator; 0: train every weight")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (scale alpha/rank); default: lora_rank")
+    lora_fake: bool = Field(False, description="train the fake score as a LoRA of the same rank too")
+    # diffusers' LoRA training scripts' default (train_text_to_image_lora.py, dreambooth LoRA)
+    lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                                    description="module names that get adapters (peft target_modules)")
+
     # logging and checkpoints
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(500, ge=1)
@@ -93,6 +108,8 @@ class DistillConfig(_Strict):
             raise ValueError("offload_optimizer works with sharding=ddp; with fsdp2 each GPU already holds"
                              " only its shard of the optimiser state: add offload_optimizer=false (the sdxl"
                              " preset turns it on)")
+        if self.lora_fake and not self.lora_rank:
+            raise ValueError("lora_fake=true needs lora_rank > 0 (the rank of both adapters), e.g. lora_rank=64")
         return self
 
 

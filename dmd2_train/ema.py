@@ -2,7 +2,7 @@
 
 The average is a list of tensors shaped like the module's parameters (sharded like them under
 FSDP: a clone of a DTensor is a DTensor), not a deep copy of the module, so it works whatever
-wraps the module and costs one copy of the parameters, nothing more.
+wraps the module and costs one copy of the trained parameters (a LoRA's adapter), nothing more.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ class ParameterEMA:
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.names = [n for n, _ in module.named_parameters()]
+        # Trained parameters only: a LoRA generator averages its adapter, not the frozen teacher.
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
         # The parameter objects themselves: under FSDP2 the sharded ones, which the optimiser
         # updates (the module exposes gathered copies while a pass holds them).
-        self.params = list(module.parameters())
+        self.params = [p for _, p in named]
         self.average = [p.detach().clone() for p in self.params]
         self.updates = 0
 

@@ -10,6 +10,17 @@ Layout (diffusers):
 
 Stock diffusers use: ``pipe = DiffusionPipeline.from_pretrained(folder)`` then
 ``pipe(prompt, timesteps=[999, 749, 499, 249], guidance_scale=0)`` (the schedule is in dmd2.json).
+
+A LoRA run (``lora_rank > 0``) writes the same folder, its ``unet/`` the teacher's UNet with the
+adapter merged in, plus the adapter on its own (``dmd2_serve.model.lora``):
+    lora/pytorch_lora_weights.safetensors   diffusers' LoRA format
+    lora/dmd2.json                          family, timesteps, ``base`` (the teacher folder), rank, alpha
+and records ``lora: {rank, alpha, targets, path}`` in the folder's dmd2.json. Stock diffusers::
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher)      # or StableDiffusionXLPipeline
+    pipe.load_lora_weights("run/generator/lora")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe(prompt, timesteps=[999, 749, 499, 249], guidance_scale=0)
 """
 
 from __future__ import annotations
@@ -25,6 +36,11 @@ from typing import Any
 from torch import Tensor
 
 from dmd2_serve.model.adapters import META_FILE, Backbone
+from dmd2_serve.model.lora import fused_lora_unet
+
+from .lora import LoraSpec
+
+LORA_FOLDER = "lora"  # the adapter's sub-folder of a generator folder
 
 
 @contextmanager
@@ -49,19 +65,29 @@ def folder_written_atomically(out: Path) -> Iterator[Path]:
 
 def export_generator(
     weights: dict[str, Tensor], unet_config: Mapping[str, Any], backbone: Backbone, teacher: Path, out: Path,
-    timesteps: list[int], extra: dict[str, Any] | None = None,
+    timesteps: list[int], extra: dict[str, Any] | None = None, lora: LoraSpec | None = None,
 ) -> Path:
     """Write the generator folder to ``out`` atomically (build beside it, then rename).
 
     ``weights`` is the generator's full state dict (gathered from every process when sharded) and
     ``unet_config`` its diffusers config: the folder is written without building another UNet.
+    With ``lora``, ``weights`` is the adapter's state dict: the folder gets ``lora/`` and, in
+    ``unet/``, the teacher's UNet with the adapter fused in exactly as diffusers fuses it.
     """
     import diffusers
     from diffusers import LCMScheduler
     from safetensors.torch import save_file
 
     out = Path(out)
+    meta = {"family": backbone.family, "timesteps": [int(t) for t in timesteps],
+            "teacher": str(teacher), **backbone.meta(), **(extra or {})}
     with folder_written_atomically(out) as tmp:
+        if lora is not None:
+            lora.save(weights, tmp / LORA_FOLDER, next(iter(backbone.pipeline_classes), "StableDiffusionPipeline"))
+            lora_meta = {**meta, "base": str(Path(teacher).resolve()), "lora": lora.meta()}
+            (tmp / LORA_FOLDER / META_FILE).write_text(json.dumps(lora_meta, indent=2))
+            weights = fused_lora_unet(teacher, tmp / LORA_FOLDER).state_dict()
+            meta["lora"] = {**lora.meta(), "path": LORA_FOLDER}
         (tmp / "unet").mkdir()
         # The config as diffusers writes it; the class named by hand (a sharded module's class is
         # FSDP's subclass of it).
@@ -71,7 +97,10 @@ def export_generator(
         save_file({k: v.detach().contiguous() for k, v in weights.items()},
                   tmp / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
         scheduler_config = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
-        LCMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+        # The teacher's betas and prediction type; no clipping or thresholding of x0, which the
+        # generator's own sampler never does (DDPMScheduler's default clip_sample is true).
+        LCMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False).save_pretrained(
+            tmp / "scheduler")
         backbone.save(tmp)
 
         index_path = Path(teacher) / "model_index.json"
@@ -85,7 +114,5 @@ def export_generator(
                 index["requires_safety_checker"] = False
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
-        meta = {"family": backbone.family, "timesteps": [int(t) for t in timesteps],
-                "teacher": str(teacher), **backbone.meta(), **(extra or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out

@@ -30,7 +30,8 @@ from .export import export_generator
 from .init_from import read_initial_weights
 from .memory import out_of_memory_message
 from .previews import save_grid
-from .run import PromptEncoder, RunBatches, RunError, check_output_folder, make_accelerator, make_data
+from .run import PromptEncoder, RunBatches, RunError, check_output_folder, make_accelerator, make_data, stream_plan
+from .single_file import teacher_folder
 from .trainer import Trainer
 
 # Re-exported for callers of the earlier layout (they lived here before run.py).
@@ -39,26 +40,34 @@ __all__ = ["RunError", "PromptEncoder", "check_output_folder", "distill", "prepa
 
 @dataclass
 class PreparedRun:
-    """What ``prepare_run`` built: the teacher's facts, its adapter (with its schedule) and the trainer."""
+    """What ``prepare_run`` built: the teacher's facts, its adapter (with its schedule) and the trainer.
+
+    ``teacher`` is the teacher's diffusers folder: ``cfg.teacher``, or ``<out>/teacher`` converted
+    from a single-file checkpoint.
+    """
 
     meta: dict[str, Any]
     backbone: Backbone
     trainer: Trainer
+    teacher: Path
+    batches: RunBatches  # the trainer's conditioning and real data (a streamed source's position and counts)
 
 
 def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     """The teacher, its adapter, the data and the trainer, on the accelerator's device."""
-    meta = read_meta(cfg.teacher)
-    backbone = load_backbone(cfg.teacher, meta, cfg.image_size).to(accelerator.device)
+    teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)
+    meta = read_meta(teacher)
+    backbone = load_backbone(teacher, meta, cfg.image_size).to(accelerator.device)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
         backbone.to(torch.bfloat16)  # frozen text encoders and VAE: bf16 halves them
     data = make_data(cfg, backbone)
     known = data.texts() + list(cfg.preview_prompts)
-    batches = RunBatches(data, PromptEncoder(backbone, known if len(known) <= 8192 else None), backbone)
+    batches = RunBatches(data, PromptEncoder(backbone, known if len(known) <= 8192 else None), backbone,
+                         stream_plan(cfg, accelerator))
     init = read_initial_weights(cfg.init_from) if cfg.init_from is not None else None
-    trainer = Trainer(cfg, accelerator, load_unet(cfg.teacher), backbone.sample_shape, backbone.schedule, batches,
+    trainer = Trainer(cfg, accelerator, load_unet(teacher), backbone.sample_shape, backbone.schedule, batches,
                       backbone.unconditional(1), backbone.bottleneck, init)
-    return PreparedRun(meta, backbone, trainer)
+    return PreparedRun(meta, backbone, trainer, teacher, batches)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
@@ -94,12 +103,14 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                     f" {str(e).splitlines()[0] if str(e) else type(e).__name__}; resume with the run's own settings"
                     " (kept in its meta.json under 'config') or use a new --out"
                 ) from None
+            run.batches.restore_data(ckpt.read_meta(found[1]).get("data"))  # the real-data stream's position
             accelerator.print(f"resumed from step {start}")
     if start >= cfg.max_steps:
         accelerator.print(f"the run is already at step {start} >= max_steps {cfg.max_steps}")
 
     def save(step: int) -> None:
-        trainer.save(cfg.out, step, {"config": cfg.model_dump(mode="json")})
+        data = run.batches.data_state(accelerator)
+        trainer.save(cfg.out, step, {"config": cfg.model_dump(mode="json")} | ({"data": data} if data else {}))
 
     def preview(step: int) -> None:
         """Every process renders its share of the prompts (sharded nets need all of them), no CUDA
@@ -138,7 +149,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 seconds = (now - since) / max(1, step - since_step)
                 since, since_step = now, step
                 logs |= {"perf/seconds_per_step": seconds, "perf/samples_per_second": samples_per_step / seconds,
-                         **trainer.learning_rates()}
+                         **trainer.learning_rates(), **run.batches.data_logs(accelerator)}
                 if device.type == "cuda":
                     logs |= {"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                              "memory/max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
@@ -154,6 +165,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 raise KeyboardInterrupt
     finally:
         bar.close()
+        run.batches.close()
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -162,11 +174,12 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     weights = trainer.served_state_dict()
     if accelerator.is_main_process:
         bundled = cfg.teacher.resolve() == BUNDLED_DIGITS_TEACHER.resolve()
-        export_generator(weights, trainer.gen_module.config, backbone, cfg.teacher, out, cfg.timesteps,
+        export_generator(weights, trainer.gen_module.config, backbone, run.teacher, out, cfg.timesteps,
                          extra={"teacher": "bundled:digits-teacher" if bundled else str(cfg.teacher),
                                 "steps_trained": step, "updates": trainer.updates,
                                 "world_size": accelerator.num_processes,
-                                "guidance_scale": cfg.guidance_scale, "ema_decay": cfg.ema_decay})
+                                "guidance_scale": cfg.guidance_scale, "ema_decay": cfg.ema_decay},
+                         lora=trainer.lora)
     accelerator.wait_for_everyone()
     accelerator.print(f"generator written to {out}")
     accelerator.end_training()  # closes the trackers and the process group: last

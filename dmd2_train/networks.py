@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from dmd2_serve.model.adapters import Conditioning, unet_prediction
 from dmd2_serve.model.schedule import Schedule
 
+from .lora import LoraSpec
+
 
 def head_groups(channels: int, most: int = 32, min_group: int = 16) -> int:
     """GroupNorm groups for the head: the most (up to ``most``) dividing ``channels`` with >= ``min_group`` each."""
@@ -122,14 +124,21 @@ def bottleneck_shape(unet: nn.Module, sample_shape: tuple[int, int, int], cond: 
     return int(c), int(h), int(w)
 
 
-def build_networks(teacher: nn.Module, teacher_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, nn.Module]:
+def build_networks(teacher: nn.Module, teacher_dtype: torch.dtype = torch.float32,
+                   generator_lora: LoraSpec | None = None,
+                   fake_lora: LoraSpec | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(real_score, fake_unet, generator) from one teacher UNet.
 
     The real score is the teacher itself, frozen and cast to ``teacher_dtype``; the fake score
-    and the generator are float32 trainable copies (fp32 master weights).
+    and the generator are float32 trainable copies (fp32 master weights), or, given a
+    :class:`LoraSpec`, frozen copies in ``teacher_dtype`` with a trainable float32 adapter. The
+    adapters go on the copies: the real score stays the plain teacher.
     """
     fake = copy.deepcopy(teacher).float().train().requires_grad_(True)
     generator = copy.deepcopy(teacher).float().train().requires_grad_(True)
+    for net, lora in ((generator, generator_lora), (fake, fake_lora)):
+        if lora is not None:
+            lora.add_to(net, teacher_dtype)
     if next(teacher.parameters()).dtype != teacher_dtype:
         teacher = teacher.to(teacher_dtype)
     real = teacher.eval().requires_grad_(False)

@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import DistillConfig
 from .ema import ParameterEMA
 from .init_from import apply_initial_weights
+from .lora import LoraSpec, trainable
 from .memory import StateParking, make_optimizer
 from .networks import FakeScore, bottleneck_shape, build_networks
 from .step import (
@@ -138,15 +139,19 @@ class Trainer:
         self.uncond_one = uncond_one.to(self.device)
         bf16 = accelerator.mixed_precision == "bf16"
 
-        torch.manual_seed(cfg.seed)  # the GAN head starts identical on every process
+        torch.manual_seed(cfg.seed)  # the GAN head (and LoRA's A) start identical on every process
+        self.lora = LoraSpec.of(cfg)
         real, fake_unet, generator = build_networks(teacher, torch.bfloat16 if bf16 and self.device.type == "cuda"
-                                                    else torch.float32)
+                                                    else torch.float32, self.lora, self.lora if cfg.lora_fake else None)
         real.to(self.device)
         if cfg.gradient_checkpointing:
             fake_unet.enable_gradient_checkpointing()
             generator.enable_gradient_checkpointing()
         bottleneck = bottleneck_of(fake_unet)
-        head = bottleneck_shape(fake_unet.to(self.device), sample_shape, self.uncond_one, bottleneck) if cfg.gan else None
+        head = None
+        if cfg.gan:
+            with accelerator.autocast():  # a LoRA fake score's frozen weights may be bf16
+                head = bottleneck_shape(fake_unet.to(self.device), sample_shape, self.uncond_one, bottleneck)
         fake = FakeScore(fake_unet, head, self.schedule, bottleneck).to(self.device)
         if init is not None:
             apply_initial_weights(generator, fake, init)
@@ -159,8 +164,8 @@ class Trainer:
             shard_fsdp2(fake, bf16)
             for method in ("eps", "logits"):
                 register_fsdp_forward_method(fake, method)
-        opt_g = make_optimizer(generator.parameters(), cfg.lr_generator, cfg, self.device)
-        opt_f = make_optimizer(fake.parameters(), cfg.lr_fake, cfg, self.device)
+        opt_g = make_optimizer(trainable(generator), cfg.lr_generator, cfg, self.device)
+        opt_f = make_optimizer(trainable(fake), cfg.lr_fake, cfg, self.device)
         if cfg.sharding == "fsdp2":  # sharded in place: accelerate prepares only the optimisers
             self.generator, self.fake = generator, fake
             self.opt_g, self.opt_f = accelerator.prepare(opt_g, opt_f)
@@ -170,8 +175,8 @@ class Trainer:
         self.fake_module: FakeScore = accelerator.unwrap_model(self.fake)
         # The parameter objects the optimisers hold (under FSDP2 the shards: a module exposes
         # gathered copies while a pass holds them).
-        self.gen_params = list(self.gen_module.parameters())
-        self.fake_params = list(self.fake_module.parameters())
+        self.gen_params = trainable(self.gen_module)
+        self.fake_params = trainable(self.fake_module)
         self.nets = Networks(self.generator, self.fake, self.fake_module, real, self.schedule,
                              accelerator.autocast)
         self.ema = ParameterEMA(self.gen_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -339,11 +344,16 @@ class Trainer:
                 reshard(self.gen_module)
 
     def served_state_dict(self) -> dict[str, Tensor]:
-        """Full (unsharded) host tensors of the served generator; collective under FSDP2."""
+        """Full (unsharded) host tensors of the served generator; collective under FSDP2.
+
+        A LoRA generator serves its adapter only (peft names, ``...to_q.lora_A.default.weight``):
+        the rest is the teacher's, which the export reads from the teacher's folder.
+        """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.lora is not None)
         with self.served() as module:
-            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = get_model_state_dict(module, options=options)
             # On the host the state dict holds the parameters themselves: copy before the swap back.
             live = {p.data_ptr() for p in module.parameters() if p.device.type == "cpu"}
             return {k: v.clone() if v.data_ptr() in live else v for k, v in state.items()}

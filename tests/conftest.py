@@ -61,7 +61,7 @@ def tiny_vae() -> torch.nn.Module:
                          layers_per_block=1, norm_num_groups=4, sample_size=16)
 
 
-def tiny_sd_unet(cross_dim: int, sdxl: bool = False, proj_dim: int = 0) -> torch.nn.Module:
+def tiny_sd_unet(cross_dim: int, sdxl: bool = False, proj_dim: int = 0, **arch: object) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
@@ -69,29 +69,61 @@ def tiny_sd_unet(cross_dim: int, sdxl: bool = False, proj_dim: int = 0) -> torch
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_dim, attention_head_dim=2, norm_num_groups=8, **extra,
+        cross_attention_dim=cross_dim, **{"attention_head_dim": 2, "norm_num_groups": 8, **extra, **arch},
     )
 
 
-def write_tiny_pipeline(folder: Path, family: str) -> Path:
-    """A random SD1.5-shaped or SDXL-shaped diffusers pipeline folder at 16x16 pixels."""
+def write_tiny_pipeline(folder: Path, family: str, variant: str | None = None) -> Path:
+    """A random diffusers pipeline folder at 16x16 pixels, shaped like
+
+    ``sd15``  SD 1.5 (CLIP, eps);
+    ``sd2-v`` SD 2.x 768-v: v-prediction, a wider text encoder than the UNet's first block (SD2's
+              1024 vs 320 at tiny size), linear projections, a head dim per block, upcast attention;
+    ``sdxl``  SDXL (two encoders, pooled embedding, time ids).
+    ``variant="fp16"`` saves half-precision weights as ``*.fp16.safetensors`` only.
+    """
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
     tok = write_tiny_clip_tokenizer(folder / "_tok")
     vocab = len(tok)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    if family == "sd15":
+    prediction = "v_prediction" if family == "sd2-v" else "epsilon"
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction)
+    if family in ("sd15", "sd2-v"):
+        width = 32 if family == "sd15" else 48
+        arch = ({"use_linear_projection": True, "attention_head_dim": [2, 4], "upcast_attention": True}
+                if family == "sd2-v" else {})
         pipe = StableDiffusionPipeline(
-            vae=tiny_vae(), text_encoder=tiny_clip(vocab, 32), tokenizer=tok, unet=tiny_sd_unet(32),
+            vae=tiny_vae(), text_encoder=tiny_clip(vocab, width), tokenizer=tok, unet=tiny_sd_unet(width, **arch),
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         pipe = StableDiffusionXLPipeline(
             vae=tiny_vae(), text_encoder=tiny_clip(vocab, 32), tokenizer=tok,
             text_encoder_2=tiny_clip(vocab, 32, projection=True), tokenizer_2=tok,
             unet=tiny_sd_unet(64, sdxl=True, proj_dim=32), scheduler=scheduler)
-    pipe.save_pretrained(folder)
+    if variant == "fp16":
+        pipe.to(torch.float16)
+    pipe.save_pretrained(folder, variant=variant)
     return folder
+
+
+def assert_one_step_matches_stock_diffusers(folder: Path, prompt: str = "a red cube") -> None:
+    """From the same latents, one step of our ``FewStepPipeline`` and of stock diffusers (the
+    exported LCMScheduler at t = 999, no guidance) give the same images: the same math."""
+    from diffusers import DiffusionPipeline
+
+    from dmd2_serve import FewStepPipeline
+
+    ours = FewStepPipeline.from_folder(folder)
+    latents = torch.randn((1, *ours.backbone.sample_shape), generator=torch.Generator().manual_seed(0))
+    mine = ours([prompt], latents=latents, steps=1)
+    side = ours.backbone.image_size
+    stock = DiffusionPipeline.from_pretrained(folder)
+    theirs = stock(prompt, latents=latents.clone(), timesteps=[999], guidance_scale=0.0, height=side, width=side,
+                   output_type="pt").images
+    assert mine.shape == theirs.shape == (1, 3, side, side)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
 
 
 def write_image_folder(folder: Path, n: int = 6, size: int = 16) -> Path:
@@ -116,6 +148,12 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sd15_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "teacher", "sd15")
+
+
+@pytest.fixture(scope="session")
+def sd2v_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD2-shaped v-prediction teacher."""
+    return write_tiny_pipeline(tmp_path_factory.mktemp("sd2v") / "teacher", "sd2-v")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_overrides
+from conftest import assert_one_step_matches_stock_diffusers, tiny_run_overrides
 
 from dmd2_serve.model.adapters import load_unet
 from dmd2_serve.model.pipeline import FewStepPipeline
@@ -111,6 +111,7 @@ def test_sd_shaped_pipelines_distil_and_export(family, request, sd_data, tmp_pat
     out = stock("a red cube", timesteps=meta["timesteps"], guidance_scale=0.0, height=16, width=16,
                 output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()
+    assert_one_step_matches_stock_diffusers(folder)  # from the same latents: the same images
 
 
 def test_out_of_memory_names_the_options_and_keeps_the_last_checkpoint(digits_teacher: Path, tmp_path: Path,

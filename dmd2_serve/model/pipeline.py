@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .adapters import META_FILE, Backbone, Conditioning, ModelFolderError, load_backbone, load_unet, read_meta, unet_eps
 from .backends import Denoiser, FastPath, GraphedLoop, check_fast_path, compile_modules, set_attention, tensorrt_modules
+from .lora import fused_lora_unet, lora_base
 from .sampling import philox_sample
 
 
@@ -51,8 +52,10 @@ class FewStepPipeline:
                     dtype: torch.dtype | None = None) -> FewStepPipeline:
         """Load a generator folder written by ``dmd2_train`` export.
 
-        ``dtype`` None picks float16 on CUDA (with a bfloat16 VAE: the SDXL VAE overflows in
-        float16) and float32 elsewhere.
+        ``folder`` is a full generator (``run/generator``) or a LoRA export (``run/generator/lora``),
+        whose ``dmd2.json`` names the teacher it adapts: the encoders, VAE and UNet then come from
+        the teacher, the adapter fused into the UNet (``lora.py``). ``dtype`` None picks float16 on
+        CUDA (with a bfloat16 VAE: the SDXL VAE overflows in float16) and float32 elsewhere.
         """
         folder = Path(folder)
         meta = read_meta(folder)
@@ -63,10 +66,12 @@ class FewStepPipeline:
             )
         on_cuda = torch.device(device).type == "cuda"
         dtype = dtype or (torch.float16 if on_cuda else torch.float32)
-        backbone = load_backbone(folder, meta).to(device)
+        base = lora_base(folder, meta)
+        backbone = load_backbone(base or folder, meta).to(device)
         if on_cuda and getattr(backbone, "vae", None) is not None:
             backbone.vae.to(torch.bfloat16)
-        unet = load_unet(folder).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        unet = fused_lora_unet(base, folder) if base is not None else load_unet(folder)
+        unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(unet, backbone, name=folder.name)
 
     @property
