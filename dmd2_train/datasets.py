@@ -27,6 +27,7 @@ import re
 import sys
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -184,6 +185,16 @@ def tar_samples(path: Path, warn: bool = False) -> list[dict[str, tuple[int, int
     return samples
 
 
+def recent(cache: OrderedDict, key: Any, make: Callable[[], Any], keep: int = 2) -> Any:
+    """``cache[key]``, made on first use; only the ``keep`` most recently used entries stay."""
+    if key not in cache:
+        cache[key] = make()
+        if len(cache) > keep:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
 class TarShardSource:
     """WebDataset ``.tar`` shards, one unit each, read by offset (random access, no extraction)."""
 
@@ -200,12 +211,7 @@ class TarShardSource:
         return self.__dict__ | {"_indexes": OrderedDict()}  # a worker indexes its own shards
 
     def _index(self, unit: int) -> list[dict[str, tuple[int, int]]]:
-        if unit not in self._indexes:
-            self._indexes[unit] = tar_samples(self.shards[unit])
-            if len(self._indexes) > 2:
-                self._indexes.popitem(last=False)
-        self._indexes.move_to_end(unit)
-        return self._indexes[unit]
+        return recent(self._indexes, unit, lambda: tar_samples(self.shards[unit]))
 
     def name_of(self, unit: int, k: int) -> str:
         return f"{self.shards[unit].name} sample {k}"
@@ -304,13 +310,11 @@ class LatentShardSource:
     def _shard(self, unit: int) -> tuple[Any, list[str]]:
         from safetensors import safe_open
 
-        if unit not in self._open:
+        def open_shard() -> tuple[Any, list[str]]:
             handle = safe_open(self.shards[unit], framework="pt")
-            self._open[unit] = (handle, json.loads(handle.metadata()["captions"]))
-            if len(self._open) > 2:
-                self._open.popitem(last=False)
-        self._open.move_to_end(unit)
-        return self._open[unit]
+            return handle, json.loads(handle.metadata()["captions"])
+
+        return recent(self._open, unit, open_shard)
 
     def name_of(self, unit: int, k: int) -> str:
         return f"{self.shards[unit].name} sample {k}"
@@ -348,12 +352,17 @@ def first_readable(source: Source) -> tuple[int, int]:
 
 
 def image_source(path: Path, size: int, channels: int) -> ImageFolderSource | TarShardSource:
-    """The raw-image source at ``path``: an image folder, or WebDataset shards (file, folder or glob)."""
+    """The raw-image source at ``path``: an image folder, or WebDataset shards (file, folder, glob or
+    WebDataset's brace notation)."""
     text = str(path)
-    if any(c in text for c in "*?["):
-        shards = sorted(Path(p) for p in glob.glob(text, recursive=True) if p.endswith(".tar"))
+    if any(c in text for c in "*?[{"):
+        from braceexpand import braceexpand  # WebDataset's shard notation: shards/{000000..000099}.tar
+
+        shards = sorted({Path(p) for pattern in braceexpand(text) for p in glob.glob(pattern, recursive=True)
+                         if p.endswith(".tar")})
         if not shards:
-            raise DataError(f"no .tar shards match '{path}'; check the pattern (e.g. 'shards/*.tar')")
+            raise DataError(f"no .tar shards match '{path}'; check the pattern (e.g. 'shards/*.tar' or"
+                            " 'shards/{000000..000099}.tar')")
         return TarShardSource(f"WebDataset shards '{path}'", shards, size, channels)
     if not path.exists():
         raise DataError(f"real images '{path}' do not exist; pass an image folder, WebDataset .tar shards"

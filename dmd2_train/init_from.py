@@ -65,6 +65,11 @@ def apply_initial_weights(generator: nn.Module, fake: nn.Module, init: InitialWe
     The generator must match exactly; the fake score's UNet too when given, while its GAN head is
     taken only when the earlier run had one of the same shape (stage 1 runs without the GAN).
     """
+    ours, theirs = (any("lora_" in k for k in keys) for keys in (generator.state_dict(), init["generator"]))
+    if ours != theirs:
+        kinds = ("a LoRA", "a full") if theirs else ("a full", "a LoRA")
+        raise RunError(f"init_from holds {kinds[0]} generator but this run trains {kinds[1]} one; use the earlier"
+                       " run's lora_rank (and lora_targets)")
     try:
         generator.load_state_dict(init["generator"])
         if "fake" in init:
