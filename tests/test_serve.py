@@ -215,3 +215,6 @@ def test_loadtest_script(server: Server, capsys):
     assert main(["--url", server.url, "--clients", "1", "4", "--seconds", "1.5", "--max-requests", "40"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| clients |") and "\n| 4 |" in out
+    one = next(line for line in out.splitlines() if line.startswith("| 1 |")).split("|")
+    p50, pipeline, overhead = (float(one[i]) for i in (4, 6, 7))
+    assert 0 < pipeline < p50 and 0 < overhead < p50  # the server's model time and the rest of the latency

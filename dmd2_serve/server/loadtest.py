@@ -5,7 +5,10 @@
 
 Each scenario runs ``clients`` closed-loop clients (send, wait for the answer, send again) for a
 bounded time and request count, then reports latency percentiles, throughput, the batch sizes the
-server formed (from each answer's ``timings_ms.batch_requests``) and errors.
+server formed (from each answer's ``timings_ms.batch_requests``) and errors, and beside the
+client's latency the server's own pipeline time (``timings_ms.inference``, the batch's model
+time) and the HTTP overhead: each request's latency minus its pipeline time (queueing, request
+and response handling, encoding, the loopback round trip).
 """
 
 from __future__ import annotations
@@ -28,22 +31,31 @@ class Scenario:
     seconds: float
     latencies_ms: list[float]
     batch_sizes: list[float]
+    pipeline_ms: list[float]  # the server's model time for each answer's batch
 
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+    def percentile(self, q: float, values: list[float] | None = None) -> float:
+        """The ``q`` quantile of ``values`` (default: the latencies), NaN when there are none."""
+        values = self.latencies_ms if values is None else values
+        if not values:
             return float("nan")
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def overhead_ms(self) -> list[float]:
+        """Per request: client latency minus the server's pipeline time."""
+        return [lat - pipe for lat, pipe in zip(self.latencies_ms, self.pipeline_ms)]
 
 
 async def run_scenario(url: str, clients: int, seconds: float, max_requests: int, prompt: str) -> Scenario:
     """``clients`` closed-loop clients for at most ``seconds`` and ``max_requests`` requests in all."""
     latencies: list[float] = []
     batches: list[float] = []
+    pipeline: list[float] = []
     errors = 0
     sent = 0
     deadline = time.perf_counter() + seconds
@@ -63,7 +75,9 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                     ok = False
                 if ok:
                     latencies.append((time.perf_counter() - t0) * 1000)
-                    batches.append(r.json()["timings_ms"].get("batch_requests", 1.0))
+                    timings = r.json()["timings_ms"]
+                    batches.append(timings.get("batch_requests", 1.0))
+                    pipeline.append(timings.get("inference", 0.0))
                 else:
                     errors += 1
                 i += 1
@@ -71,18 +85,20 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
         started = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches)
+    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline)
 
 
 def table(rows: list[Scenario]) -> str:
     """A Markdown table of the scenarios, the first one as the baseline."""
     base = rows[0].throughput or 1.0
-    lines = ["| clients | requests | errors | p50 ms | p95 ms | req/s | vs 1 client | mean batch | max batch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | requests | errors | p50 ms | p95 ms | p50 pipeline ms | p50 overhead ms | req/s"
+             " | vs 1 client | mean batch | max batch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mean_b = statistics.fmean(r.batch_sizes) if r.batch_sizes else 0
         max_b = max(r.batch_sizes) if r.batch_sizes else 0
-        lines.append(f"| {r.clients} | {r.requests} | {r.errors} | {r.percentile(0.5):.0f} | {r.percentile(0.95):.0f}"
+        lines.append(f"| {r.clients} | {r.requests} | {r.errors} | {r.percentile(0.5):.1f} | {r.percentile(0.95):.1f}"
+                     f" | {r.percentile(0.5, r.pipeline_ms):.1f} | {r.percentile(0.5, r.overhead_ms):.1f}"
                      f" | {r.throughput:.1f} | {r.throughput / base:.1f}x | {mean_b:.1f} | {max_b:.0f} |")
     return "\n".join(lines)
 
