@@ -118,7 +118,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dmd2_serve.model.adapters import adapter, read_meta
+    from dmd2_serve.model.adapters import adapter, read_card
 
     from .evaluate import generator_sampler, score_digits, teacher_sampler
     from .loop import RunError
@@ -127,7 +127,7 @@ def _eval(args: argparse.Namespace) -> None:
     if folder is None or (args.generator and args.teacher):
         raise RunError("give exactly one of --generator DIR or --teacher DIR")
     real_scale = args.captions is not None
-    if not real_scale and not adapter(read_meta(folder)["family"]).bundled_data:
+    if not real_scale and not adapter(read_card(folder).family).bundled_data:
         raise RunError("an SD-family model is scored at real scale: give --captions FILE --reference DIR"
                        " --inception FILE (and --clip DIR for the CLIP score)")
     device = "cuda" if real_scale and torch.cuda.is_available() else "cpu"

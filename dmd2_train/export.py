@@ -35,7 +35,8 @@ from typing import Any
 
 from torch import Tensor
 
-from dmd2_serve.model.adapters import META_FILE, Backbone
+from dmd2_serve.model.adapters import Backbone
+from dmd2_serve.model.card import LoraFacts, ModelCard
 from dmd2_serve.model.lora import fused_lora_unet
 
 from .lora import LoraSpec
@@ -79,15 +80,15 @@ def export_generator(
     from safetensors.torch import save_file
 
     out = Path(out)
-    meta = {"family": backbone.family, "timesteps": [int(t) for t in timesteps],
-            "teacher": str(teacher), **backbone.meta(), **(extra or {})}
+    card = ModelCard(**{"family": backbone.family, "timesteps": [int(t) for t in timesteps],
+                        "teacher": str(teacher), **backbone.meta(), **(extra or {})})
     with folder_written_atomically(out) as tmp:
         if lora is not None:
             lora.save(weights, tmp / LORA_FOLDER, next(iter(backbone.pipeline_classes), "StableDiffusionPipeline"))
-            lora_meta = {**meta, "base": str(Path(teacher).resolve()), "lora": lora.meta()}
-            (tmp / LORA_FOLDER / META_FILE).write_text(json.dumps(lora_meta, indent=2))
+            card.model_copy(update={"base": str(Path(teacher).resolve()),
+                                    "lora": LoraFacts(**lora.meta())}).write(tmp / LORA_FOLDER)
             weights = fused_lora_unet(teacher, tmp / LORA_FOLDER).state_dict()
-            meta["lora"] = {**lora.meta(), "path": LORA_FOLDER}
+            card = card.model_copy(update={"lora": LoraFacts(**lora.meta(), path=LORA_FOLDER)})
         (tmp / "unet").mkdir()
         # The config as diffusers writes it; the class named by hand (a sharded module's class is
         # FSDP's subclass of it).
@@ -114,5 +115,5 @@ def export_generator(
                 index["requires_safety_checker"] = False
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        card.write(tmp)
     return out

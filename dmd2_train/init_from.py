@@ -12,12 +12,11 @@ module reads the weights only (no optimiser state, no step count) from
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from dmd2_serve.model.adapters import META_FILE
+from dmd2_serve.model.card import CARD_FILE, ModelCard
 
 from . import checkpoint as ckpt
 from .run import RunError
@@ -39,8 +38,8 @@ def read_initial_weights(path: Path) -> InitialWeights:
     if not path.is_dir():
         raise RunError(f"init_from '{path}' is not a folder; give a run folder, a checkpoint folder"
                        " (checkpoints/step_XXXXXXX) or an exported generator folder")
-    meta_path = path / META_FILE
-    if meta_path.is_file() and "timesteps" in json.loads(meta_path.read_text()):
+    card_path = path / CARD_FILE
+    if card_path.is_file() and ModelCard.read(card_path).is_generator:
         from safetensors.torch import load_file
 
         weights = path / "unet" / "diffusion_pytorch_model.safetensors"

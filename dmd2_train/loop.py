@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dmd2_serve.model.adapters import Backbone, load_backbone, load_unet, read_meta
+from dmd2_serve.model.adapters import Backbone, ModelCard, load_backbone, load_unet, read_card
 from dmd2_serve.model.backends import FastPath
 from dmd2_serve.model.pipeline import FewStepPipeline
 
@@ -46,7 +46,7 @@ class PreparedRun:
     from a single-file checkpoint.
     """
 
-    meta: dict[str, Any]
+    card: ModelCard
     backbone: Backbone
     trainer: Trainer
     teacher: Path
@@ -56,8 +56,8 @@ class PreparedRun:
 def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     """The teacher, its adapter, the data and the trainer, on the accelerator's device."""
     teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)
-    meta = read_meta(teacher)
-    backbone = load_backbone(teacher, meta, cfg.image_size).to(accelerator.device)
+    card = read_card(teacher)
+    backbone = load_backbone(teacher, card, cfg.image_size).to(accelerator.device)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
         backbone.to(torch.bfloat16)  # frozen text encoders and VAE: bf16 halves them
     data = make_data(cfg, backbone)
@@ -67,7 +67,7 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     init = read_initial_weights(cfg.init_from) if cfg.init_from is not None else None
     trainer = Trainer(cfg, accelerator, load_unet(teacher), backbone.sample_shape, backbone.schedule, batches,
                       backbone.unconditional(1), backbone.bottleneck, init)
-    return PreparedRun(meta, backbone, trainer, teacher, batches)
+    return PreparedRun(card, backbone, trainer, teacher, batches)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:

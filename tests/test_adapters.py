@@ -12,7 +12,7 @@ import pytest
 import dmd2_serve
 import dmd2_train
 from dmd2_serve.model import adapters
-from dmd2_serve.model.adapters import ADAPTERS, ModelFolderError, load_backbone, read_meta
+from dmd2_serve.model.adapters import ADAPTERS, ModelFolderError, load_backbone, read_card
 from dmd2_serve.model.adapters.sd import StableDiffusionBackbone
 
 # A branch on a family outside the adapters package: `family == ...`, `... in ("sd15", ...)`.
@@ -30,7 +30,7 @@ def test_no_family_branches_outside_the_adapters():
 
 
 def test_the_registry_tells_the_families_apart(digits_teacher: Path, sd15_teacher: Path, sdxl_teacher: Path):
-    assert [read_meta(f)["family"] for f in (digits_teacher, sd15_teacher, sdxl_teacher)] == ["digits", "sd15", "sdxl"]
+    assert [read_card(f).family for f in (digits_teacher, sd15_teacher, sdxl_teacher)] == ["digits", "sd15", "sdxl"]
     for family, cls in ADAPTERS.items():
         assert cls.family == family and cls.title
 
@@ -51,9 +51,9 @@ def test_a_new_family_is_one_adapter(sd15_teacher: Path, tmp_path: Path, monkeyp
     index |= {"_class_name": "ToyPipeline", "prior": ["diffusers", "PriorTransformer"]}
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelFolderError, match="ToyPipeline, which is not supported; supported teachers:"):
-        read_meta(folder)
+        read_card(folder)
     monkeypatch.setitem(ADAPTERS, "toy", ToyBackbone)
-    assert read_meta(folder) == {"family": "toy"}
+    assert read_card(folder).family == "toy"
     backbone = load_backbone(folder)
     assert isinstance(backbone, ToyBackbone) and backbone.image_size == 16
     assert adapters.adapter("toy").size_rule(16, 32, 32) == "only 16x16"
@@ -73,4 +73,4 @@ def test_unsupported_families_are_refused_with_what_is_supported(tmp_path: Path)
         folder.mkdir()
         (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "transformer": ["d", "x"]}))
         with pytest.raises(ModelFolderError, match="flow matching.*supported teachers: .*Stable Diffusion XL"):
-            read_meta(folder)
+            read_card(folder)

@@ -4,7 +4,7 @@ import torch
 from sklearn.svm import SVC
 
 from dmd2_serve import BUNDLED_DIGITS_GENERATOR
-from dmd2_serve.model.adapters import load_unet, read_meta
+from dmd2_serve.model.adapters import load_unet, read_card
 from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_train.config import BUNDLED_DIGITS_TEACHER, DISTILL_PRESETS
 from dmd2_train.data import digit_caption, load_digits
@@ -27,5 +27,5 @@ def test_bundled_generator_draws_the_digit_it_is_asked_for():
 
 
 def test_bundled_teacher_folder():
-    assert read_meta(BUNDLED_DIGITS_TEACHER)["family"] == "digits"
+    assert read_card(BUNDLED_DIGITS_TEACHER).family == "digits"
     assert sum(p.numel() for p in load_unet(BUNDLED_DIGITS_TEACHER).parameters()) < 2_000_000

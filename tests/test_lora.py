@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 
-from dmd2_serve.model.adapters import load_backbone, load_unet, read_meta
+from dmd2_serve.model.adapters import load_backbone, load_unet, read_card
 from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_train import checkpoint as ckpt
 from dmd2_train.config import DISTILL_PRESETS, ConfigError, DistillConfig, build_config, parse_overrides
@@ -96,8 +96,8 @@ def test_lora_run_exports_merged_generator_and_adapter(sd15_teacher: Path, sd_da
                              preview_every=100)))
     meta = json.loads((folder / "dmd2.json").read_text())
     assert meta["lora"] == {"rank": 4, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "path": "lora"}
-    lora_meta = read_meta(folder / "lora")
-    assert lora_meta["base"] == str(sd15_teacher.resolve()) and lora_meta["timesteps"] == [999]
+    lora_meta = read_card(folder / "lora")
+    assert lora_meta.base == str(sd15_teacher.resolve()) and lora_meta.timesteps == [999]
     # the merged generator is the teacher plus the trained adapter
     merged, teacher = load_unet(folder).state_dict(), load_unet(sd15_teacher).state_dict()
     assert merged.keys() == teacher.keys()
@@ -125,7 +125,7 @@ def export_random_lora(teacher: Path, out: Path) -> tuple[Path, torch.nn.Module]
             if ".lora_B." in name:
                 p.normal_(0, 0.2)
     weights = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
-    backbone = load_backbone(teacher, read_meta(teacher))
+    backbone = load_backbone(teacher, read_card(teacher))
     return export_generator(weights, unet.config, backbone, teacher, out, [999], lora=spec), unet
 
 
@@ -136,7 +136,7 @@ def test_lora_export_loads_in_stock_diffusers_with_the_same_images(family, reque
 
     teacher = request.getfixturevalue(f"{family}_teacher")
     folder, unet = export_random_lora(teacher, tmp_path / "generator")
-    trained = FewStepPipeline(unet, load_backbone(teacher, read_meta(teacher)), [999])  # the peft module itself
+    trained = FewStepPipeline(unet, load_backbone(teacher, read_card(teacher)), [999])  # the peft module itself
     latents = latents_for(trained, 2)
     expected = trained(PROMPTS, latents=latents)
     plain = FewStepPipeline(load_unet(teacher).eval(), trained.backbone, [999])(PROMPTS, latents=latents)

@@ -13,7 +13,7 @@ import torch
 from conftest import assert_one_step_matches_stock_diffusers, tiny_run_overrides, write_tiny_pipeline
 from torch import Tensor, nn
 
-from dmd2_serve.model.adapters import Conditioning, load_backbone, load_unet, read_meta
+from dmd2_serve.model.adapters import Conditioning, load_backbone, load_unet, read_card
 from dmd2_serve.model.sampling import add_noise, x0_from_eps
 from dmd2_serve.model.schedule import Schedule, eps_from_v, v_from
 from dmd2_train.__main__ import main
@@ -144,7 +144,7 @@ def test_fp16_variant_folder_loads_in_float32(tmp_path: Path):
     folder = write_tiny_pipeline(tmp_path / "fp16", "sd15", variant="fp16")
     weights = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
     assert weights and all(".fp16." in w for w in weights), weights  # only the variant's files
-    assert read_meta(folder) == {"family": "sd15"}
+    assert read_card(folder).family == "sd15"
     backbone = load_backbone(folder)
     unet = load_unet(folder)
     for module in (unet, backbone.vae, backbone.text_encoder):

@@ -15,23 +15,22 @@ the merged generator folder with the same function, so both forms serve the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
-from .adapters import META_FILE, ModelFolderError, load_unet
+from .adapters import META_FILE, ModelCard, ModelFolderError, load_unet
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 
 
-def lora_base(folder: Path, meta: dict[str, Any]) -> Path | None:
+def lora_base(folder: Path, card: ModelCard) -> Path | None:
     """The teacher folder a LoRA export adapts (None for a full generator folder).
 
     Raises ``ModelFolderError`` when the recorded teacher or the adapter file is not there.
     """
-    if "base" not in meta:
+    if card.base is None:
         return None
-    folder, base = Path(folder), Path(meta["base"])
+    folder, base = Path(folder), Path(card.base)
     if not (folder / LORA_WEIGHTS).is_file():
         raise ModelFolderError(f"'{folder}' is a LoRA export without its '{LORA_WEIGHTS}'; export the run again")
     if not base.is_dir():

@@ -12,8 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from ..card import CARD_FILE as META_FILE
+from ..card import ModelCard
 from ..schedule import Schedule
-from .base import META_FILE, Backbone, Conditioning, ModelFolderError, ReferenceArch, unet_eps, unet_prediction
+from .base import Backbone, Conditioning, ModelFolderError, ReferenceArch, unet_eps, unet_prediction
 from .digits import DigitsBackbone
 from .sd import LatentBackbone, StableDiffusionBackbone, load_part
 from .sdxl import StableDiffusionXLBackbone
@@ -29,8 +31,8 @@ UNSUPPORTED = {"StableDiffusion3Pipeline": "SD3 (flow matching)", "FluxPipeline"
                "LatentConsistencyModelPipeline": "an LCM pipeline"}
 
 __all__ = ["ADAPTERS", "META_FILE", "Backbone", "Conditioning", "LatentBackbone", "ModelFolderError", "ReferenceArch",
-           "adapter", "checkpoint_adapter", "is_single_file", "load_backbone", "load_schedule", "load_single_file",
-           "load_unet", "read_meta", "supported", "teacher_adapter", "unet_eps", "unet_prediction"]
+           "ModelCard", "adapter", "checkpoint_adapter", "is_single_file", "load_backbone", "load_schedule",
+           "load_single_file", "load_unet", "read_card", "supported", "teacher_adapter", "unet_eps", "unet_prediction"]
 
 
 def supported() -> str:
@@ -62,7 +64,7 @@ def load_single_file(path: Path, config: Path | None) -> Any:
 
 def teacher_adapter(path: Path) -> type[Backbone]:
     """The adapter of a teacher: a diffusers folder, an exported generator or a single file."""
-    return checkpoint_adapter(path)[0] if is_single_file(path) else adapter(read_meta(path)["family"])
+    return checkpoint_adapter(path)[0] if is_single_file(path) else adapter(read_card(path).family)
 
 
 def _family_of_index(folder: Path, index: dict[str, Any]) -> str:
@@ -77,8 +79,9 @@ def _family_of_index(folder: Path, index: dict[str, Any]) -> str:
                            f" supported teachers: {supported()}")
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
-    """The folder's family and facts: from ``dmd2.json`` or a diffusers ``model_index.json``."""
+def read_card(folder: Path) -> ModelCard:
+    """The folder's model card: its ``dmd2.json``, or for a stock diffusers folder the family its
+    ``model_index.json`` names (checked against the parts that family needs)."""
     folder = Path(folder)
     if folder.is_file():
         raise ModelFolderError(
@@ -92,14 +95,10 @@ def read_meta(folder: Path) -> dict[str, Any]:
         )
     meta_path = folder / META_FILE
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelFolderError(f"'{meta_path}' is not valid JSON ({e}); re-export the folder") from e
-        if meta.get("family") not in ADAPTERS:
-            raise ModelFolderError(f"'{meta_path}' names family {meta.get('family')!r}; expected one of"
-                                   f" {', '.join(ADAPTERS)}")
-        return meta
+        card = ModelCard.read(meta_path)
+        if card.family not in ADAPTERS:
+            raise ModelFolderError(f"'{meta_path}' names family {card.family!r}; expected one of {', '.join(ADAPTERS)}")
+        return card
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ModelFolderError(
@@ -115,20 +114,25 @@ def read_meta(folder: Path) -> dict[str, Any]:
         if not (folder / part).is_dir():
             raise ModelFolderError(f"'{folder}' is missing the '{part}/' sub-folder a {ADAPTERS[family].title}"
                                    " pipeline needs")
-    return {"family": family}
+    return ModelCard(family=family)
 
 
-def load_schedule(folder: Path, meta: dict[str, Any] | None = None) -> Schedule:
-    """The folder's noise schedule and prediction type (and a generator's recorded steps)."""
-    meta = meta or read_meta(folder)
-    return Schedule.from_folder(folder, tuple(meta.get("timesteps", ())))
+def load_schedule(folder: Path, card: ModelCard | None = None) -> Schedule:
+    """The folder's noise schedule and prediction type (and a generator's recorded steps); a card
+    whose prediction type disagrees with the scheduler's is refused."""
+    card = card or read_card(folder)
+    schedule = Schedule.from_folder(folder, tuple(card.timesteps or ()))
+    if (Path(folder) / META_FILE).is_file() and card.prediction_type != schedule.prediction_type:
+        raise ModelFolderError(f"'{Path(folder) / META_FILE}' says prediction_type {card.prediction_type!r} but the"
+                               f" scheduler config says {schedule.prediction_type!r}; re-export the folder")
+    return schedule
 
 
-def load_backbone(folder: Path, meta: dict[str, Any] | None = None, image_size: int | None = None) -> Backbone:
+def load_backbone(folder: Path, card: ModelCard | None = None, image_size: int | None = None) -> Backbone:
     """Build the adapter for a teacher or generator folder (CPU, float32, frozen)."""
     folder = Path(folder)
-    meta = meta or read_meta(folder)
-    return adapter(meta["family"]).from_folder(folder, meta, image_size, load_schedule(folder, meta))
+    card = card or read_card(folder)
+    return adapter(card.family).from_folder(folder, card, image_size, load_schedule(folder, card))
 
 
 def load_unet(folder: Path) -> nn.Module:

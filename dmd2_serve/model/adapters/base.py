@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..card import CARD_FILE as META_FILE  # re-exported: the card's file name
+from ..card import ModelCard
 from ..errors import ModelFolderError
 from ..schedule import Schedule
 
-META_FILE = "dmd2.json"
 REFERENCE_CONFIGS = Path(__file__).parent / "configs"  # the families' real architectures (diffusers configs)
 MAX_SIDE = 2048  # the largest request side any adapter renders
 
@@ -159,7 +160,7 @@ class Backbone(nn.Module):
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder: Path, meta: dict[str, Any], image_size: int | None,
+    def from_folder(cls, folder: Path, card: ModelCard, image_size: int | None,
                     schedule: Schedule) -> Backbone:  # pragma: no cover - abstract
         """The adapter of a pipeline or generator folder (CPU, float32, frozen)."""
         raise NotImplementedError

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..card import ModelCard
 from ..schedule import Schedule
 from .base import Backbone, Conditioning, ModelFolderError
 
@@ -54,9 +55,9 @@ class DigitsBackbone(Backbone):
         self.text_encoder = AutoModel.from_pretrained(path).eval().requires_grad_(False)
 
     @classmethod
-    def from_folder(cls, folder: Path, meta: dict[str, Any], image_size: int | None,
+    def from_folder(cls, folder: Path, card: ModelCard, image_size: int | None,
                     schedule: Schedule) -> DigitsBackbone:
-        return cls(int(meta.get("image_size", 8)), schedule)
+        return cls(card.image_size or 8, schedule)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..card import ModelCard
 from ..schedule import Schedule
 from .base import Backbone, Conditioning, ModelFolderError, ReferenceArch
 
@@ -69,13 +70,13 @@ class LatentBackbone(Backbone):
             "safety_checker", "feature_extractor", "image_encoder"}
 
     @classmethod
-    def from_folder(cls, folder: Path, meta: dict[str, Any], image_size: int | None,
+    def from_folder(cls, folder: Path, card: ModelCard, image_size: int | None,
                     schedule: Schedule) -> Backbone:
         from diffusers import AutoencoderKL
 
         try:
             vae = load_part(AutoencoderKL, folder, "vae")
-            size = int(image_size or meta.get("image_size") or native_image_size(folder, vae))
+            size = int(image_size or card.image_size or native_image_size(folder, vae))
             return cls.build(folder, vae, size, schedule)
         except (OSError, ValueError) as e:
             if isinstance(e, ModelFolderError):
