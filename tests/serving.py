@@ -17,12 +17,12 @@ class Server(LocalServer):
             return f.read()[-4000:]
 
 
-def start_server(*args: str) -> Server:
+def start_server(*args: str, port: int | None = None) -> Server:
     """The server with its own metrics folder and a log file (shown when it fails to start)."""
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
     env = {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="dmd2-test-metrics-")}
     try:
-        s = launch(*args, log=log, env=env)
+        s = launch(*args, log=log, env=env, port=port)
     except RuntimeError as e:
         raise RuntimeError(f"{e}:\n{open(log.name).read()[-4000:]}") from None
     return Server(s.url, s.process, s.health_seen, log.name)

@@ -1,7 +1,9 @@
-"""Start ``python -m dmd2_serve`` as a child process on a free loopback port, and stop it cleanly.
+"""Start ``python -m dmd2_serve`` as a child process on a loopback port, and stop it.
 
-Used by the load benchmark and the tests. The server runs in its own process group, so that
-stopping it also stops LitServe's worker processes (they outlive a SIGTERM to the parent alone).
+Used by the load benchmark and the tests. ``terminate`` stops it as an operator or a process
+manager does, with a SIGTERM to its main process alone (which drains, then stops its workers);
+``stop`` also signals its whole process group and kills whatever is left, for tests that want
+everything gone whatever state the server is in.
 """
 
 from __future__ import annotations
@@ -32,8 +34,14 @@ class LocalServer:
     health_seen: list[int] = field(default_factory=list)  # /health answers before it said 200
 
 
+def terminate(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    """Send ``sig`` to the server's main process only, as ``kill PID`` does; its exit status."""
+    process.send_signal(sig)
+    return process.wait(timeout=timeout)
+
+
 def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """Ctrl-C the whole process group (LitServe shuts its workers down), then kill what is left."""
+    """Ctrl-C the whole process group (the server drains and stops its workers), then kill what is left."""
     try:
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=grace_s)
@@ -47,9 +55,9 @@ def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
 
 
 def launch(*args: str, log: IO | int = subprocess.DEVNULL, env: dict | None = None,
-           ready_timeout: float = 180) -> LocalServer:
-    """Start the server with ``args`` and return once ``/health`` answers 200."""
-    port = free_port()
+           ready_timeout: float = 180, port: int | None = None) -> LocalServer:
+    """Start the server with ``args`` on ``port`` (default: a free one); return once ``/health`` answers 200."""
+    port = port or free_port()
     process = subprocess.Popen([sys.executable, "-m", "dmd2_serve", "--port", str(port), *args], stdout=log,
                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
     server = LocalServer(f"http://127.0.0.1:{port}", process)

@@ -2,6 +2,8 @@
 
 - A bounded queue: at most ``max_queue`` generation requests are admitted at once; the next one
   gets 503 with ``Retry-After`` at once instead of waiting in an ever-growing queue.
+- Draining: once the main process stops admitting (a SIGTERM, a dead worker; see ``lifecycle``),
+  generation requests get 503 with ``Retry-After`` and ``/health`` 503 saying why.
 - Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
 - ``Accept: image/png`` (or jpeg, webp) on ``POST /generate`` with one image answers the raw
   image bytes instead of JSON.
@@ -14,9 +16,12 @@ import io
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import metrics
+
+if TYPE_CHECKING:
+    from .lifecycle import ServingState
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -35,12 +40,15 @@ def error_body(path: str, message: str) -> dict[str, Any]:
     return openai_error(message, kind="server_error") if path.startswith("/v1/") else {"detail": message}
 
 
-async def _json_response(send: Callable, status: int, body: dict[str, Any], headers: list | None = None) -> None:
-    raw = json.dumps(body).encode()
+async def _respond(send: Callable, status: int, raw: bytes, content_type: bytes, headers: list | None = None) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(raw)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": raw})
+
+
+async def _json_response(send: Callable, status: int, body: dict[str, Any], headers: list | None = None) -> None:
+    await _respond(send, status, json.dumps(body).encode(), b"application/json", headers)
 
 
 def _wanted_image_type(scope: Scope) -> str | None:
@@ -72,16 +80,20 @@ def _as_image(body: bytes, kind: str) -> tuple[int, bytes, str]:
 
 
 class ServingMiddleware:
-    """Admission control, metrics and raw-image answers for the generation endpoints."""
+    """Admission control, draining, metrics and raw-image answers for the generation endpoints.
+
+    ``state`` is shared with the main process, which counts on it the requests still to answer.
+    """
 
     def __init__(self, app: ASGIApp, *, generation_paths: tuple[str, ...], known_paths: tuple[str, ...],
-                 max_queue: int, retry_after_s: int = 1) -> None:
+                 max_queue: int, state: ServingState, health_path: str = "/health", retry_after_s: int = 1) -> None:
         self.app = app
         self.generation_paths = set(generation_paths)
         self.known_paths = set(known_paths) | self.generation_paths
         self.max_queue = max_queue
+        self.state = state
+        self.health_path = health_path
         self.retry_after_s = retry_after_s
-        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -100,6 +112,8 @@ class ServingMiddleware:
         try:
             if path in self.generation_paths and scope["method"] == "POST":
                 await self._generation(scope, receive, tracked_send, path)
+            elif path == self.health_path and (reason := self.state.stop_reason):
+                await _respond(tracked_send, 503, reason.encode(), b"text/plain; charset=utf-8")
             else:
                 await self.app(scope, receive, tracked_send)
         finally:
@@ -107,12 +121,14 @@ class ServingMiddleware:
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
     async def _generation(self, scope: Scope, receive: Callable, send: Callable, path: str) -> None:
-        if self.in_flight >= self.max_queue:
-            metrics.REJECTED.inc()
-            msg = f"the server is at its queue limit ({self.max_queue} requests); retry in {self.retry_after_s} s"
+        if not self.state.admit(self.max_queue):
+            reason = self.state.stop_reason
+            if not reason:
+                metrics.REJECTED.inc()
+                reason = f"the server is at its queue limit ({self.max_queue} requests)"
+            msg = f"{reason}; retry in {self.retry_after_s} s"
             await _json_response(send, 503, error_body(path, msg), [(b"retry-after", str(self.retry_after_s).encode())])
             return
-        self.in_flight += 1
         metrics.QUEUE_DEPTH.inc()
         try:
             kind = _wanted_image_type(scope) if path == "/generate" else None
@@ -121,7 +137,7 @@ class ServingMiddleware:
             else:
                 await self._raw_image(scope, receive, send, kind)
         finally:
-            self.in_flight -= 1
+            self.state.release()
             metrics.QUEUE_DEPTH.dec()
 
     async def _raw_image(self, scope: Scope, receive: Callable, send: Callable, kind: str) -> None:
