@@ -49,7 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-device", type=int, default=1)
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 503")
+    p.add_argument("--max-body-mb", type=float, default=8.0,
+                   help="largest request body in MiB (an input image, base64 or uploaded, is most of it); larger: 413")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait before 504")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM or SIGINT: stop admitting (503, /health 503) and give the requests already"
+                        " admitted up to S seconds to finish before stopping (a process manager's stop timeout"
+                        " should exceed it by ~10 s)")
     p.add_argument("--api-key", default=os.environ.get("DMD2_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $DMD2_API_KEY)")
     return p
@@ -62,13 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from .server.metrics import ensure_multiprocess_dir
 
     ensure_multiprocess_dir()  # before any worker starts, so they inherit it
-    from .model.adapters import ModelFolderError, read_meta
+    from .model.adapters import ModelFolderError, read_card
     from .model.backends import BackendError, FastPath, check_fast_path
     from .server.api import build_server, default_threads
 
     try:
-        meta = read_meta(args.model)
-        if "timesteps" not in meta:
+        if not read_card(args.model).is_generator:
             raise ModelFolderError(f"'{args.model}' is a teacher, not a distilled generator (no recorded schedule)")
         fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,
                         cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope)
@@ -76,20 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_batch_size", "workers_per_device", "max_queue"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not args.max_body_mb > 0:
+            raise ValueError("--max-body-mb must be a positive number of MiB")
         if not 1 <= args.port <= 65535:
             raise ValueError("--port must be between 1 and 65535")
+        if not args.grace >= 0:
+            raise ValueError("--grace must be a number of seconds, 0 or more")
         devices = args.devices if args.devices == "auto" else int(args.devices)
         server = build_server(
             args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, bucket=args.bucket,
             api_key=args.api_key, devices=devices, workers_per_device=args.workers_per_device,
             accelerator=args.accelerator, max_queue=args.max_queue, timeout=args.timeout,
+            max_body_bytes=int(args.max_body_mb * 2**20),
             threads=default_threads(args.workers_per_device) if args.accelerator != "cuda" else None, fast=fast,
         )
     except (ModelFolderError, BackendError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False)
-    return 0
+    return server.serve(host=args.host, port=args.port, grace_s=args.grace)
 
 
 if __name__ == "__main__":

@@ -210,32 +210,36 @@ class _UNetForTensorRT(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class GraphedLoop:
-    """A function of (cond, seeds) captured once in a CUDA graph for one batch shape.
+    """A function of (cond, seeds, *inputs) captured once in a CUDA graph for one batch shape.
 
     The inputs are copied into static buffers and the graph is replayed; the output is cloned
     out of the graph's memory. Capture runs the function twice on a side stream first, so every
     lazy initialisation and compilation happens before it. All graphs of a pipeline share one
-    memory pool (they are replayed one at a time).
+    memory pool (they are replayed one at a time). ``inputs`` are further tensors the function
+    reads (the encoded images of image to image).
     """
 
-    def __init__(self, fn: Callable[[Conditioning, Tensor], Tensor], cond: Conditioning, seeds: Tensor,
-                 pool: Any = None, warmup: int = 2) -> None:
+    def __init__(self, fn: Callable[..., Tensor], cond: Conditioning, seeds: Tensor,
+                 pool: Any = None, warmup: int = 2, inputs: Sequence[Tensor] = ()) -> None:
         self.cond = Conditioning(cond.hidden.clone(), {k: v.clone() for k, v in cond.added.items()})
         self.seeds = seeds.clone()
+        self.inputs = [x.clone() for x in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                fn(self.cond, self.seeds)
+                fn(self.cond, self.seeds, *self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(self.cond, self.seeds)
+            self.out = fn(self.cond, self.seeds, *self.inputs)
 
-    def __call__(self, cond: Conditioning, seeds: Tensor) -> Tensor:
+    def __call__(self, cond: Conditioning, seeds: Tensor, *inputs: Tensor) -> Tensor:
         self.cond.hidden.copy_(cond.hidden)
         for k, v in cond.added.items():
             self.cond.added[k].copy_(v)
         self.seeds.copy_(seeds)
+        for buffer, x in zip(self.inputs, inputs, strict=True):
+            buffer.copy_(x)
         self.graph.replay()
         return self.out.clone()

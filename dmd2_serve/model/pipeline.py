@@ -9,18 +9,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import META_FILE, Backbone, Conditioning, ModelFolderError, load_backbone, load_unet, read_meta, unet_eps
+from .adapters import META_FILE, Backbone, Conditioning, ModelFolderError, load_backbone, load_unet, read_card, unet_eps
 from .backends import Denoiser, FastPath, GraphedLoop, check_fast_path, compile_modules, set_attention, tensorrt_modules
 from .lora import fused_lora_unet, lora_base
-from .sampling import philox_sample
+from .sampling import philox_sample, sdedit_start
 
 
 class FewStepPipeline:
     """The generator, its prompt encoder and its schedule, ready to sample.
 
     Noise comes from the fused Philox re-noise kernel (``dmd2_kernels.renoise``): sample b's
-    draws depend on ``seeds[b]`` alone. :meth:`accelerate` switches the UNet and the VAE decoder
-    to another backend; on CUDA each batch shape's whole loop is then replayed from a CUDA graph.
+    draws depend on ``seeds[b]`` alone. Given images and a ``strength``, the loop starts from
+    them instead of from noise (image to image, SDEdit on the generator's own schedule).
+    :meth:`accelerate` switches the UNet and the VAE decoder to another backend; on CUDA each
+    batch shape's whole loop is then replayed from a CUDA graph.
 
     Args:
         unet: the generator UNet (eps- or v-predicting, as its teacher; ``backbone.schedule`` says).
@@ -58,16 +60,16 @@ class FewStepPipeline:
         CUDA (with a bfloat16 VAE: the SDXL VAE overflows in float16) and float32 elsewhere.
         """
         folder = Path(folder)
-        meta = read_meta(folder)
-        if "timesteps" not in meta:
+        card = read_card(folder)
+        if not card.is_generator:
             raise ModelFolderError(
                 f"'{folder}' has no '{META_FILE}' with a recorded schedule: it is a teacher, not a"
                 " distilled generator; distil it first with python -m dmd2_train --teacher ..."
             )
         on_cuda = torch.device(device).type == "cuda"
         dtype = dtype or (torch.float16 if on_cuda else torch.float32)
-        base = lora_base(folder, meta)
-        backbone = load_backbone(base or folder, meta).to(device)
+        base = lora_base(folder, card)
+        backbone = load_backbone(base or folder, card).to(device)
         if on_cuda and getattr(backbone, "vae", None) is not None:
             backbone.vae.to(torch.bfloat16)
         unet = fused_lora_unet(base, folder) if base is not None else load_unet(folder)
@@ -117,12 +119,27 @@ class FewStepPipeline:
         return self.fast.cuda_graphs and self.device.type == "cuda" and self.fast.backend != "tensorrt"
 
     def sample_images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
-                      shape: Sequence[int], latents: Tensor | None = None) -> Tensor:
-        """The whole loop for one batch: Philox noise (or ``latents`` to start from), UNet steps,
-        fused re-noise, decode to [0, 1]."""
+                      shape: Sequence[int], latents: Tensor | None = None, init: Tensor | None = None,
+                      start_step: int = 0) -> Tensor:
+        """The whole loop for one batch: Philox noise (or ``latents`` to start from, or ``init``, encoded
+        images re-noised to ``timesteps[start_step]``), UNet steps, fused re-noise, decode to [0, 1]."""
         x0 = philox_sample(lambda x_t, t: self.denoise(x_t, t, cond), seeds, shape,
-                           self.schedule.with_timesteps(timesteps), self.dtype, start=latents)
+                           self.schedule.with_timesteps(timesteps), self.dtype, start=latents, x0_start=init,
+                           start_step=start_step)
         return self.backbone.decode(x0)
+
+    @torch.no_grad()
+    def encode_images(self, image: Tensor) -> Tensor:
+        """Images in [0, 1], (B, C_img, H, W) -> their UNet-space x0 (B, C, h, w), float32 on the device.
+
+        The mean of the encoded distribution (the VAE's, or the pixels themselves), so that a
+        request gives the same start every time.
+        """
+        channels = self.backbone.image_channels
+        if image.ndim != 4 or image.shape[1] != channels:
+            raise ValueError(f"images must be (B, {channels}, H, W) in [0, 1]; got shape {tuple(image.shape)}")
+        mean, _ = self.backbone.encode_distribution(image.to(self.device, torch.float32) * 2 - 1)
+        return mean.to(self.device)
 
     def _seeds(self, seeds: Sequence[int]) -> Tensor:
         """Seeds as the (B,) int64 device tensor the kernel reads."""
@@ -130,17 +147,38 @@ class FewStepPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int | None = None,
-                 shape: tuple[int, int, int] | None = None, latents: Tensor | None = None) -> Tensor:
+                 shape: tuple[int, int, int] | None = None, latents: Tensor | None = None,
+                 image: Tensor | None = None, strength: float = 1.0) -> Tensor:
         """Images in [0, 1], (B, C, H, W), for ``prompts[b]`` drawn from ``seeds[b]``.
 
         ``latents`` (B, C, h, w), as in diffusers pipelines, is the starting noise (instead of
         the seeds' stream 0); the seeds (default 0..B-1) still give the re-noise draws.
+
+        ``image`` (B, C_img, H, W) in [0, 1], at the size ``shape`` decodes to, with ``strength``
+        in (0, 1]: image to image. The image is encoded, re-noised with the seed's own draw to the
+        step that ``strength`` selects (:func:`~.sampling.sdedit_start`: with 4 steps, 0.5 runs the
+        last two) and denoised from there. Strength 1 starts from pure noise: the image is unused.
         """
         seeds = list(range(len(prompts))) if seeds is None else seeds
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         cond = self.backbone.encode_prompts(list(prompts))
         timesteps = self.timesteps[: steps or len(self.timesteps)]
+        start_step = sdedit_start(strength, len(timesteps))
+        if image is None and strength != 1.0:
+            raise ValueError("strength applies to an image to start from; pass image too")
+        if image is not None:
+            if latents is not None:
+                raise ValueError("give either latents (starting noise) or image (to start from), not both")
+            if image.shape[0] != len(prompts):
+                raise ValueError(f"got {image.shape[0]} images for {len(prompts)} prompts")
+            if start_step > 0:
+                shape = tuple(shape or self.backbone.sample_shape)
+                init = self.encode_images(image)
+                if tuple(init.shape[1:]) != shape:
+                    raise ValueError(f"the images encode to {tuple(init.shape[1:])}, not the sample shape {shape};"
+                                     " resize them to the size that shape decodes to")
+                return self.images(cond, self._seeds(seeds), timesteps, shape, init, start_step)
         if latents is not None:
             if latents.shape[0] != len(prompts):
                 raise ValueError(f"got {latents.shape[0]} latents for {len(prompts)} prompts")
@@ -150,20 +188,25 @@ class FewStepPipeline:
 
     @torch.no_grad()
     def images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
-               shape: Sequence[int] | None = None) -> Tensor:
-        """Images in [0, 1] from encoded prompts: through a CUDA graph per batch shape when graphed."""
+               shape: Sequence[int] | None = None, init: Tensor | None = None, start_step: int = 0) -> Tensor:
+        """Images in [0, 1] from encoded prompts (and ``init``, encoded images to start from at
+        ``timesteps[start_step]``): through a CUDA graph per batch shape and start when graphed."""
         cond = cond.to(self.device, self.dtype)
         timesteps = tuple(int(t) for t in timesteps)
         shape = tuple(shape or self.backbone.sample_shape)
         if not self.graphed:
-            return self.sample_images(cond, seeds, timesteps, shape)
-        key = (len(seeds), timesteps, shape)
+            return self.sample_images(cond, seeds, timesteps, shape, init=init, start_step=start_step)
+        key = (len(seeds), timesteps, shape, start_step if init is not None else None)
+        inputs = () if init is None else (init,)
         if key not in self._graphs:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            self._graphs[key] = GraphedLoop(
-                lambda c, s: self.sample_images(c, s, timesteps, shape), cond, seeds, self._pool)
-        return self._graphs[key](cond, seeds)
+
+            def loop(c: Conditioning, s: Tensor, *x0: Tensor) -> Tensor:
+                return self.sample_images(c, s, timesteps, shape, init=x0[0] if x0 else None, start_step=start_step)
+
+            self._graphs[key] = GraphedLoop(loop, cond, seeds, self._pool, inputs=inputs)
+        return self._graphs[key](cond, seeds, *inputs)
 
     def release_graphs(self) -> None:
         """Drop the captured graphs and their memory (they are recaptured on next use)."""
@@ -172,7 +215,8 @@ class FewStepPipeline:
 
     @torch.no_grad()
     def generate_padded(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                        bucket: int | Sequence[int] = 8, shape: tuple[int, int, int] | None = None) -> Tensor:
+                        bucket: int | Sequence[int] = 8, shape: tuple[int, int, int] | None = None,
+                        image: Tensor | None = None, strength: float = 1.0) -> Tensor:
         """Like ``__call__``, but every forward pass holds exactly a bucket's number of samples.
 
         ``bucket`` is one size or several; each chunk (at most the largest bucket) is padded with
@@ -186,6 +230,10 @@ class FewStepPipeline:
         for i in range(0, len(prompts), sizes[-1]):
             chunk_p, chunk_s = list(prompts[i:i + sizes[-1]]), list(seeds[i:i + sizes[-1]])
             pad = next(b for b in sizes if b >= len(chunk_p)) - len(chunk_p)
-            images = self(chunk_p + [""] * pad, chunk_s + [0] * pad, steps, shape)
+            chunk_i = None
+            if image is not None:  # blank images pad the chunk, as blank prompts do
+                chunk_i = image[i:i + sizes[-1]]
+                chunk_i = torch.cat([chunk_i, chunk_i.new_zeros((pad, *chunk_i.shape[1:]))])
+            images = self(chunk_p + [""] * pad, chunk_s + [0] * pad, steps, shape, image=chunk_i, strength=strength)
             out.append(images[: len(chunk_p)])
         return torch.cat(out)

@@ -12,6 +12,7 @@ fused kernel keeps one eps -> x0 mode. The loops take a :class:`Schedule` (abar 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -109,15 +110,32 @@ def few_step_sample(
     return few_step_loop(eps_fn, noise, timesteps, step, final)
 
 
+def sdedit_start(strength: float, num_steps: int) -> int:
+    """The schedule index an image-to-image run starts at: it runs the last ``round(strength * K)`` steps.
+
+    SDEdit (Meng et al., ICLR 2022) on the generator's own K-step schedule: strength 1 starts at
+    ``timesteps[0]`` (from noise), strength 0.5 of (999, 749, 499, 249) at 499. At least one step
+    always runs, so a small strength still denoises once.
+    """
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    runs = min(num_steps, max(1, math.floor(strength * num_steps + 0.5)))  # round half up
+    return num_steps - runs
+
+
 def philox_sample(
     eps_fn: EpsFn, seeds: Tensor, shape: Sequence[int], schedule: Schedule, dtype: torch.dtype = torch.float32,
-    start: Tensor | None = None,
+    start: Tensor | None = None, x0_start: Tensor | None = None, start_step: int = 0,
 ) -> Tensor:
     """The serving sampler: every draw comes from the fused Philox re-noise kernel.
 
     Sample b's starting noise is stream 0 of ``seeds[b]`` and the noise after step i is stream
     i + 1, so a seed gives the same image whatever shares its batch, on any device. Each
     re-noise reads x_t and eps once and writes the next input once (eps -> x0 fused in).
+
+    Image to image (SDEdit): with ``x0_start`` the loop runs ``timesteps[start_step:]`` from
+    ``add_noise(x0_start, z, timesteps[start_step])``, z being stream ``start_step``: the same
+    draw that takes the full loop to that step, so the noise still depends on the seed alone.
 
     Args:
         eps_fn: the generator as an eps-predictor, conditioning bound in.
@@ -127,21 +145,36 @@ def philox_sample(
             so it can be captured in a CUDA graph).
         dtype: the dtype of the generator's inputs.
         start: the starting noise (B, *shape) instead of stream 0 (a caller's ``latents``).
+        x0_start: (B, *shape) clean samples (encoded images) to start from, re-noised to
+            ``timesteps[start_step]``.
+        start_step: the index into ``schedule.timesteps`` of the first step (with ``x0_start``).
 
     Returns:
         x0 of the last step, float32.
     """
     timesteps = schedule.timesteps
     abar = [schedule.abar(t) for t in timesteps]
-    x = renoise(None, seeds, 0, 0.0, shape=tuple(shape), dtype=dtype) if start is None else start.to(dtype)
+    k = int(start_step)
+    if not 0 <= k < len(timesteps):
+        raise ValueError(f"start_step {k} is outside the {len(timesteps)}-step schedule")
+    if x0_start is not None:
+        if start is not None:
+            raise ValueError("give either start (noise) or x0_start (an image to re-noise), not both")
+        x = renoise(x0_start, seeds, k, abar[k], dtype=dtype)  # x0 mode: sqrt(abar) x0 + sqrt(1 - abar) z
+    elif k > 0:
+        raise ValueError("start_step > 0 needs x0_start, the clean sample to re-noise")
+    else:
+        x = renoise(None, seeds, 0, 0.0, shape=tuple(shape), dtype=dtype) if start is None else start.to(dtype)
 
     def step(x: Tensor, eps: Tensor, i: int) -> Tensor:
-        return renoise(x, seeds, i + 1, abar[i + 1], eps=eps, abar_t=abar[i])
+        j = k + i  # the step's index in the whole schedule, which numbers its draw
+        return renoise(x, seeds, j + 1, abar[j + 1], eps=eps, abar_t=abar[j])
 
     def final(x: Tensor, eps: Tensor, i: int) -> Tensor:  # x0_from_eps with the schedule as numbers
-        return (x.float() - (1 - abar[i]) ** 0.5 * eps.float()) / abar[i] ** 0.5
+        j = k + i
+        return (x.float() - (1 - abar[j]) ** 0.5 * eps.float()) / abar[j] ** 0.5
 
-    return few_step_loop(eps_fn, x, timesteps, step, final)
+    return few_step_loop(eps_fn, x, timesteps[k:], step, final)
 
 
 def ddim_sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule) -> Tensor:

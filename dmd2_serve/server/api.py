@@ -1,14 +1,17 @@
 """The HTTP API: a LitServe ``LitAPI`` (setup / decode / batch / predict / unbatch / encode) plus
 the OpenAI Images route, the playground, metrics and the limits around them.
 
-Requests from both generation endpoints enter the same LitServe queue, so they batch together.
-A batch is grouped by (image shape, step count); each group runs in fixed-size chunks
-(``FewStepPipeline.generate_padded``), so a seed's pixels never depend on its batch-mates.
+Requests from all generation endpoints enter the same LitServe queue, so they batch together.
+A batch is grouped by (image shape, step count, first step); each group runs in fixed-size
+chunks (``FewStepPipeline.generate_padded``), so a seed's pixels never depend on its batch-mates.
 Every image's noise comes from its own seed (seed + i for the i-th image of a request).
+
+A request is checked against the model and its image decoded in the HTTP process
+(:meth:`FewStepAPI.prepare`), before it is queued: LitServe answers a whole batch with the error
+when ``decode_request`` raises, so a bad request there would fail the good ones beside it.
 """
 
-# No `from __future__ import annotations` here: LitServe reads decode_request's annotation
-# at runtime to build the endpoint's request model (and so the OpenAPI schema).
+# FastAPI reads the routes' annotations at runtime (the OpenAPI schema): no `from __future__ import annotations`.
 import base64
 import hmac
 import io
@@ -19,29 +22,41 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+import anyio
+import anyio.to_thread
 import litserve as ls
+import numpy as np
 import torch
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..model.adapters import adapter, read_meta
+from ..model.adapters import adapter, read_card
 from ..model.backends import FastPath
 from ..model.pipeline import FewStepPipeline
+from ..model.sampling import sdedit_start
 from . import metrics
+from .images import BadImage, from_base64, load_image
+from .lifecycle import ServingState, SupervisedServer, bind_to_parent
 from .middleware import ServingMiddleware, openai_error
 from .schemas import (
+    DEFAULT_STRENGTH,
     MAX_SEED,
     SIZE_PATTERN,
     GenerateRequest,
     GenerateResponse,
+    OpenAIEditRequest,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
 )
 
 GENERATE_PATH = "/generate"
 OPENAI_PATH = "/v1/images/generations"
+OPENAI_EDITS_PATH = "/v1/images/edits"
 STATIC = Path(__file__).parent / "static"
 
 
@@ -64,13 +79,12 @@ class ModelFacts:
 
     @classmethod
     def read(cls, folder: Path) -> "ModelFacts":
-        meta = read_meta(folder)
-        size = int(meta.get("image_size") or 512)
-        return cls(Path(folder).name, meta["family"], len(meta["timesteps"]), size)
+        card = read_card(folder)
+        return cls(Path(folder).name, card.family, len(card.timesteps or ()), card.image_size or 512)
 
     def resolve_size(self, size: str | None) -> tuple[int, int]:
-        """(width, height) for a ``WxH`` string, or the native size; RequestProblem if unsupported."""
-        if size is None:
+        """(width, height) for a ``WxH`` string, or the native size (None, ``auto``); RequestProblem if unsupported."""
+        if size is None or size == "auto":
             return self.native, self.native
         m = SIZE_PATTERN.match(size)
         if not m:
@@ -85,17 +99,32 @@ class ModelFacts:
         if steps is not None and steps > self.steps:
             raise RequestProblem("steps", f"steps must be at most {self.steps}, the length of the trained schedule")
 
+    def render_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the model draws for a delivered ``size`` (an input image is fitted to it)."""
+        return adapter(self.family).render_size(self.native, *size)
+
+    @property
+    def image_channels(self) -> int:
+        return adapter(self.family).image_channels
+
 
 @dataclass
 class Job:
-    """One decoded request: its images share a prompt; image i uses ``seeds[i]``."""
+    """One checked request: its images share a prompt; image i uses ``seeds[i]``.
+
+    With an input image, ``init`` holds its pixels at the render size, (H, W, C) uint8, and the
+    loop starts at ``start_step`` (which ``strength`` selects; 0: from noise, no image needed).
+    """
 
     prompt: str
     seeds: list[int]
     steps: int | None
     size: tuple[int, int]
     output_format: str
-    received: float = field(default_factory=time.perf_counter)
+    init: np.ndarray | None = None
+    strength: float = 1.0
+    start_step: int = 0
+    received: float = field(default_factory=time.perf_counter)  # set in the HTTP process: a system-wide clock
 
 
 @dataclass
@@ -120,6 +149,11 @@ def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int]) -> str:
     return base64.b64encode(out.getvalue()).decode("ascii")
 
 
+def pixels(init: np.ndarray, count: int) -> torch.Tensor:
+    """(H, W, C) uint8 -> (count, C, H, W) float32 in [0, 1], the pipeline's image layout."""
+    return torch.from_numpy(init).permute(2, 0, 1).float().div(255).expand(count, -1, -1, -1)
+
+
 def unprocessable(problem: RequestProblem) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors."""
     return HTTPException(422, detail=[{"loc": ["body", problem.field], "msg": str(problem), "type": "value_error"}])
@@ -138,6 +172,7 @@ class FewStepAPI(ls.LitAPI):
         self.fast = fast or FastPath()
         self.api_key = api_key
         self.threads = threads
+        self.server_pid = os.getpid()  # the main process: workers never outlive it
         self.pipe: FewStepPipeline | None = None
 
     # -- auth (runs in the HTTP process, as a FastAPI dependency) --------------------------------
@@ -153,22 +188,45 @@ class FewStepAPI(ls.LitAPI):
 
     # -- the four phases (run in the inference worker) ------------------------------------------
     def setup(self, device: str) -> None:
+        bind_to_parent(self.server_pid)
         if self.threads:
             torch.set_num_threads(self.threads)
         self.pipe = FewStepPipeline.from_folder(self.model_dir, device=device)
         self.pipe.accelerate(self.fast, self.bucket)
+        steps, side = len(self.pipe.timesteps), self.pipe.backbone.image_size
         for size in self.bucket:  # compilation, engine builds and graph captures happen here, not in a request
             self.pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket)
+            if self.pipe.graphed:  # image to image: one graph per first step
+                blank = torch.zeros(size, self.facts.image_channels, side, side)
+                for start in range(1, steps):
+                    self.pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket, image=blank,
+                                              strength=(steps - start) / steps)
 
-    def decode_request(self, request: GenerateRequest) -> Job:
-        try:
-            size = self.facts.resolve_size(request.size)
-            self.facts.check_steps(request.steps)
-        except RequestProblem as problem:
-            raise unprocessable(problem) from None
+    def prepare(self, request: GenerateRequest, image: bytes | None = None) -> Job:
+        """Check a request against the model and decode its image (HTTP process; RequestProblem).
+
+        ``image`` is an uploaded file's bytes (the OpenAI edits route); else ``request.image``,
+        base64, is used. The image is decoded under a pixel limit and fitted to the render size.
+        """
+        size = self.facts.resolve_size(request.size)
+        self.facts.check_steps(request.steps)
+        init, strength, start_step = None, 1.0, 0
+        if image is not None or request.image is not None:
+            try:
+                data = image if image is not None else from_base64(request.image)
+                init = load_image(data, self.facts.render_size(size), self.facts.image_channels)
+            except BadImage as e:
+                raise RequestProblem("image", f"image {e}") from None
+            strength = DEFAULT_STRENGTH if request.strength is None else request.strength
+            start_step = sdedit_start(strength, request.steps or self.facts.steps)
+        elif request.strength is not None:
+            raise RequestProblem("strength", "strength applies to an input image: send image too, or drop strength")
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
-                   request.output_format)
+                   request.output_format, init if start_step > 0 else None, strength, start_step)
+
+    def decode_request(self, request):  # a Job from prepare(); unannotated: LitServe's route (replaced) parses nothing
+        return request
 
     def batch(self, inputs: list[Job]) -> list[Job]:
         return inputs
@@ -184,14 +242,19 @@ class FewStepAPI(ls.LitAPI):
         metrics.BATCH_SIZE.observe(len(jobs))
         metrics.BATCH_IMAGES.observe(sum(len(j.seeds) for j in jobs))
         started = time.perf_counter()
-        groups: dict[tuple, list[int]] = defaultdict(list)  # (shape, steps) -> job indices
+        # Only jobs that run the same steps share a forward pass: (shape, steps, first step) -> job indices
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            groups[(self._shape(job.size), job.steps)].append(i)
+            groups[(self._shape(job.size), job.steps, job.start_step)].append(i)
         images: dict[int, torch.Tensor] = {}
-        for (shape, steps), members in groups.items():
+        for (shape, steps, start_step), members in groups.items():
             prompts = [jobs[i].prompt for i in members for _ in jobs[i].seeds]
             seeds = [s for i in members for s in jobs[i].seeds]
-            out = self.pipe.generate_padded(prompts, seeds, steps, self.bucket, shape).cpu()
+            init, strength = None, 1.0
+            if start_step > 0:  # every member's strength selects this first step; any one of them serves
+                init = torch.cat([pixels(jobs[i].init, len(jobs[i].seeds)) for i in members])
+                strength = jobs[members[0]].strength
+            out = self.pipe.generate_padded(prompts, seeds, steps, self.bucket, shape, init, strength).cpu()
             start = 0
             for i in members:
                 images[i] = out[start:start + len(jobs[i].seeds)]
@@ -224,39 +287,81 @@ class FewStepAPI(ls.LitAPI):
 def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
                  workers_per_device: int = 1, accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
-                 max_body_bytes: int = 64 * 1024, threads: int | None = None,
-                 fast: FastPath | None = None) -> ls.LitServer:
-    """The LitServer with every route, limit and metric wired in."""
+                 max_body_bytes: int = 8 * 2**20, threads: int | None = None,
+                 fast: FastPath | None = None) -> SupervisedServer:
+    """The LitServer with every route, limit and metric wired in; run it with ``serve``."""
     from litserve.server import RegularRequestHandler
 
     api = FewStepAPI(model_dir, max_batch_size=max_batch_size, batch_timeout=batch_timeout, bucket=bucket,
                      api_key=api_key, threads=threads, fast=fast)
-    server = ls.LitServer(
+    state = ServingState()
+    server = SupervisedServer(
         api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device, timeout=timeout,
-        max_payload_size=max_body_bytes,
-        middlewares=[(ServingMiddleware, dict(generation_paths=(GENERATE_PATH, OPENAI_PATH),
-                                              known_paths=("/", "/health", "/metrics"), max_queue=max_queue))],
+        max_payload_size=max_body_bytes, state=state,
+        middlewares=[(ServingMiddleware, dict(generation_paths=(GENERATE_PATH, OPENAI_PATH, OPENAI_EDITS_PATH),
+                                              known_paths=("/", "/health", "/metrics"), max_queue=max_queue,
+                                              state=state))],
         model_metadata={"model": api.facts.name, "family": api.facts.family},
     )
     app = server.app
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # LitServe's index
+    # LitServe's index, and its /generate, which would hand the raw body to the worker: ours prepares it first.
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", GENERATE_PATH)]
     handler = RegularRequestHandler(api, server)
+
+    # Images decoded at once (each can take ~100 MB at the pixel limit), so that their memory stays bounded.
+    decoding = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+    async def prepare(request: GenerateRequest, image: bytes | None = None) -> Job:
+        """``api.prepare`` off the event loop (decoding an image takes a while)."""
+        with_image = image is not None or request.image is not None
+        return await anyio.to_thread.run_sync(api.prepare, request, image, limiter=decoding if with_image else None)
+
+    async def run(job: Job) -> GenerateResponse:
+        result = await handler.handle_request(job, Job)
+        return result if isinstance(result, GenerateResponse) else GenerateResponse(**result)
+
+    @app.post(GENERATE_PATH, response_model=GenerateResponse, dependencies=[Depends(api.authorize)])
+    async def generate(body: GenerateRequest) -> GenerateResponse:
+        """Text to image; image to image with ``image`` (and ``strength``)."""
+        try:
+            job = await prepare(body)
+        except RequestProblem as problem:
+            raise unprocessable(problem) from None
+        return await run(job)
+
+    async def openai_answer(request: GenerateRequest, response_format: str, image: bytes | None = None) -> JSONResponse:
+        """Run a request from an OpenAI route; problems are OpenAI's 400 naming the parameter."""
+        if response_format == "url":
+            return JSONResponse(openai_error("response_format 'url' is not supported: this server keeps no image"
+                                             " store; use response_format='b64_json'", "response_format"), 400)
+        try:
+            job = await prepare(request, image)
+        except RequestProblem as problem:
+            return JSONResponse(openai_error(str(problem), problem.field), 400)
+        images = (await run(job)).images
+        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": im.data} for im in images]})
 
     @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, dependencies=[Depends(api.authorize)])
     async def openai_images(body: OpenAIImagesRequest) -> JSONResponse:
         """The OpenAI Images API: ``client.images.generate(...)`` works unchanged."""
-        if body.response_format == "url":
-            return JSONResponse(openai_error("response_format 'url' is not supported: this server keeps no image"
-                                             " store; use response_format='b64_json'", "response_format"), 400)
-        try:
-            width, height = api.facts.resolve_size(body.size)
-        except RequestProblem as problem:
-            return JSONResponse(openai_error(str(problem), problem.field), 400)
-        request = GenerateRequest(prompt=body.prompt, num_images=body.n, output_format=body.output_format or "png",
-                                  size=f"{width}x{height}")
-        result = await handler.handle_request(request, GenerateRequest)
-        images = result.images if isinstance(result, GenerateResponse) else GenerateResponse(**result).images
-        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": im.data} for im in images]})
+        return await openai_answer(GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size,
+                                                   output_format=body.output_format or "png"), body.response_format)
+
+    @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, dependencies=[Depends(api.authorize)])
+    async def openai_edits(
+        body: Annotated[OpenAIEditRequest, Form()],
+        image: Annotated[UploadFile, File(description="the PNG, JPEG or WebP to start from")],
+        mask: Annotated[UploadFile | None, File(description="refused: inpainting is not supported yet")] = None,
+    ) -> JSONResponse:
+        """OpenAI's image edits: ``client.images.edit(image=..., prompt=...)`` works unchanged. The whole
+        image is redrawn (image to image, ``strength``); a ``mask`` (inpainting) is refused."""
+        if mask is not None:
+            message = ("mask: inpainting is not supported yet; send the image without a mask to redraw all of it"
+                       " (image to image; strength sets how far)")
+            return JSONResponse(openai_error(message, "mask"), 400)
+        request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
+                                  output_format=body.output_format or "png")
+        return await openai_answer(request, body.response_format, await image.read())
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -266,6 +371,16 @@ def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: flo
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse((STATIC / "playground.html").read_text(encoding="utf-8"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 413:
+            return await http_exception_handler(request, exc)
+        message = (f"the request body is over this server's limit of {max_body_bytes:,} bytes (--max-body-mb):"
+                   " send a smaller image")
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(openai_error(message, "image"), 413)
+        return JSONResponse({"detail": [{"loc": ["body", "image"], "msg": message, "type": "too_large"}]}, 413)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,6 +11,7 @@ MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 16
+DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength: with 4 steps, the last 3 run
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -31,6 +32,12 @@ class GenerateRequest(BaseModel):
     output_format: ImageFormat = "png"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="at most the trained schedule's length")
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
+    image: str | None = Field(
+        None, description="image to image: a PNG, JPEG or WebP file, base64-encoded (or a data: URL), at most"
+        " 16.8 megapixels; it is centre-cropped and resized to the output size, then re-noised and denoised")
+    strength: float | None = Field(
+        None, gt=0, le=1, description=f"with image: how far to move from it, in (0, 1] (default {DEFAULT_STRENGTH});"
+        " the last round(strength * steps) steps of the schedule run; 1 starts from pure noise")
 
     _prompt = field_validator("prompt")(_non_blank)
 
@@ -62,6 +69,25 @@ class OpenAIImagesRequest(BaseModel):
     output_format: ImageFormat | None = None
     quality: str | None = Field(None, max_length=32)
     style: str | None = Field(None, max_length=32)
+    user: str | None = Field(None, max_length=256)
+
+    _prompt = field_validator("prompt")(_non_blank)
+
+
+class OpenAIEditRequest(BaseModel):
+    """``POST /v1/images/edits``: the form fields of OpenAI's image edit request (the files come apart)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, max_length=256)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT or auto (the model's own size); the image"
+                             " is centre-cropped and resized to it")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: ImageFormat | None = None
+    strength: float | None = Field(None, gt=0, le=1, description="not in OpenAI's API: how far to move from the"
+                                   f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
     user: str | None = Field(None, max_length=256)
 
     _prompt = field_validator("prompt")(_non_blank)

@@ -1,0 +1,285 @@
+"""Image to image: SDEdit on the generator's own schedule, in the sampler, the pipeline and the server.
+
+The pipeline tests use the bundled 4-step digits generator (pixel space) and a tiny SD-shaped
+generator (VAE latents); the server tests a real ``python -m dmd2_serve`` on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from dmd2_kernels.renoise import philox_normal_reference
+from PIL import Image
+from serving import Server, start_server, stop_server
+
+from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+from dmd2_serve.model.adapters import load_backbone, load_unet
+from dmd2_serve.model.pipeline import FewStepPipeline
+from dmd2_serve.model.sampling import add_noise, few_step_sample, philox_sample, sdedit_start
+from dmd2_serve.model.schedule import Schedule
+from dmd2_serve.server.api import encode_image, pixels
+from dmd2_serve.server.images import load_image
+
+PROMPTS, SEEDS = ["a handwritten 7", "the number three"], [5, 2**32 - 1]
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def start_picture() -> bytes:
+    """A 24x16 RGB PNG (not the model's size, shape or channels: it is fitted and made grey)."""
+    rng = np.random.default_rng(0)
+    return png(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def counting(pipe: FewStepPipeline, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the timestep of every UNet evaluation of ``pipe`` (until the test ends)."""
+    calls: list[int] = []
+    denoise = pipe.denoise
+
+    def counted(x_t, t, cond):
+        calls.append(int(t[0]))
+        return denoise(x_t, t, cond)
+
+    monkeypatch.setattr(pipe, "denoise", counted)
+    return calls
+
+
+def by_hand(pipe: FewStepPipeline, prompts: list[str], seeds: list[int], x0: torch.Tensor, k: int) -> torch.Tensor:
+    """SDEdit written out with the sampling functions: x0 noised to t_k with stream k, then the
+    loop's last steps with streams k+1.. as re-noise draws (the reference numbers of the kernel)."""
+    seeds_t = torch.tensor(seeds)
+    n = x0[0].numel()
+
+    def z(stream: int) -> torch.Tensor:
+        return philox_normal_reference(seeds_t, stream, n).reshape(x0.shape)
+
+    timesteps = pipe.timesteps
+    t_k = torch.full((len(seeds),), timesteps[k])
+    x_t = add_noise(x0, z(k), t_k, pipe.schedule.alphas_cumprod)
+    cond = pipe.backbone.encode_prompts(prompts)
+    x0_out = few_step_sample(lambda x, t: pipe.denoise(x, t, cond), x_t, pipe.schedule.with_timesteps(timesteps[k:]),
+                             [z(s) for s in range(k + 1, len(timesteps))])
+    return pipe.backbone.decode(x0_out)
+
+
+@pytest.fixture(scope="module")
+def digits() -> FewStepPipeline:
+    return FewStepPipeline.from_folder(BUNDLED_DIGITS_GENERATOR)
+
+
+# ------------------------------------------------------------------------------------- sampler
+
+def test_strength_selects_the_last_steps():
+    assert [sdedit_start(s, 4) for s in (1.0, 0.75, 0.5, 0.25, 0.1, 0.6)] == [0, 1, 2, 3, 3, 2]
+    assert sdedit_start(0.01, 1) == 0  # at least one step runs
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            sdedit_start(bad, 4)
+
+
+def test_philox_sample_from_an_image_is_the_loop_tail():
+    abar = torch.linspace(0.9999, 0.0047, 1000, dtype=torch.float64).float()
+    schedule = Schedule(abar, timesteps=(999, 749, 499, 249))
+    calls: list[int] = []
+
+    def eps_fn(x_t, t):
+        calls.append(int(t[0]))
+        return torch.tanh(x_t) * (t.float().reshape(-1, 1, 1, 1) / 1000)
+
+    seeds, x0 = torch.tensor([3, 9]), torch.rand(2, 1, 4, 4) * 2 - 1
+    got = philox_sample(eps_fn, seeds, (1, 4, 4), schedule, x0_start=x0, start_step=2)
+    assert calls == [499, 249]
+    z = [philox_normal_reference(seeds, s, 16).reshape(2, 1, 4, 4) for s in range(4)]
+    x_t = add_noise(x0, z[2], torch.full((2,), 499), abar)
+    want = few_step_sample(eps_fn, x_t, schedule.with_timesteps((499, 249)), [z[3]])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs x0_start"):
+        philox_sample(eps_fn, seeds, (1, 4, 4), schedule, start_step=1)
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+def test_strength_half_runs_the_last_two_of_four_steps(digits: FewStepPipeline, monkeypatch: pytest.MonkeyPatch):
+    image = pixels(load_image(start_picture(), (8, 8), 1), 1).repeat(2, 1, 1, 1)  # (2, 1, 8, 8) in [0, 1]
+    calls = counting(digits, monkeypatch)
+    got = digits(PROMPTS, SEEDS, image=image, strength=0.5)
+    assert len(digits.timesteps) == 4 and calls == list(digits.timesteps[2:])
+    want = by_hand(digits, PROMPTS, SEEDS, image * 2 - 1, 2)  # digits: UNet space is the pixels in [-1, 1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    calls.clear()
+    plain = digits(PROMPTS, SEEDS)
+    assert torch.equal(digits(PROMPTS, SEEDS, image=image, strength=1.0), plain)  # strength 1: from noise
+    assert calls == list(digits.timesteps) * 2
+    assert (got - plain).abs().max() > 0.05  # the image mattered
+    with pytest.raises(ValueError, match="pass image too"):
+        digits(PROMPTS, SEEDS, strength=0.5)
+
+
+def test_same_image_request_same_pixels_whatever_the_batch(digits: FewStepPipeline):
+    image = pixels(load_image(start_picture(), (8, 8), 1), 3)
+    others = torch.rand(4, 1, 8, 8)
+    alone = digits.generate_padded(["a 4"] * 3, [7, 8, 9], bucket=8, image=image, strength=0.5)
+    crowd = digits.generate_padded(["a 1", "a 2", "a 4", "a 4", "a 4", "a 5", "a 6"], [1, 2, 7, 8, 9, 3, 4], bucket=8,
+                                   image=torch.cat([others[:2], image, others[2:]]), strength=0.5)
+    assert torch.equal(alone, crowd[2:5])
+
+
+def test_tiny_sd_generator_starts_from_the_encoded_image(sd15_teacher: Path, monkeypatch: pytest.MonkeyPatch):
+    pipe = FewStepPipeline(load_unet(sd15_teacher).eval().requires_grad_(False), load_backbone(sd15_teacher),
+                           (999, 749, 499, 249))
+    image = pixels(load_image(start_picture(), (16, 16), 3), 2)
+    x0 = pipe.encode_images(image)
+    assert x0.shape == (2, *pipe.backbone.sample_shape)
+    assert torch.equal(x0, pipe.encode_images(image))  # the mean of the VAE's distribution: deterministic
+    calls = counting(pipe, monkeypatch)
+    got = pipe(["a red cube", "a small dog"], [3, 4], image=image, strength=0.25)
+    assert calls == [249] and got.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(got, by_hand(pipe, ["a red cube", "a small dog"], [3, 4], x0, 3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
+        pipe(["a red cube"], [3], image=image[:1, :1], strength=0.5)
+
+
+# -------------------------------------------------------------------------------------- server
+
+def generate(server: Server, timeout: float = 60, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", json=body, timeout=timeout)
+
+
+def decoded(b64_png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))))
+
+
+def test_server_image_to_image_is_the_pipeline(server: Server, digits: FewStepPipeline):
+    picture = start_picture()
+    r = generate(server, prompt="a handwritten 7", seed=11, num_images=2, image=b64(picture), strength=0.5)
+    assert r.status_code == 200, r.text
+    got = [decoded(im["data"]) for im in r.json()["images"]]
+    start = pixels(load_image(picture, (8, 8), 1), 2)
+    want = digits.generate_padded(["a handwritten 7"] * 2, [11, 12], bucket=8, image=start, strength=0.5)
+    for g, w in zip(got, want):
+        # the server's own thread count may round a GEMM differently: at most one grey level
+        assert np.abs(g.astype(int) - decoded(encode_image(w, "png", (8, 8))).astype(int)).max() <= 1
+    # strength 1 is text to image; a data: URL works as well as bare base64
+    plain = generate(server, prompt="a handwritten 7", seed=11).json()["images"]
+    one = generate(server, prompt="a handwritten 7", seed=11, image="data:image/png;base64," + b64(picture),
+                   strength=1.0)
+    assert one.json()["images"] == plain
+
+
+def test_server_same_request_same_pixels_in_any_batch(server: Server):
+    picture = b64(start_picture())
+    target = {"prompt": "a drawing of a five", "seed": 1234, "num_images": 2, "image": picture, "strength": 0.5}
+    alone = generate(server, **target).json()["images"]
+    strengths = (0.25, 0.5, 0.75, 1.0)
+    others = [{"prompt": f"the digit {d}", "seed": d, "num_images": 1 + d % 3,
+               **({"image": picture, "strength": strengths[d // 2 % 4]} if d % 2 else {})} for d in range(11)]
+    bodies = others[:5] + [target] + others[5:]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: generate(server, **b), bodies))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    assert results[5].json()["images"] == alone
+    assert max(r.json()["timings_ms"]["batch_requests"] for r in results) > 1, "no batching happened"
+
+
+def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
+    import openai
+
+    path = tmp_path / "start.png"
+    path.write_bytes(start_picture())
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with open(path, "rb") as f:
+        result = client.images.edit(image=f, prompt="a handwritten 4", n=2, size="64x64", response_format="b64_json")
+    assert len(result.data) == 2 and all(decoded(d.b64_json).shape == (64, 64) for d in result.data)
+    with open(path, "rb") as f, open(path, "rb") as m, pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=f, mask=m, prompt="a 4", response_format="b64_json")
+    assert e.value.status_code == 400 and e.value.param == "mask" and "inpainting is not supported yet" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=("x.png", b"not an image"), prompt="a 4")
+    assert e.value.param == "image"
+    with open(path, "rb") as f, pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=f, prompt="a 4", size="1024x1000")
+    assert e.value.param == "size"
+
+
+def truncated_png() -> bytes:
+    data = png(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"image": "this is not base64!"}, "image", "base64"),
+    ({"image": b64(b"GIF89a not a png at all")}, "image", "not a PNG, JPEG or WebP"),
+    ({"image": b64(truncated_png())}, "image", "truncated"),
+    ({"image": b64(png_claiming(100_000, 100_000))}, "image", "pixels"),
+    ({"image": b64(png_claiming(5000, 4000))}, "image", "5000 x 4000"),
+    ({"image": ""}, "image", "empty"),
+    ({"image": b64(start_picture()), "size": "12x12"}, "size", "not supported"),
+    ({"image": b64(start_picture()), "strength": 0}, "strength", "greater than 0"),
+    ({"image": b64(start_picture()), "strength": 1.5}, "strength", "less than or equal to 1"),
+    ({"strength": 0.5}, "strength", "send image too"),
+])
+def test_bad_images_are_422_naming_the_field(server: Server, body, field, words):
+    r = httpx.post(f"{server.url}/generate", json={"prompt": "a 1", **body}, timeout=30)
+    assert r.status_code == 422, r.text
+    errors = [e for e in r.json()["detail"] if field in [str(p) for p in e["loc"]]]
+    assert errors and words in errors[0]["msg"], r.text
+
+
+def test_image_over_the_body_limit_is_413_naming_the_field(server: Server):
+    big = b64(b"\0" * (7 * 2**20))  # 9.3 MiB of base64, over the default 8 MiB
+    r = generate(server, prompt="a 1", image=big)
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body", "image"] and "--max-body-mb" in r.text
+    r = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "a 1"},
+                   files={"image": ("big.png", b"\0" * (9 * 2**20), "image/png")}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "image"
+    assert server.process.poll() is None and httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def sd_generator(sd15_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-shaped generator folder: the tiny teacher's UNet exported on the 4-step schedule."""
+    from dmd2_train.export import export_generator
+
+    unet = load_unet(sd15_teacher)
+    return export_generator(unet.state_dict(), unet.config, load_backbone(sd15_teacher), sd15_teacher,
+                            tmp_path_factory.mktemp("sdgen") / "generator", [999, 749, 499, 249])
+
+
+def test_tiny_sd_server_image_to_image(sd_generator: Path):
+    s = start_server("--model", str(sd_generator), "--bucket", "2")
+    try:
+        r = generate(s, prompt="a red cube", seed=3, num_images=2, image=b64(start_picture()), strength=0.5)
+        assert r.status_code == 200, r.text
+        images = [decoded(im["data"]) for im in r.json()["images"]]
+        assert all(im.shape == (16, 16, 3) for im in images) and not np.array_equal(images[0], images[1])
+        plain = generate(s, prompt="a red cube", seed=3, num_images=2).json()["images"]
+        assert [decoded(im["data"]).tolist() for im in plain] != [im.tolist() for im in images]
+    finally:
+        stop_server(s)
