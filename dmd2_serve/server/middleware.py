@@ -1,18 +1,17 @@
-"""ASGI middleware around the LitServe app: admission control, metrics, raw-image responses.
+"""ASGI middleware around the LitServe app: admission control and metrics.
 
 - A bounded queue: at most ``max_queue`` generation requests are admitted at once; the next one
   gets 503 with ``Retry-After`` at once instead of waiting in an ever-growing queue.
 - Draining: once the main process stops admitting (a SIGTERM, a dead worker; see ``lifecycle``),
   generation requests get 503 with ``Retry-After`` and ``/health`` 503 saying why.
 - Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
-- ``Accept: image/png`` (or jpeg, webp) on ``POST /generate`` with one image answers the raw
-  image bytes instead of JSON.
+
+Answers pass through as the app sends them; the raw-image answers of ``Accept: image/png`` are
+made by the route itself (see ``encoding``).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
 Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
-
-IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
 
 def openai_error(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
@@ -51,36 +48,8 @@ async def _json_response(send: Callable, status: int, body: dict[str, Any], head
     await _respond(send, status, json.dumps(body).encode(), b"application/json", headers)
 
 
-def _wanted_image_type(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == b"accept":
-            for part in value.decode("latin-1").split(","):
-                kind = part.split(";")[0].strip().lower()
-                if kind in IMAGE_TYPES:
-                    return kind
-    return None
-
-
-def _as_image(body: bytes, kind: str) -> tuple[int, bytes, str]:
-    """Turn a 200 JSON answer holding one image into (status, bytes, content type)."""
-    from PIL import Image
-
-    payload = json.loads(body)
-    images = payload.get("images", [])
-    if len(images) != 1:
-        msg = f"Accept: {kind} returns exactly one image; ask for num_images=1 or accept application/json"
-        return 406, json.dumps({"detail": msg}).encode(), "application/json"
-    data = base64.b64decode(images[0]["data"])
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format != IMAGE_TYPES[kind]:
-            out = io.BytesIO()
-            im.convert("RGB" if IMAGE_TYPES[kind] == "JPEG" else im.mode).save(out, format=IMAGE_TYPES[kind])
-            data = out.getvalue()
-    return 200, data, kind
-
-
 class ServingMiddleware:
-    """Admission control, draining, metrics and raw-image answers for the generation endpoints.
+    """Admission control, draining and metrics for the generation endpoints.
 
     ``state`` is shared with the main process, which counts on it the requests still to answer.
     """
@@ -131,32 +100,7 @@ class ServingMiddleware:
             return
         metrics.QUEUE_DEPTH.inc()
         try:
-            kind = _wanted_image_type(scope) if path == "/generate" else None
-            if kind is None:
-                await self.app(scope, receive, send)
-            else:
-                await self._raw_image(scope, receive, send, kind)
+            await self.app(scope, receive, send)
         finally:
             self.state.release()
             metrics.QUEUE_DEPTH.dec()
-
-    async def _raw_image(self, scope: Scope, receive: Callable, send: Callable, kind: str) -> None:
-        start: Message = {}
-        chunks: list[bytes] = []
-
-        async def collect(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, collect)
-        body = b"".join(chunks)
-        if start.get("status") != 200:
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
-            return
-        code, data, content_type = _as_image(body, kind)
-        await send({"type": "http.response.start", "status": code,
-                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(data)).encode())]})
-        await send({"type": "http.response.body", "body": data})

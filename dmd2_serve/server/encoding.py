@@ -1,0 +1,124 @@
+"""Response images out: each image's file made once, in the inference worker, saying what made it.
+
+The worker encodes every image to its file (PNG, JPEG or WebP) and sends the bytes back through
+LitServe's response queue; the HTTP process answers them as they are (``Accept: image/png``,
+``image/jpeg``, ``image/webp``) or base64s the same bytes into JSON. Nothing is decoded or
+encoded twice.
+
+Unless the server runs with ``--no-metadata``, each file carries how to make it again, in the
+form AUTOMATIC1111's web UI writes and the tools around it read: the prompt, then one line of
+``Key: value`` pairs. PNG holds it in a ``parameters`` text chunk; JPEG and WebP, which have no
+text chunks, in the EXIF UserComment (``UNICODE\\0`` then UTF-16BE, as A1111 writes it)::
+
+    a handwritten 7
+    Steps: 4, Sampler: DMD2, Seed: 42, Size: 8x8, Model: digits-generator
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .schemas import GenerateResponse
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # output_format -> Pillow's format name
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_FORMAT_OF_MEDIA_TYPE = {media: fmt for fmt, media in MEDIA_TYPES.items()}
+USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF UserComment's character code for UTF-16 text
+
+
+def raw_format(accept: str) -> str | None:
+    """The format whose bytes an ``Accept`` header asks for (its first image type), or None: JSON."""
+    for part in accept.split(","):
+        fmt = _FORMAT_OF_MEDIA_TYPE.get(part.split(";")[0].strip().lower())
+        if fmt is not None:
+            return fmt
+    return None
+
+
+def _quoted(value: str) -> str:
+    """A value as A1111 writes it: JSON-quoted when a comma, colon or newline would split the line."""
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """What made one image: enough to make it again with the same model."""
+
+    prompt: str
+    seed: int
+    steps: int  # the schedule's steps asked for (image to image runs the last round(strength * steps))
+    size: tuple[int, int]  # (width, height) delivered
+    model: str
+    strength: float | None = None  # image to image only
+
+    def infotext(self) -> str:
+        """A1111's ``parameters`` text: the prompt, a newline, then ``Steps: 4, Sampler: DMD2, Seed: 42, ...``."""
+        fields = {"Steps": self.steps, "Sampler": "DMD2", "Seed": self.seed, "Size": "{}x{}".format(*self.size),
+                  "Model": self.model}
+        if self.strength is not None:
+            fields["Denoising strength"] = self.strength
+        text = self.prompt + "\n" + ", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items())
+        # a lone surrogate (valid JSON, not UTF-8) or a NUL (ends a PNG text) must not break the file
+        return text.encode("utf-8", "replace").decode("utf-8").replace("\0", " ")
+
+
+def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int], parameters: Parameters | None = None) -> bytes:
+    """(C, H, W) in [0, 1] -> the file's bytes, scaled (nearest) to ``size`` when it differs.
+
+    ``parameters`` (None: no metadata) go into a PNG ``parameters`` text chunk or, for JPEG and
+    WebP, the EXIF UserComment.
+    """
+    from PIL import ExifTags, Image
+    from PIL.PngImagePlugin import PngInfo
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, C)
+    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if pil.size != size:
+        pil = pil.resize(size, Image.NEAREST)
+    metadata = {}
+    if parameters is not None:
+        text = parameters.infotext()
+        if fmt == "png":
+            metadata["pnginfo"] = PngInfo()
+            metadata["pnginfo"].add_text("parameters", text)  # tEXt, or iTXt (UTF-8) beyond Latin-1
+        else:
+            metadata["exif"] = Image.Exif()
+            comment = USER_COMMENT_UNICODE + text.encode("utf-16-be")
+            metadata["exif"].get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
+    out = io.BytesIO()
+    pil.save(out, format=FORMATS[fmt], **metadata)
+    return out.getvalue()
+
+
+@dataclass
+class EncodedImages:
+    """A request's answer as the worker sends it back: the image files, ready to send or to base64."""
+
+    files: list[bytes]
+    seeds: list[int]
+    media_type: str
+    model: str
+    timings_ms: dict[str, float]
+
+    def base64_files(self) -> list[str]:
+        return [base64.b64encode(data).decode("ascii") for data in self.files]
+
+    def as_json(self) -> GenerateResponse:
+        """The ``POST /generate`` JSON body: the same bytes, base64."""
+        images = [{"data": data, "seed": seed} for data, seed in zip(self.base64_files(), self.seeds)]
+        return GenerateResponse(images=images, model=self.model, timings_ms=self.timings_ms)
+
+
+# ``POST /generate``'s answers beside its JSON, for the OpenAPI schema.
+OPENAPI_RESPONSES = {
+    200: {"description": "JSON; or with `Accept: image/png` (`image/jpeg`, `image/webp`) the one image's file",
+          "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}},
+    406: {"description": "`Accept` asks for one image's file but `num_images` is more than 1",
+          "content": {"application/json": {"schema": {"type": "object",
+                                                      "properties": {"detail": {"type": "string"}}}}}},
+}

@@ -1,0 +1,159 @@
+"""Image files out: made once in the worker, sent as they are for ``Accept: image/*`` or base64'd
+into JSON, and saying what made them (A1111's ``parameters``) unless ``--no-metadata``.
+
+The server tests run a real ``python -m dmd2_serve`` on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import ExifTags, Image
+from serving import Server, start_server, stop_server
+
+from dmd2_serve.server.encoding import USER_COMMENT_UNICODE, Parameters, encode_image, raw_format
+
+
+def generate(server: Server, accept: str | None = None, **body) -> httpx.Response:
+    headers = {"Accept": accept} if accept else None
+    return httpx.post(f"{server.url}/generate", json=body, headers=headers, timeout=60)
+
+
+def files(response: httpx.Response) -> list[bytes]:
+    """The image files of a JSON answer."""
+    assert response.status_code == 200, response.text
+    return [base64.b64decode(image["data"]) for image in response.json()["images"]]
+
+
+def user_comment(data: bytes) -> str | None:
+    """The EXIF UserComment of a JPEG or WebP as A1111 writes it (UTF-16 after ``UNICODE\\0``)."""
+    with Image.open(io.BytesIO(data)) as im:
+        comment = im.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if comment is None:
+        return None
+    assert comment.startswith(USER_COMMENT_UNICODE)
+    return comment[len(USER_COMMENT_UNICODE):].decode("utf-16-be")
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return dict(im.text)
+
+
+# ------------------------------------------------------------------------------------- the server
+
+def test_raw_png_is_the_json_image_byte_for_byte(server: Server):
+    body = {"prompt": "a handwritten 7", "seed": 42, "size": "64x64"}
+    raw = generate(server, "image/png", **body)
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert int(raw.headers["content-length"]) == len(raw.content)
+    (from_json,) = files(generate(server, **body))
+    assert raw.content == from_json  # one file, made once: the JSON route base64s the same bytes
+    with Image.open(io.BytesIO(raw.content)) as a, Image.open(io.BytesIO(from_json)) as b:
+        assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_accept_picks_the_format_made_in_the_worker(server: Server):
+    """``Accept`` wins over ``output_format`` (as before); the file is made in that format, not converted."""
+    jpeg = generate(server, "image/jpeg", prompt="a 3", seed=1, output_format="png")
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    assert jpeg.content == files(generate(server, prompt="a 3", seed=1, output_format="jpeg"))[0]
+    webp = generate(server, "text/html, image/webp;q=0.9, image/png", prompt="a 3", seed=1)
+    assert webp.headers["content-type"] == "image/webp"
+    assert webp.content == files(generate(server, prompt="a 3", seed=1, output_format="webp"))[0]
+    many = generate(server, "image/png", prompt="a 3", num_images=2)
+    assert many.status_code == 406 and "num_images=1" in many.json()["detail"]
+    bad = generate(server, "image/png", prompt="a 3", num_images=2, steps=99)  # a bad field is still a 422 first
+    assert bad.status_code == 422
+
+
+def test_png_says_what_made_it(server: Server):
+    raw = generate(server, "image/png", prompt="a handwritten 7", seed=42, steps=2, size="64x64").content
+    assert png_text(raw) == {"parameters": "a handwritten 7\nSteps: 2, Sampler: DMD2, Seed: 42, Size: 64x64,"
+                                           " Model: digits-generator"}
+    pair = files(generate(server, prompt="naïve 七, a 1", seed=7, num_images=2))  # each image its own seed
+    for data, seed in zip(pair, (7, 8)):
+        assert png_text(data)["parameters"] == (
+            f"naïve 七, a 1\nSteps: 4, Sampler: DMD2, Seed: {seed}, Size: 8x8, Model: digits-generator")
+
+
+def test_jpeg_and_webp_say_it_in_exif_and_image_to_image_gives_its_strength(server: Server):
+    start = base64.b64encode(generate(server, "image/png", prompt="a 3", seed=1).content).decode()
+    for fmt in ("jpeg", "webp"):
+        r = generate(server, prompt="the number eight", seed=5, output_format=fmt, image=start, strength=0.5)
+        assert user_comment(files(r)[0]) == ("the number eight\nSteps: 4, Sampler: DMD2, Seed: 5, Size: 8x8,"
+                                              " Model: digits-generator, Denoising strength: 0.5")
+
+
+@pytest.fixture(scope="module")
+def bare():
+    s = start_server("--no-metadata")
+    yield s
+    stop_server(s)
+
+
+def test_no_metadata_writes_none(bare: Server, server: Server):
+    raw = generate(bare, "image/png", prompt="a handwritten 7", seed=42).content
+    assert png_text(raw) == {}
+    with_text = generate(server, "image/png", prompt="a handwritten 7", seed=42).content
+    with Image.open(io.BytesIO(raw)) as a, Image.open(io.BytesIO(with_text)) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # the same pixels, without the text
+    for fmt in ("jpeg", "webp"):
+        assert user_comment(files(generate(bare, prompt="a 1", seed=1, output_format=fmt))[0]) is None
+
+
+def test_openapi_documents_the_raw_answers(server: Server):
+    responses = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/generate"]["post"]["responses"]
+    assert set(responses["200"]["content"]) == {"application/json", "image/png", "image/jpeg", "image/webp"}
+    assert "406" in responses and "422" in responses
+
+
+# ------------------------------------------------------------------------------------- units
+
+def test_middleware_passes_answers_through_untouched():
+    """The raw-image detour is gone: the middleware neither parses nor re-encodes what the route sends."""
+    from dmd2_serve.server.lifecycle import ServingState
+    from dmd2_serve.server.middleware import ServingMiddleware
+
+    answer = b"\x89PNG\r\n\x1a\n neither JSON nor a whole image"
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"image/png")]})
+        await send({"type": "http.response.body", "body": answer})
+
+    middleware = ServingMiddleware(app, generation_paths=("/generate",), known_paths=(), max_queue=1,
+                                   state=ServingState())
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(middleware), base_url="http://test") as client:
+            return await client.post("/generate", json={"prompt": "a 1"}, headers={"Accept": "image/png"})
+
+    r = asyncio.run(call())
+    assert r.status_code == 200 and r.content == answer and r.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("accept, fmt", [
+    ("image/png", "png"), ("IMAGE/JPEG; q=0.5", "jpeg"), ("application/json, image/webp", "webp"),
+    ("image/gif, image/png", "png"), ("application/json", None), ("*/*", None), ("", None), ("image/*", None),
+])
+def test_raw_format(accept: str, fmt: str | None):
+    assert raw_format(accept) == fmt
+
+
+def test_infotext_quotes_values_and_survives_any_prompt():
+    made = Parameters("a\ud800b\0c\nsecond line", 3, 4, (8, 8), "runs/a, b: c", strength=0.25)
+    text = made.infotext()
+    assert text == ('a?b c\nsecond line\nSteps: 4, Sampler: DMD2, Seed: 3, Size: 8x8, Model: "runs/a, b: c",'
+                    " Denoising strength: 0.25")
+    image = torch.rand(1, 8, 8)
+    for fmt in ("png", "jpeg", "webp"):  # a lone surrogate (valid JSON) or a NUL must not break the file
+        data = encode_image(image, fmt, (16, 16), made)
+        assert (png_text(data)["parameters"] if fmt == "png" else user_comment(data)) == text
+    assert png_text(encode_image(image, "png", (8, 8))) == {}
