@@ -1,4 +1,4 @@
-"""Command line: ``python -m dmd2_serve [--model DIR] [--host H] [--port P] ...``.
+"""Command line: ``python -m dmd2_serve [--model [NAME=]DIR ...] [--lora-dir [NAME=]DIR] [--host H] [--port P] ...``.
 
 With no arguments it serves the bundled digits generator on 127.0.0.1:8000.
 """
@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -21,12 +24,50 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _named_folder(text: str) -> tuple[str | None, Path]:
+    """``NAME=DIR`` -> (NAME, DIR); a bare ``DIR`` -> (None, DIR). An existing path is taken whole."""
+    name, sep, folder = text.partition("=")
+    if sep and folder and MODEL_NAME.fullmatch(name) and not Path(text).exists():
+        return name, Path(folder)
+    return None, Path(text)
+
+
+def _served(specs: list[tuple[str | None, Path]]) -> dict[str, Path]:
+    """Model name -> folder, in the order given (the first is the default); a bare folder is named by its name."""
+    models: dict[str, Path] = {}
+    for name, folder in specs:
+        name = name or folder.name or folder.resolve().name
+        if name in models:
+            raise ValueError(f"two models are named '{name}'; name them apart: --model a={models[name]}"
+                             f" --model b={folder}")
+        models[name] = folder
+    return models
+
+
+def _lora_dirs(specs: list[tuple[str | None, Path]], models: dict[str, Path]) -> dict[str, Path]:
+    """Model name -> its LoRA folder; a bare folder serves the default (first) model."""
+    dirs: dict[str, Path] = {}
+    for name, folder in specs:
+        name = name or next(iter(models))
+        if name in dirs:
+            raise ValueError(f"two --lora-dir for the model '{name}'; give one folder per model")
+        dirs[name] = folder
+    return dirs
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import BUNDLED_DIGITS_GENERATOR
 
     p = argparse.ArgumentParser(prog="python -m dmd2_serve", description="Serve a few-step generator over HTTP.")
-    p.add_argument("--model", type=Path, default=BUNDLED_DIGITS_GENERATOR,
-                   help="exported generator folder, or its lora/ folder (a LoRA run: served on the teacher it names)")
+    p.add_argument("--model", type=_named_folder, action="append", metavar="[NAME=]DIR",
+                   help="exported generator folder, or its lora/ folder (a LoRA run: served on the teacher it names);"
+                        " repeat to serve several, chosen per request by 'model' (default: the first; a bare DIR is"
+                        f" named by its folder name; default: the bundled {BUNDLED_DIGITS_GENERATOR.name})")
+    p.add_argument("--lora-dir", type=_named_folder, action="append", metavar="[NAME=]DIR",
+                   help="a folder of exported LoRA folders that requests to model NAME (default: the first) may name"
+                        " with 'lora'; added to the model per request (needs --backend eager); once per model")
+    p.add_argument("--lora-cache", type=int, default=4, metavar="N",
+                   help="LoRA adapters kept loaded per model; the least recently used is dropped for the next")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch")
@@ -56,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="on SIGTERM or SIGINT: stop admitting (503, /health 503) and give the requests already"
                         " admitted up to S seconds to finish before stopping (a process manager's stop timeout"
                         " should exceed it by ~10 s)")
+    p.add_argument("--no-metadata", dest="metadata", action="store_false",
+                   help="do not write the prompt, seed, steps and model into the image files (PNG 'parameters' text,"
+                        " EXIF UserComment for JPEG and WebP)")
     p.add_argument("--api-key", default=os.environ.get("DMD2_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $DMD2_API_KEY)")
     return p
@@ -68,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     from .server.metrics import ensure_multiprocess_dir
 
     ensure_multiprocess_dir()  # before any worker starts, so they inherit it
+    from . import BUNDLED_DIGITS_GENERATOR
     from .model.adapters import ModelFolderError, read_card
     from .model.backends import BackendError, FastPath, check_fast_path
     from .server.api import build_server, default_threads
 
     try:
-        if not read_card(args.model).is_generator:
-            raise ModelFolderError(f"'{args.model}' is a teacher, not a distilled generator (no recorded schedule)")
+        models = _served(args.model or [(None, BUNDLED_DIGITS_GENERATOR)])
+        for folder in models.values():
+            if not read_card(folder).is_generator:
+                raise ModelFolderError(f"'{folder}' is a teacher, not a distilled generator (no recorded schedule)")
+        lora_dirs = _lora_dirs(args.lora_dir or [], models)
         fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,
                         cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope)
         check_fast_path(fast)  # a missing optional install fails here, before any worker starts
@@ -89,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--grace must be a number of seconds, 0 or more")
         devices = args.devices if args.devices == "auto" else int(args.devices)
         server = build_server(
-            args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, bucket=args.bucket,
+            models, lora_dirs=lora_dirs, lora_cache=args.lora_cache, max_batch_size=args.max_batch_size,
+            batch_timeout=args.batch_timeout, bucket=args.bucket,
             api_key=args.api_key, devices=devices, workers_per_device=args.workers_per_device,
             accelerator=args.accelerator, max_queue=args.max_queue, timeout=args.timeout,
             max_body_bytes=int(args.max_body_mb * 2**20),
             threads=default_threads(args.workers_per_device) if args.accelerator != "cuda" else None, fast=fast,
+            metadata=args.metadata,
         )
     except (ModelFolderError, BackendError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -115,10 +115,10 @@ def test_lora_run_exports_merged_generator_and_adapter(sd15_teacher: Path, sd_da
 # ---------------------------------------------------------------------------------------- export
 
 
-def export_random_lora(teacher: Path, out: Path) -> tuple[Path, torch.nn.Module]:
-    """A LoRA (rank 4, alpha 8: scale 2) with random B, exported; and the peft UNet it came from."""
+def export_random_lora(teacher: Path, out: Path, seed: int = 1) -> tuple[Path, torch.nn.Module]:
+    """A LoRA (rank 4, alpha 8: scale 2) with random B (drawn from ``seed``), exported; and the peft UNet it came from."""
     spec = LoraSpec(4, 8.0, ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     unet = spec.add_to(load_unet(teacher)).eval()
     with torch.no_grad():
         for name, p in unet.named_parameters():

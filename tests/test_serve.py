@@ -98,7 +98,7 @@ def test_openai_client_unchanged(server: Server):
     import openai
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    result = client.images.generate(model="digits", prompt="a handwritten 4", n=2, size="64x64",
+    result = client.images.generate(model="digits-generator", prompt="a handwritten 4", n=2, size="64x64",
                                     response_format="b64_json")
     assert len(result.data) == 2 and all(decode(d.b64_json).size == (64, 64) for d in result.data)
     with pytest.raises(openai.BadRequestError) as e:

@@ -10,8 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import META_FILE, Backbone, Conditioning, ModelFolderError, load_backbone, load_unet, read_card, unet_eps
-from .backends import Denoiser, FastPath, GraphedLoop, check_fast_path, compile_modules, set_attention, tensorrt_modules
-from .lora import fused_lora_unet, lora_base
+from .backends import (
+    BackendError,
+    Denoiser,
+    FastPath,
+    GraphedLoop,
+    check_fast_path,
+    compile_modules,
+    set_attention,
+    tensorrt_modules,
+)
+from .lora import LoraAdapters, fused_lora_unet, lora_base
 from .sampling import philox_sample, sdedit_start
 
 
@@ -22,7 +31,8 @@ class FewStepPipeline:
     draws depend on ``seeds[b]`` alone. Given images and a ``strength``, the loop starts from
     them instead of from noise (image to image, SDEdit on the generator's own schedule).
     :meth:`accelerate` switches the UNet and the VAE decoder to another backend; on CUDA each
-    batch shape's whole loop is then replayed from a CUDA graph.
+    batch shape's whole loop is then replayed from a CUDA graph. :meth:`use_lora` adds an exported
+    LoRA to the UNet for the batches that follow.
 
     Args:
         unet: the generator UNet (eps- or v-predicting, as its teacher; ``backbone.schedule`` says).
@@ -48,16 +58,19 @@ class FewStepPipeline:
         self.fast = FastPath()
         self._graphs: dict[tuple, GraphedLoop] = {}
         self._pool: Any = None
+        self.loras = LoraAdapters(unet)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> FewStepPipeline:
+                    dtype: torch.dtype | None = None, fuse_lora: bool = True) -> FewStepPipeline:
         """Load a generator folder written by ``dmd2_train`` export.
 
         ``folder`` is a full generator (``run/generator``) or a LoRA export (``run/generator/lora``),
         whose ``dmd2.json`` names the teacher it adapts: the encoders, VAE and UNet then come from
         the teacher, the adapter fused into the UNet (``lora.py``). ``dtype`` None picks float16 on
         CUDA (with a bfloat16 VAE: the SDXL VAE overflows in float16) and float32 elsewhere.
+        ``fuse_lora=False`` keeps a LoRA export's adapter beside the teacher's weights, active
+        (:meth:`use_lora`), so that other adapters can take its place.
         """
         folder = Path(folder)
         card = read_card(folder)
@@ -72,9 +85,13 @@ class FewStepPipeline:
         backbone = load_backbone(base or folder, card).to(device)
         if on_cuda and getattr(backbone, "vae", None) is not None:
             backbone.vae.to(torch.bfloat16)
-        unet = fused_lora_unet(base, folder) if base is not None else load_unet(folder)
+        fused = base is not None and fuse_lora
+        unet = fused_lora_unet(base, folder) if fused else load_unet(base or folder)
         unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return cls(unet, backbone, name=folder.name)
+        pipe = cls(unet, backbone, name=folder.name)
+        if base is not None and not fuse_lora:
+            pipe.use_lora(folder)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +115,9 @@ class FewStepPipeline:
         conditioning of the right shapes (default: the encoded empty prompt).
         """
         check_fast_path(fast)
+        if fast.backend != "eager" and self.loras.loaded:
+            raise BackendError(f"the {fast.backend} backend cannot run LoRA adapters beside the weights; load the"
+                               " folder with fuse_lora=True (or serve the merged generator)")
         vae = getattr(self.backbone, "vae", None)
         for module in (self.unet, vae):
             if module is not None:
@@ -113,10 +133,26 @@ class FewStepPipeline:
         self.fast = fast
         self.release_graphs()
 
+    def use_lora(self, folder: str | Path | None, scale: float = 1.0) -> bool:
+        """Sample the next batches with the exported LoRA in ``folder`` added to the UNet at ``scale``
+        (None: the UNet alone); whether it had to be loaded (``self.loras`` keeps the recent ones).
+
+        The adapter runs beside the weights (peft), not fused: its images equal those of the
+        folder loaded alone (:meth:`from_folder`, fused) within float rounding. Batches with an
+        adapter run eagerly, outside the CUDA graphs: the graphs hold the UNet as captured, and
+        a scale is a constant in them. Compiled and TensorRT backends bake the modules in, so
+        they refuse adapters.
+        """
+        if folder is not None and self.fast.backend != "eager":
+            raise BackendError(f"a LoRA adapter needs the eager backend, not {self.fast.backend}: compiled graphs and"
+                               " TensorRT engines bake the UNet's modules in; serve the merged generator instead")
+        return self.loras.activate(None if folder is None else Path(folder), scale)
+
     @property
     def graphed(self) -> bool:
-        """Whether sampling replays CUDA graphs (CUDA, graphs on, not TensorRT's own runtime)."""
-        return self.fast.cuda_graphs and self.device.type == "cuda" and self.fast.backend != "tensorrt"
+        """Whether sampling replays CUDA graphs (CUDA, graphs on, not TensorRT's own runtime, no LoRA adapter)."""
+        return (self.fast.cuda_graphs and self.device.type == "cuda" and self.fast.backend != "tensorrt"
+                and self.loras.active is None)
 
     def sample_images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
                       shape: Sequence[int], latents: Tensor | None = None, init: Tensor | None = None,

@@ -2,8 +2,9 @@
 the OpenAI Images route, the playground, metrics and the limits around them.
 
 Requests from all generation endpoints enter the same LitServe queue, so they batch together.
-A batch is grouped by (image shape, step count, first step); each group runs in fixed-size
-chunks (``FewStepPipeline.generate_padded``), so a seed's pixels never depend on its batch-mates.
+One worker holds every served model (``models``). A batch is grouped by (model, LoRA adapter and
+scale, image shape, step count, first step); each group runs in fixed-size chunks
+(``FewStepPipeline.generate_padded``), so a seed's pixels never depend on its batch-mates.
 Every image's noise comes from its own seed (seed + i for the i-th image of a request).
 
 A request is checked against the model and its image decoded in the HTTP process
@@ -12,14 +13,12 @@ when ``decode_request`` raises, so a bad request there would fail the good ones 
 """
 
 # FastAPI reads the routes' annotations at runtime (the OpenAPI schema): no `from __future__ import annotations`.
-import base64
 import hmac
-import io
 import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -35,77 +34,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..model.adapters import adapter, read_card
+from ..model.adapters import ModelFolderError, adapter
 from ..model.backends import FastPath
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
+from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format
 from .images import BadImage, from_base64, load_image
-from .lifecycle import ServingState, SupervisedServer, bind_to_parent
+from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
 from .middleware import ServingMiddleware, openai_error
+from .models import ModelFacts, RequestProblem, UnknownModel
 from .schemas import (
     DEFAULT_STRENGTH,
     MAX_SEED,
-    SIZE_PATTERN,
     GenerateRequest,
     GenerateResponse,
     OpenAIEditRequest,
+    OpenAIError,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
+    OpenAIModel,
+    OpenAIModelList,
 )
 
 GENERATE_PATH = "/generate"
 OPENAI_PATH = "/v1/images/generations"
 OPENAI_EDITS_PATH = "/v1/images/edits"
+MODELS_PATH = "/v1/models"
+MODEL_NOT_FOUND = {"model": OpenAIError, "description": "no served model has that name (OpenAI's error shape,"
+                                                        " code model_not_found)"}
 STATIC = Path(__file__).parent / "static"
-
-
-class RequestProblem(ValueError):
-    """A request the model cannot serve as asked; names the field."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-
-
-@dataclass
-class ModelFacts:
-    """What the HTTP process knows of the model without loading it (from ``dmd2.json``)."""
-
-    name: str
-    family: str
-    steps: int
-    native: int  # image side in pixels
-
-    @classmethod
-    def read(cls, folder: Path) -> "ModelFacts":
-        card = read_card(folder)
-        return cls(Path(folder).name, card.family, len(card.timesteps or ()), card.image_size or 512)
-
-    def resolve_size(self, size: str | None) -> tuple[int, int]:
-        """(width, height) for a ``WxH`` string, or the native size (None, ``auto``); RequestProblem if unsupported."""
-        if size is None or size == "auto":
-            return self.native, self.native
-        m = SIZE_PATTERN.match(size)
-        if not m:
-            raise RequestProblem("size", f"size must look like WIDTHxHEIGHT, e.g. {self.native}x{self.native}")
-        w, h = int(m.group(1)), int(m.group(2))
-        rule = adapter(self.family).size_rule(self.native, w, h)
-        if rule is not None:
-            raise RequestProblem("size", f"size {size} is not supported by this model; use {rule}")
-        return w, h
-
-    def check_steps(self, steps: int | None) -> None:
-        if steps is not None and steps > self.steps:
-            raise RequestProblem("steps", f"steps must be at most {self.steps}, the length of the trained schedule")
-
-    def render_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The (width, height) the model draws for a delivered ``size`` (an input image is fitted to it)."""
-        return adapter(self.family).render_size(self.native, *size)
-
-    @property
-    def image_channels(self) -> int:
-        return adapter(self.family).image_channels
 
 
 @dataclass
@@ -114,6 +72,8 @@ class Job:
 
     With an input image, ``init`` holds its pixels at the render size, (H, W, C) uint8, and the
     loop starts at ``start_step`` (which ``strength`` selects; 0: from noise, no image needed).
+    ``model`` draws it, with the LoRA adapter in ``lora_folder`` at ``lora_scale`` when not None
+    (``lora``: the adapter's name as the request gave it).
     """
 
     prompt: str
@@ -124,7 +84,20 @@ class Job:
     init: np.ndarray | None = None
     strength: float = 1.0
     start_step: int = 0
+    model: str = ""
+    lora: str | None = None
+    lora_folder: Path | None = None
+    lora_scale: float = 1.0
     received: float = field(default_factory=time.perf_counter)  # set in the HTTP process: a system-wide clock
+
+
+@dataclass
+class JobFailure:
+    """What the worker answers for a job it could not run (an adapter that failed to load): a
+    422 naming ``field``, for that job alone, not its batch-mates."""
+
+    field: str
+    message: str
 
 
 @dataclass
@@ -134,19 +107,11 @@ class JobResult:
     output_format: str
     size: tuple[int, int]  # (width, height) to deliver
     timings_ms: dict[str, float]
-
-
-def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int]) -> str:
-    """(C, H, W) in [0, 1] -> base64 file bytes, scaled (nearest) to ``size`` when it differs."""
-    from PIL import Image
-
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    if pil.size != size:
-        pil = pil.resize(size, Image.NEAREST)
-    out = io.BytesIO()
-    pil.save(out, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
-    return base64.b64encode(out.getvalue()).decode("ascii")
+    prompt: str  # the rest is what the files' metadata says made them
+    steps: int
+    strength: float | None  # image to image only
+    model: str = ""
+    failure: JobFailure | None = None  # set: no images, answer this instead
 
 
 def pixels(init: np.ndarray, count: int) -> torch.Tensor:
@@ -160,20 +125,45 @@ def unprocessable(problem: RequestProblem) -> HTTPException:
 
 
 class FewStepAPI(ls.LitAPI):
-    """The generator behind ``POST /generate`` (and the OpenAI route, which feeds the same queue)."""
+    """The generators behind ``POST /generate`` (and the OpenAI routes, which feed the same queue).
 
-    def __init__(self, model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01,
+    Args:
+        models: name -> generator folder, the first the default; or one folder, named by its name.
+        lora_dirs: model name -> folder of exported LoRA adapters that its requests may name.
+        lora_cache: adapters kept loaded per model (least recently used evicted).
+    """
+
+    def __init__(self, models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
+                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.01,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, threads: int | None = None,
-                 fast: FastPath | None = None) -> None:
+                 fast: FastPath | None = None, metadata: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=GENERATE_PATH)
-        self.model_dir = Path(model_dir)
-        self.facts = ModelFacts.read(self.model_dir)
-        self.bucket = (bucket,) if isinstance(bucket, int) else tuple(sorted(bucket))
+        models = {Path(models).name: Path(models)} if isinstance(models, (str, Path)) else dict(models)
+        lora_dirs = dict(lora_dirs or {})
         self.fast = fast or FastPath()
+        _check_models(models, lora_dirs, lora_cache, self.fast)
+        self.models = {name: ModelFacts.read(folder, name, lora_dirs.get(name)) for name, folder in models.items()}
+        self.default_model = next(iter(self.models))
+        self.lora_cache = lora_cache
+        self.bucket = (bucket,) if isinstance(bucket, int) else tuple(sorted(bucket))
         self.api_key = api_key
         self.threads = threads
+        self.metadata = metadata  # write prompt, seed, steps and model into every image file
         self.server_pid = os.getpid()  # the main process: workers never outlive it
-        self.pipe: FewStepPipeline | None = None
+        self.pipes: dict[str, FewStepPipeline] = {}  # in the worker, after setup()
+
+    @property
+    def facts(self) -> ModelFacts:
+        """The default model's facts."""
+        return self.models[self.default_model]
+
+    def model_facts(self, name: str | None) -> ModelFacts:
+        """The facts of the model a request names (None: the default); ``UnknownModel`` if not served."""
+        if name is None:
+            return self.facts
+        if name not in self.models:
+            raise UnknownModel(name, list(self.models))
+        return self.models[name]
 
     # -- auth (runs in the HTTP process, as a FastAPI dependency) --------------------------------
     def authorize(self, request: Request) -> None:
@@ -191,39 +181,47 @@ class FewStepAPI(ls.LitAPI):
         bind_to_parent(self.server_pid)
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.pipe = FewStepPipeline.from_folder(self.model_dir, device=device)
-        self.pipe.accelerate(self.fast, self.bucket)
-        steps, side = len(self.pipe.timesteps), self.pipe.backbone.image_size
-        for size in self.bucket:  # compilation, engine builds and graph captures happen here, not in a request
-            self.pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket)
-            if self.pipe.graphed:  # image to image: one graph per first step
-                blank = torch.zeros(size, self.facts.image_channels, side, side)
-                for start in range(1, steps):
-                    self.pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket, image=blank,
-                                              strength=(steps - start) / steps)
+        for name, facts in self.models.items():
+            # A LoRA export served with adapters keeps its own beside the weights, so others can take its place.
+            pipe = FewStepPipeline.from_folder(facts.folder, device=device, fuse_lora=facts.own_lora is None)
+            pipe.loras.capacity = self.lora_cache
+            pipe.accelerate(self.fast, self.bucket)
+            self.pipes[name] = pipe
+            steps, side = len(pipe.timesteps), pipe.backbone.image_size
+            for size in self.bucket:  # compilation, engine builds and graph captures happen here, not in a request
+                pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket)
+                if pipe.graphed:  # image to image: one graph per first step
+                    blank = torch.zeros(size, facts.image_channels, side, side)
+                    for start in range(1, steps):
+                        pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket, image=blank,
+                                             strength=(steps - start) / steps)
 
     def prepare(self, request: GenerateRequest, image: bytes | None = None) -> Job:
-        """Check a request against the model and decode its image (HTTP process; RequestProblem).
+        """Check a request against its model and decode its image (HTTP process; RequestProblem,
+        UnknownModel).
 
         ``image`` is an uploaded file's bytes (the OpenAI edits route); else ``request.image``,
         base64, is used. The image is decoded under a pixel limit and fitted to the render size.
         """
-        size = self.facts.resolve_size(request.size)
-        self.facts.check_steps(request.steps)
+        facts = self.model_facts(request.model)
+        size = facts.resolve_size(request.size)
+        facts.check_steps(request.steps)
+        lora_folder, lora_scale = _adapter(facts, request)
         init, strength, start_step = None, 1.0, 0
         if image is not None or request.image is not None:
             try:
                 data = image if image is not None else from_base64(request.image)
-                init = load_image(data, self.facts.render_size(size), self.facts.image_channels)
+                init = load_image(data, facts.render_size(size), facts.image_channels)
             except BadImage as e:
                 raise RequestProblem("image", f"image {e}") from None
             strength = DEFAULT_STRENGTH if request.strength is None else request.strength
-            start_step = sdedit_start(strength, request.steps or self.facts.steps)
+            start_step = sdedit_start(strength, request.steps or facts.steps)
         elif request.strength is not None:
             raise RequestProblem("strength", "strength applies to an input image: send image too, or drop strength")
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
-                   request.output_format, init if start_step > 0 else None, strength, start_step)
+                   request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
+                   lora=request.lora, lora_folder=lora_folder, lora_scale=lora_scale)
 
     def decode_request(self, request):  # a Job from prepare(); unannotated: LitServe's route (replaced) parses nothing
         return request
@@ -238,70 +236,140 @@ class FewStepAPI(ls.LitAPI):
         return self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> list[JobResult]:
-        assert self.pipe is not None, "setup() has not run"
+        assert self.pipes, "setup() has not run"
         metrics.BATCH_SIZE.observe(len(jobs))
         metrics.BATCH_IMAGES.observe(sum(len(j.seeds) for j in jobs))
         started = time.perf_counter()
-        # Only jobs that run the same steps share a forward pass: (shape, steps, first step) -> job indices
+        # Only jobs that run the same network and steps share a forward pass:
+        # (model, adapter, scale, shape, steps, first step) -> job indices
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            groups[(self._shape(job.size), job.steps, job.start_step)].append(i)
+            key = (job.model, job.lora_folder, job.lora_scale, self._shape(job.model, job.size), job.steps, job.start_step)
+            groups[key].append(i)
         images: dict[int, torch.Tensor] = {}
-        for (shape, steps, start_step), members in groups.items():
+        failures: dict[int, JobFailure] = {}
+        group_size: dict[int, int] = {}
+        for (model, lora, scale, shape, steps, start_step), members in groups.items():
+            pipe, group_started = self.pipes[model], time.perf_counter()
+            try:
+                if pipe.use_lora(lora, scale):
+                    metrics.LORA_LOADS.labels(model).inc()
+            except ModelFolderError as e:  # checked in the HTTP process, so its files changed or broke since
+                say(str(e))
+                for i in members:
+                    failures[i] = JobFailure("lora", f"the LoRA adapter '{jobs[i].lora}' could not be loaded into the"
+                                                     f" model '{model}'; its files may be damaged: export it again")
+                continue
             prompts = [jobs[i].prompt for i in members for _ in jobs[i].seeds]
             seeds = [s for i in members for s in jobs[i].seeds]
             init, strength = None, 1.0
             if start_step > 0:  # every member's strength selects this first step; any one of them serves
                 init = torch.cat([pixels(jobs[i].init, len(jobs[i].seeds)) for i in members])
                 strength = jobs[members[0]].strength
-            out = self.pipe.generate_padded(prompts, seeds, steps, self.bucket, shape, init, strength).cpu()
+            out = pipe.generate_padded(prompts, seeds, steps, self.bucket, shape, init, strength).cpu()
+            metrics.MODEL_INFERENCE.labels(model).observe(time.perf_counter() - group_started)
             start = 0
             for i in members:
                 images[i] = out[start:start + len(jobs[i].seeds)]
                 start += len(jobs[i].seeds)
+                group_size[i] = len(members)
+                metrics.MODEL_REQUESTS.labels(model, jobs[i].lora or "").inc()
         done = time.perf_counter()
-        return [JobResult(images[i], job.seeds, job.output_format, job.size, {
-            "queue": (started - job.received) * 1000, "inference": (done - started) * 1000,
-            "batch_requests": float(len(jobs)),
-        }) for i, job in enumerate(jobs)]
+        results = []
+        for i, job in enumerate(jobs):
+            timings = {"queue": (started - job.received) * 1000, "inference": (done - started) * 1000,
+                       "batch_requests": float(len(jobs)), "group_requests": float(group_size.get(i, 0))}
+            ran = i in images
+            results.append(JobResult(
+                images[i] if ran else torch.empty(0), job.seeds if ran else [], job.output_format, job.size, timings,
+                prompt=job.prompt, steps=job.steps or self.models[job.model].steps,
+                strength=job.strength if job.start_step else None, model=job.model, failure=failures.get(i)))
+        return results
 
     def unbatch(self, output: list[JobResult]) -> list[JobResult]:
         return output
 
-    def encode_response(self, output: JobResult) -> GenerateResponse:
+    def encode_response(self, output: JobResult) -> EncodedImages | JobFailure:
+        """Each image's file bytes, made once here; the HTTP process sends them as they are or base64s them."""
+        if output.failure is not None:  # the HTTP process answers it (``run``)
+            return output.failure
         t0 = time.perf_counter()
-        data = [{"data": encode_image(im, output.output_format, output.size), "seed": s}
-                for im, s in zip(output.images, output.seeds)]
+        model = output.model
+        files = []
+        for image, seed in zip(output.images, output.seeds):
+            made = Parameters(output.prompt, seed, output.steps, output.size, model, output.strength)
+            files.append(encode_image(image, output.output_format, output.size, made if self.metadata else None))
         timings = dict(output.timings_ms, encode=(time.perf_counter() - t0) * 1000)
-        return GenerateResponse(images=data, model=self.facts.name, timings_ms=timings)
+        return EncodedImages(files, output.seeds, MEDIA_TYPES[output.output_format], model, timings)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _shape(self, size: tuple[int, int]) -> tuple[int, int, int] | None:
-        """UNet-space shape for an output size (None: the model's own)."""
-        render = adapter(self.facts.family).render_size(self.facts.native, *size)
-        if render == (self.facts.native, self.facts.native):
+    def _shape(self, model: str, size: tuple[int, int]) -> tuple[int, int, int] | None:
+        """UNet-space shape of ``model`` for an output size (None: the model's own)."""
+        facts = self.models[model]
+        render = adapter(facts.family).render_size(facts.native, *size)
+        if render == (facts.native, facts.native):
             return None
-        return self.pipe.backbone.shape_for(*render)
+        return self.pipes[model].backbone.shape_for(*render)
 
 
-def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: float = 0.01,
+def _adapter(facts: ModelFacts, request: GenerateRequest) -> tuple[Path | None, float]:
+    """The LoRA adapter folder (None: none) and scale a request runs with; RequestProblem naming the field."""
+    if request.lora is None:
+        if request.lora_scale is not None:
+            raise RequestProblem("lora_scale", "lora_scale applies to a LoRA adapter: send lora too, or drop lora_scale")
+        return facts.own_lora, 1.0
+    folder = facts.lora_folder(request.lora)
+    scale = 1.0 if request.lora_scale is None else request.lora_scale
+    if scale == 0:  # the adapter adds nothing: the UNet alone, batched with the requests that have no adapter
+        return None, 1.0
+    return folder, scale
+
+
+def _check_models(models: Mapping[str, Path], lora_dirs: Mapping[str, Path], lora_cache: int, fast: FastPath) -> None:
+    """Refuse a model/adapter configuration that cannot be served, saying how to fix it (ValueError)."""
+    if not models:
+        raise ValueError("serve at least one model: --model DIR or --model NAME=DIR")
+    for name, folder in lora_dirs.items():
+        if name not in models:
+            raise ValueError(f"--lora-dir names the model '{name}', which is not served (served: {', '.join(models)});"
+                             " write --lora-dir NAME=DIR with the name of a --model")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--lora-dir '{folder}' is not a folder; give the folder that holds the exported LoRA"
+                             " folders (each with pytorch_lora_weights.safetensors and dmd2.json)")
+    if lora_dirs and fast.backend != "eager":
+        raise ValueError(f"--lora-dir needs --backend eager: {fast.backend} bakes the UNet's modules and weights in"
+                         " (and fuses its attention projections), so an adapter added per request would not act;"
+                         " serve the merged generator of each adapter instead")
+    if lora_cache < 1:
+        raise ValueError("--lora-cache must be at least 1")
+
+
+def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
+                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.01,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
                  workers_per_device: int = 1, accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
                  max_body_bytes: int = 8 * 2**20, threads: int | None = None,
-                 fast: FastPath | None = None) -> SupervisedServer:
-    """The LitServer with every route, limit and metric wired in; run it with ``serve``."""
+                 fast: FastPath | None = None, metadata: bool = True) -> SupervisedServer:
+    """The LitServer with every route, limit and metric wired in; run it with ``serve``.
+
+    ``models``, ``lora_dirs``, ``lora_cache``: what is served (:class:`FewStepAPI`).
+    ``metadata``: write each image's prompt, seed, steps and model into its file (``--no-metadata``: not).
+    """
     from litserve.server import RegularRequestHandler
 
-    api = FewStepAPI(model_dir, max_batch_size=max_batch_size, batch_timeout=batch_timeout, bucket=bucket,
-                     api_key=api_key, threads=threads, fast=fast)
+    api = FewStepAPI(models, lora_dirs=lora_dirs, lora_cache=lora_cache, max_batch_size=max_batch_size,
+                     batch_timeout=batch_timeout, bucket=bucket, api_key=api_key, threads=threads, fast=fast,
+                     metadata=metadata)
     state = ServingState()
     server = SupervisedServer(
         api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device, timeout=timeout,
         max_payload_size=max_body_bytes, state=state,
         middlewares=[(ServingMiddleware, dict(generation_paths=(GENERATE_PATH, OPENAI_PATH, OPENAI_EDITS_PATH),
-                                              known_paths=("/", "/health", "/metrics"), max_queue=max_queue,
-                                              state=state))],
-        model_metadata={"model": api.facts.name, "family": api.facts.family},
+                                              known_paths=("/", "/health", "/metrics", MODELS_PATH),
+                                              max_queue=max_queue, state=state))],
+        model_metadata={"model": api.default_model, "family": api.facts.family, "models": [
+            {"name": m.name, "family": m.family, "steps": m.steps, "image_size": m.native,
+             "loras": m.loras is not None} for m in api.models.values()]},
     )
     app = server.app
     # LitServe's index, and its /generate, which would hand the raw body to the worker: ours prepares it first.
@@ -316,18 +384,31 @@ def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: flo
         with_image = image is not None or request.image is not None
         return await anyio.to_thread.run_sync(api.prepare, request, image, limiter=decoding if with_image else None)
 
-    async def run(job: Job) -> GenerateResponse:
+    async def run(job: Job) -> EncodedImages:
+        """The job's answer from the worker; RequestProblem when the worker could not run it."""
         result = await handler.handle_request(job, Job)
-        return result if isinstance(result, GenerateResponse) else GenerateResponse(**result)
+        if isinstance(result, JobFailure):
+            raise RequestProblem(result.field, result.message)
+        return result
 
-    @app.post(GENERATE_PATH, response_model=GenerateResponse, dependencies=[Depends(api.authorize)])
-    async def generate(body: GenerateRequest) -> GenerateResponse:
-        """Text to image; image to image with ``image`` (and ``strength``)."""
+    @app.post(GENERATE_PATH, response_model=GenerateResponse, responses={**OPENAPI_RESPONSES, 404: MODEL_NOT_FOUND},
+              dependencies=[Depends(api.authorize)])
+    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | Response:
+        """Text to image; image to image with ``image`` (and ``strength``). ``Accept: image/png`` (or
+        jpeg, webp) answers the one image's file, made in that format whatever ``output_format`` says."""
+        raw = raw_format(request.headers.get("accept", ""))
+        if raw is not None:
+            body = body.model_copy(update={"output_format": raw})
         try:
             job = await prepare(body)
         except RequestProblem as problem:
             raise unprocessable(problem) from None
-        return await run(job)
+        if raw is not None and body.num_images != 1:
+            message = (f"Accept: {MEDIA_TYPES[raw]} returns exactly one image; ask for num_images=1"
+                       " or accept application/json")
+            return JSONResponse({"detail": message}, 406)
+        result = await run(job)
+        return Response(result.files[0], media_type=result.media_type) if raw is not None else result.as_json()
 
     async def openai_answer(request: GenerateRequest, response_format: str, image: bytes | None = None) -> JSONResponse:
         """Run a request from an OpenAI route; problems are OpenAI's 400 naming the parameter."""
@@ -338,16 +419,19 @@ def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: flo
             job = await prepare(request, image)
         except RequestProblem as problem:
             return JSONResponse(openai_error(str(problem), problem.field), 400)
-        images = (await run(job)).images
-        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": im.data} for im in images]})
+        images = (await run(job)).base64_files()
+        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": data} for data in images]})
 
-    @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, dependencies=[Depends(api.authorize)])
+    @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
+              dependencies=[Depends(api.authorize)])
     async def openai_images(body: OpenAIImagesRequest) -> JSONResponse:
         """The OpenAI Images API: ``client.images.generate(...)`` works unchanged."""
         return await openai_answer(GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size,
-                                                   output_format=body.output_format or "png"), body.response_format)
+                                                   output_format=body.output_format or "png", model=body.model,
+                                                   lora=body.lora, lora_scale=body.lora_scale), body.response_format)
 
-    @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, dependencies=[Depends(api.authorize)])
+    @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
+              dependencies=[Depends(api.authorize)])
     async def openai_edits(
         body: Annotated[OpenAIEditRequest, Form()],
         image: Annotated[UploadFile, File(description="the PNG, JPEG or WebP to start from")],
@@ -360,8 +444,36 @@ def build_server(model_dir: Path, *, max_batch_size: int = 8, batch_timeout: flo
                        " (image to image; strength sets how far)")
             return JSONResponse(openai_error(message, "mask"), 400)
         request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
-                                  output_format=body.output_format or "png")
+                                  output_format=body.output_format or "png", model=body.model, lora=body.lora,
+                                  lora_scale=body.lora_scale)
         return await openai_answer(request, body.response_format, await image.read())
+
+    def listed(facts: ModelFacts) -> OpenAIModel:
+        return OpenAIModel(id=facts.name, created=facts.created)
+
+    @app.get(MODELS_PATH, response_model=OpenAIModelList, dependencies=[Depends(api.authorize)])
+    async def list_models() -> OpenAIModelList:
+        """The served models, in OpenAI's shape (``client.models.list()``); the first is the default."""
+        return OpenAIModelList(data=[listed(facts) for facts in api.models.values()])
+
+    @app.get(MODELS_PATH + "/{model_id}", response_model=OpenAIModel, responses={404: MODEL_NOT_FOUND},
+             dependencies=[Depends(api.authorize)])
+    async def get_model(model_id: str) -> OpenAIModel:
+        """One served model (``client.models.retrieve(id)``); 404 in OpenAI's shape if not served."""
+        return listed(api.model_facts(model_id))
+
+    @app.exception_handler(UnknownModel)
+    async def model_not_found(request: Request, exc: UnknownModel) -> JSONResponse:
+        body = openai_error(str(exc), "model")
+        body["error"]["code"] = "model_not_found"  # OpenAI's code for it
+        return JSONResponse(body, 404)
+
+    @app.exception_handler(RequestProblem)
+    async def request_problem(request: Request, exc: RequestProblem) -> JSONResponse:
+        """A problem found after the route's own checks (the worker could not run the job)."""
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(openai_error(str(exc), exc.field), 400)
+        return JSONResponse({"detail": unprocessable(exc).detail}, 422)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -34,6 +34,15 @@ QUEUE_DEPTH = Gauge("dmd2_queue_depth", "Generation requests admitted and not ye
 BATCH_SIZE = Histogram("dmd2_batch_size", "Requests per model forward batch", buckets=(1, 2, 4, 8, 16, 32, 64))
 BATCH_IMAGES = Histogram("dmd2_batch_images", "Images per model forward batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 REJECTED = Counter("dmd2_rejected_total", "Requests refused because the queue was full")
+# Per served model (the worker knows which model and adapter ran each request; the HTTP counters above do not).
+MODEL_REQUESTS = Counter("dmd2_model_requests_total", "Generation requests run, by model and LoRA adapter ('': none)",
+                         ["model", "lora"])
+MODEL_INFERENCE = Histogram(
+    "dmd2_model_inference_seconds", "Time of one forward group (one model, adapter, shape and steps) in a batch",
+    ["model"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LORA_LOADS = Counter("dmd2_lora_loads_total", "LoRA adapters loaded into a model (cache misses of --lora-cache)",
+                     ["model"])
 
 
 def render() -> tuple[bytes, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,7 +12,24 @@ MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 16
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength: with 4 steps, the last 3 run
+MAX_LORA_SCALE = 2.0
+# An adapter is a sub-folder of --lora-dir: a plain folder name, never a path.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ImageFormat = Literal["png", "jpeg", "webp"]
+
+MODEL_HELP = "which served model draws (GET /v1/models lists them); default: the first one the server was started with"
+LORA_HELP = ("an exported LoRA adapter in the model's --lora-dir, by its folder name; it is added to the model's"
+             " UNet for this request")
+LORA_SCALE_HELP = f"with lora: how strongly the adapter acts, in [0, {MAX_LORA_SCALE:g}] (default 1; 0: the model alone)"
+
+
+# ``lora`` and ``lora_scale``: the same fields on every generation endpoint.
+def _lora_field() -> Any:
+    return Field(None, pattern=LORA_NAME_PATTERN, description=LORA_HELP)
+
+
+def _lora_scale_field() -> Any:
+    return Field(None, ge=0, le=MAX_LORA_SCALE, description=LORA_SCALE_HELP)
 
 
 def _non_blank(value: str) -> str:
@@ -38,6 +55,9 @@ class GenerateRequest(BaseModel):
     strength: float | None = Field(
         None, gt=0, le=1, description=f"with image: how far to move from it, in (0, 1] (default {DEFAULT_STRENGTH});"
         " the last round(strength * steps) steps of the schedule run; 1 starts from pure noise")
+    model: str | None = Field(None, max_length=256, description=MODEL_HELP)
+    lora: str | None = _lora_field()
+    lora_scale: float | None = _lora_scale_field()
 
     _prompt = field_validator("prompt")(_non_blank)
 
@@ -62,7 +82,7 @@ class OpenAIImagesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = None
+    model: str | None = Field(None, max_length=256, description=MODEL_HELP)
     n: int = Field(1, ge=1, le=MAX_IMAGES)
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT; the model's own size only")
     response_format: Literal["b64_json", "url"] = "b64_json"
@@ -70,6 +90,8 @@ class OpenAIImagesRequest(BaseModel):
     quality: str | None = Field(None, max_length=32)
     style: str | None = Field(None, max_length=32)
     user: str | None = Field(None, max_length=256)
+    lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
+    lora_scale: float | None = _lora_scale_field()
 
     _prompt = field_validator("prompt")(_non_blank)
 
@@ -80,7 +102,7 @@ class OpenAIEditRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = Field(None, max_length=256)
+    model: str | None = Field(None, max_length=256, description=MODEL_HELP)
     n: int = Field(1, ge=1, le=MAX_IMAGES)
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT or auto (the model's own size); the image"
                              " is centre-cropped and resized to it")
@@ -89,6 +111,8 @@ class OpenAIEditRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, description="not in OpenAI's API: how far to move from the"
                                    f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
     user: str | None = Field(None, max_length=256)
+    lora: str | None = _lora_field()  # not in OpenAI's API
+    lora_scale: float | None = _lora_scale_field()
 
     _prompt = field_validator("prompt")(_non_blank)
 
@@ -101,3 +125,30 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+
+
+class OpenAIModel(BaseModel):
+    """One entry of ``GET /v1/models``, in OpenAI's shape."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(..., description="when the model folder was exported (its card's time), Unix seconds")
+    owned_by: str = "dmd2-fast"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """The OpenAI API's error body (an unknown model: 404 with code ``model_not_found``)."""
+
+    error: OpenAIErrorDetail
