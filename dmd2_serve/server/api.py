@@ -134,7 +134,7 @@ class FewStepAPI(ls.LitAPI):
     """
 
     def __init__(self, models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
-                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.01,
+                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.001,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, threads: int | None = None,
                  fast: FastPath | None = None, metadata: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=GENERATE_PATH)
@@ -345,7 +345,7 @@ def _check_models(models: Mapping[str, Path], lora_dirs: Mapping[str, Path], lor
 
 
 def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
-                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.01,
+                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.001,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
                  workers_per_device: int = 1, accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
                  max_body_bytes: int = 8 * 2**20, threads: int | None = None,
