@@ -227,7 +227,8 @@ def test_server_gpu_volumes_and_security(overlay: str) -> None:
     assert pod["automountServiceAccountToken"] is False
 
     args = _parser().parse_args(_server_argv(deployment))
-    model_mount, model_volume = _mount(deployment, str(args.model))
+    (_, model_dir), = args.model  # one generator per pod: [(name or None, folder)]
+    model_mount, model_volume = _mount(deployment, str(model_dir))
     assert model_mount.get("readOnly") is True and model_volume["persistentVolumeClaim"].get("readOnly") is True
     cache_mount, cache_volume = _mount(deployment, str(args.compile_cache))
     assert not cache_mount.get("readOnly") and "ReadWriteMany" in _claim(overlay, cache_volume)["spec"]["accessModes"]
