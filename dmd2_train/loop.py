@@ -133,6 +133,18 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="dmd2", unit="step")
     step, since, since_step = start, time.perf_counter(), start
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+
+    def stopping(step: int) -> bool:
+        """Whether every process stops after ``step``. A signal may reach one process only (one
+        node of several evicted), and the final checkpoint is collective: with several processes
+        they agree (an all-reduce of the flag) at log boundaries, where the loop syncs anyway."""
+        if accelerator.num_processes == 1:
+            return stop["signal"] is not None
+        if step % cfg.log_every and step != cfg.max_steps:
+            return False
+        flag = torch.tensor([0.0 if stop["signal"] is None else 1.0], device=device)
+        return bool(accelerator.reduce(flag, reduction="max").item())
+
     try:
         while step < cfg.max_steps:
             try:
@@ -155,13 +167,14 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                              "memory/max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
                 accelerator.log(logs, step=step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop["signal"]:
+            stop_now = stopping(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop_now:
                 save(step)
             if step % cfg.preview_every == 0 or step == cfg.max_steps:
                 preview(step)
             if on_step is not None:
                 on_step(step)
-            if stop["signal"]:
+            if stop_now:
                 raise KeyboardInterrupt
     finally:
         bar.close()

@@ -160,3 +160,35 @@ def test_tiny_sdxl_trains_in_bf16_with_gradient_checkpointing(sdxl_teacher: Path
                  "--max-steps", "2", *FAST, "gradient_checkpointing=true", "mixed_precision=bf16", "image_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ckpt.read_meta(ckpt.latest(tmp_path / "run")[1])["config"]["mixed_precision"] == "bf16"
+
+
+def test_a_signal_to_one_process_stops_all_at_one_checkpoint(digits_teacher: Path, tmp_path: Path):
+    """An evicted node's processes get SIGTERM, the others nothing: all must agree to stop (the final
+    checkpoint is collective), at the same step, and the run resumes from it."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "dmd2_train", "--teacher", str(digits_teacher), "--out", str(out), "--max-steps", "500",
+           *FAST[:-2], "log_every=4", "checkpoint_every=1000", "preview_prompts=[a 1]"]
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not list((out / "logs").rglob("events.out.tfevents*")) and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # a few logged windows in
+        workers = [p for p in psutil.Process(run.pid).children() if "dmd2_train" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)  # rank 0 gets nothing
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    found = ckpt.list_checkpoints(out)
+    assert len(found) == 1, (found, stderr[-3000:])
+    step, folder = found[0]
+    meta = ckpt.read_meta(folder)
+    assert step % 4 == 0 and 0 < step < 500 and meta["world_size"] == 2
+    resumed = torchrun(2, 29548, "--teacher", digits_teacher, "--out", out, "--max-steps", step + 2, "--resume", *FAST)
+    assert resumed.returncode == 0 and f"resumed from step {step}" in resumed.stdout + resumed.stderr, \
+        resumed.stderr[-3000:]
