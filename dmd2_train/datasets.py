@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import IMAGE_SUFFIXES, DataError
+from .data import IMAGE_SUFFIXES, DataError, centre_square
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # WebDataset extensions read as the image
 CAPTION_FIELDS = ("text", "caption", "prompt")
@@ -78,10 +78,7 @@ def load_image(data: bytes | Path, size: int, channels: int) -> Tensor:
             im = ImageOps.exif_transpose(im).convert("RGB" if channels == 3 else "L")
     except UnidentifiedImageError:
         raise OSError("not an image format PIL can decode") from None
-    side = min(im.size)
-    left, top = (im.width - side) // 2, (im.height - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1
+    arr = np.asarray(centre_square(im, size), dtype=np.float32).reshape(size, size, channels) / 127.5 - 1
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

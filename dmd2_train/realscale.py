@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .data import IMAGE_SUFFIXES, read_prompts
+from .data import IMAGE_SUFFIXES, centre_square, read_prompts
 from .evaluate import Sampler
 
 
@@ -76,10 +76,7 @@ def read_reference(folder: Path, size: int, batch_size: int, limit: int | None =
     for start in range(0, len(files), batch_size):
         batch = []
         for path in files[start:start + batch_size]:
-            image = Image.open(path).convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            image = centre_square(Image.open(path).convert("RGB"), size)
             batch.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3))
         yield torch.stack(batch).permute(0, 3, 1, 2).contiguous()
 
