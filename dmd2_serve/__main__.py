@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-scope", default="full", choices=["full", "regional"],
                    help="with --backend compile: the whole UNet and decoder, or only their repeated blocks"
                         " (much faster to compile)")
+    p.add_argument("--compile-tuning", default="default", choices=["default", "decoder", "all"],
+                   help="with --backend compile: Inductor's max-autotune for the VAE decoder, or for the UNet too"
+                        " (faster kernels, minutes more compiling; cached like the rest)")
+    p.add_argument("--precision", default="default", choices=["default", "fp8"],
+                   help="default: float16 UNet on CUDA (float32 on the CPU); fp8: float8 matmuls in the UNet's"
+                        " attention blocks through torchao (GPUs of compute capability 8.9+; pip install"
+                        " 'dmd2-fast[fp8]')")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="do not capture the sampling loop in CUDA graphs")
     p.add_argument("--devices", default="auto", help="number of devices, or auto")
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ModelFolderError(f"'{folder}' is a teacher, not a distilled generator (no recorded schedule)")
         lora_dirs = _lora_dirs(args.lora_dir or [], models)
         fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,
-                        cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope)
+                        cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope,
+                        tuning=args.compile_tuning, precision=args.precision)
         check_fast_path(fast)  # a missing optional install fails here, before any worker starts
         for name in ("max_batch_size", "workers_per_device", "max_queue"):
             if getattr(args, name) < 1:

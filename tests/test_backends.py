@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import subprocess
 import sys
 import types
@@ -11,10 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch._dynamo.utils import counters
+
 from dmd2_serve.model.adapters import load_backbone, load_unet
 from dmd2_serve.model.backends import BackendError, FastPath, check_fast_path
 from dmd2_serve.model.pipeline import FewStepPipeline
+from dmd2_serve.model.precision import is_attention_linear, quantize_fp8
 
+find_spec = importlib.util.find_spec
 PROMPTS, SEEDS = ["a red cube", "a small dog", "a city at night"], [3, 1, 2**32 - 1]
 # Stated tolerance of the fast path on the CPU (float32): images in [0, 1] agree within 1e-3.
 CPU_TOLERANCE = 1e-3
@@ -47,6 +52,46 @@ def test_compile_backend_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pa
     # A seed still gives its image whatever else is in the bucket.
     alone = fast.generate_padded(PROMPTS[:1], SEEDS[:1], bucket=3)
     torch.testing.assert_close(alone[0], got[0], atol=CPU_TOLERANCE, rtol=0)
+    # The batch dimension is dynamic from the start: another batch size of 2 or more reuses the
+    # compiled graphs (no recompilation per bucket).
+    graphs = counters["stats"]["unique_graphs"]
+    two = fast(PROMPTS[:2], SEEDS[:2])
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(two, want[:2], atol=CPU_TOLERANCE, rtol=0)
+
+
+def test_fp8_is_refused_with_the_fix_where_it_cannot_run(sd15_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BackendError, match="compute capability 8.9"):  # this machine has no GPU
+        check_fast_path(FastPath(backend="compile", precision="fp8"))
+    with pytest.raises(BackendError, match="use it with --backend compile"):
+        check_fast_path(FastPath(backend="tensorrt", precision="fp8"))
+    with pytest.raises(BackendError, match="choose one of default, fp8"):
+        check_fast_path(FastPath(precision="int4"))  # type: ignore[arg-type]
+    pipe = pipeline(sd15_teacher)  # on the CPU: refused when the pipeline is prepared, weights untouched
+    with pytest.raises(BackendError, match="none is visible here"):
+        pipe.accelerate(FastPath(precision="fp8"))
+    with pytest.raises(BackendError, match="the cpu device; serve without --precision fp8"):
+        quantize_fp8(pipe.unet)
+    assert pipe.unet.dtype == torch.float32
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    with pytest.raises(BackendError, match=r"pip install 'dmd2-fast\[fp8\]'"):
+        check_fast_path(FastPath(precision="fp8"))
+
+
+def test_fp8_quantises_the_attention_block_linears_only(sd15_teacher: Path) -> None:
+    unet = pipeline(sd15_teacher).unet
+    chosen = {name for name, m in unet.named_modules() if is_attention_linear(m, name)}
+    assert chosen and all(".transformer_blocks." in f".{n}" for n in chosen)
+    assert any(n.endswith("attn1.to_q") for n in chosen) and any(n.endswith("ff.net.2") for n in chosen)
+    assert not any("time_embedding" in n or "conv" in n for n in chosen)
+
+
+def test_cli_refuses_fp8_without_a_gpu_with_one_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "dmd2_serve", "--precision", "fp8", "--port", "1"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --precision fp8 needs a CUDA GPU with float8 tensor cores")
+    assert "Traceback" not in out.stderr
 
 
 def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:

@@ -8,6 +8,10 @@ batch-1 request costs one graph launch instead of a thousand kernel launches.
 
 * ``compile``: channels-last, fused QKV projections (SDPA only), ``torch.compile`` of the UNet
   and of the VAE decoder, compiled artefacts kept in ``cache_dir`` so a restart skips the work.
+  The batch dimension is marked dynamic for batches of 2 and more, so every bucket size shares
+  one compiled graph (batch 1 gets its own, specialised: diffusers branches on a batch of one).
+* ``precision="fp8"``: the UNet's attention-block linear layers in float8 through torchao
+  (``precision.py``), the rest in bfloat16; Hopper / Ada GPUs only.
 * ``tensorrt``: engines built through ``torch_tensorrt`` (dynamo IR) for the UNet and the VAE
   decoder, one shape profile over the batch buckets, engines cached in ``cache_dir``.
 * attention: PyTorch SDPA (default) or xformers' memory-efficient attention.
@@ -26,21 +30,21 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Conditioning, unet_prediction
+from .errors import BackendError
+from .precision import Precision, check_precision
 
 Backend = Literal["eager", "compile", "tensorrt"]
 Attention = Literal["sdpa", "xformers"]
+Tuning = Literal["default", "decoder", "all"]
 BACKENDS: tuple[str, ...] = ("eager", "compile", "tensorrt")
 ATTENTIONS: tuple[str, ...] = ("sdpa", "xformers")
+TUNINGS: tuple[str, ...] = ("default", "decoder", "all")
 
 # Blocks compiled by the regional scope (diffusers class names: UNet and VAE decoder).
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 # (x_t, t, cond) -> eps, in the UNet's dtype.
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
-
-
-class BackendError(RuntimeError):
-    """A backend or attention choice that cannot run here; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,13 @@ class FastPath:
             compile); ``regional`` compiles only the repeated blocks (transformer and ResNet
             blocks), several times faster to compile; the CUDA graph removes the launch gaps
             between the blocks either way.
+        tuning: ``default`` Inductor settings; ``decoder`` or ``all``: Inductor's max-autotune
+            (GEMM / convolution templates benchmarked, coordinate-descent tuning of the fused
+            kernels) for the VAE decoder, or for the UNet too; slower to compile.
+        dynamic_batch: one compiled graph for every batch of 2 or more (and one for batch 1)
+            instead of one per batch size.
+        precision: ``default`` (float16 UNet on CUDA, float32 on the CPU) or ``fp8`` (float8
+            matmuls in the UNet's attention blocks, the rest in bfloat16; see ``precision.py``).
     """
 
     backend: Backend = "eager"
@@ -63,6 +74,9 @@ class FastPath:
     cache_dir: Path | None = None
     cuda_graphs: bool = True
     compile_scope: Literal["full", "regional"] = "full"
+    tuning: Tuning = "default"
+    dynamic_batch: bool = True
+    precision: Precision = "default"
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir()
@@ -83,6 +97,9 @@ def check_fast_path(fast: FastPath) -> None:
         raise BackendError(f"unknown compile scope '{fast.compile_scope}'; choose full or regional")
     if fast.attention not in ATTENTIONS:
         raise BackendError(f"unknown attention '{fast.attention}'; choose one of {', '.join(ATTENTIONS)}")
+    if fast.tuning not in TUNINGS:
+        raise BackendError(f"unknown compile tuning '{fast.tuning}'; choose one of {', '.join(TUNINGS)}")
+    check_precision(fast.precision, fast.backend)
     if fast.backend == "tensorrt" and importlib.util.find_spec("torch_tensorrt") is None:
         raise BackendError(
             "--backend tensorrt needs torch-tensorrt, which is not installed: pip install 'dmd2-fast[tensorrt]'"
@@ -122,8 +139,15 @@ def configure_compile_cache(cache_dir: Path) -> Path:
     return folder
 
 
+def fuse_qkv(unet: nn.Module, fast: FastPath) -> None:
+    """One matmul for q, k and v in self-attention (compile backend with SDPA; before fp8, so the
+    fused weight is the one quantised)."""
+    if fast.backend == "compile" and fast.attention == "sdpa" and hasattr(unet, "fuse_qkv_projections"):
+        unet.fuse_qkv_projections()
+
+
 def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath) -> None:
-    """``compile`` backend: layout, fused QKV, then ``torch.compile`` of UNet and decoder in place."""
+    """``compile`` backend: channels-last, then ``torch.compile`` of UNet and decoder in place."""
     configure_compile_cache(fast.resolved_cache_dir())
     on_cuda = next(unet.parameters()).device.type == "cuda"
     if on_cuda:
@@ -133,19 +157,42 @@ def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath) -> N
         unet.to(memory_format=torch.channels_last)
         if vae is not None:
             vae.to(memory_format=torch.channels_last)
-    if fast.attention == "sdpa" and hasattr(unet, "fuse_qkv_projections"):
-        unet.fuse_qkv_projections()  # one matmul for q, k, v in self-attention
-    targets = [unet] + ([vae.decoder] if vae is not None else [])
-    if fast.compile_scope == "full":
-        for module in targets:
-            module.compile(fullgraph=True)
+    tuned = {"all": {"unet", "decoder"}, "decoder": {"decoder"}}.get(fast.tuning, set())
+    targets = [("unet", unet)] + ([("decoder", vae.decoder)] if vae is not None else [])
+    if fast.compile_scope == "regional":
+        # Every block of a repeated kind shares one compiled graph per input signature.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        targets = [(name, block) for name, module in targets for block in module.modules()
+                   if type(block).__name__ in REGIONAL_BLOCKS]
+    for name, module in targets:
+        compile_in_place(module, autotune=name in tuned and on_cuda, dynamic_batch=fast.dynamic_batch)
+
+
+def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: bool = True) -> None:
+    """``module.compile(fullgraph=True)``, and with ``dynamic_batch`` the leading dimension of its
+    tensor inputs marked dynamic when it is 2 or more, so that later batch sizes reuse the graph.
+
+    The mark has to be set on the inputs before they enter the compiled frame, so the compiled
+    call is wrapped here (what ``nn.Module.compile`` installs, plus the mark). A batch of one is
+    left static: diffusers specialises on it (``timesteps.expand``), and a dynamic graph would be
+    recompiled for it anyway.
+    """
+    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else None
+    compiled = torch.compile(module._call_impl, fullgraph=True, options=options)
+    if not dynamic_batch:
+        module._compiled_call_impl = compiled
         return
-    # Regional: every block of a repeated kind shares one compiled graph per input signature.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for module in targets:
-        for block in module.modules():
-            if type(block).__name__ in REGIONAL_BLOCKS:
-                block.compile(fullgraph=True)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        inputs = [*args, *kwargs.values()]
+        batch = next((x.shape[0] for x in inputs if torch.is_tensor(x) and x.ndim), 1)
+        if batch > 1:
+            for x in inputs + [v for d in inputs if isinstance(d, dict) for v in d.values()]:
+                if torch.is_tensor(x) and x.ndim and x.shape[0] == batch:
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
+        return compiled(*args, **kwargs)
+
+    module._compiled_call_impl = call
 
 
 def tensorrt_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, sample_shape: Sequence[int],

@@ -17,10 +17,12 @@ from .backends import (
     GraphedLoop,
     check_fast_path,
     compile_modules,
+    fuse_qkv,
     set_attention,
     tensorrt_modules,
 )
 from .lora import LoraAdapters, fused_lora_unet, lora_base
+from .precision import quantize_fp8
 from .sampling import philox_sample, sdedit_start
 
 
@@ -122,6 +124,10 @@ class FewStepPipeline:
         for module in (self.unet, vae):
             if module is not None:
                 set_attention(module, fast.attention)
+        fuse_qkv(self.unet, fast)
+        if fast.precision == "fp8":
+            quantize_fp8(self.unet)
+            self.dtype = torch.bfloat16
         if fast.backend == "compile":
             compile_modules(self.unet, vae, fast)
         elif fast.backend == "tensorrt":

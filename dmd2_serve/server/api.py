@@ -19,6 +19,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -112,6 +113,7 @@ class JobResult:
     strength: float | None  # image to image only
     model: str = ""
     failure: JobFailure | None = None  # set: no images, answer this instead
+    files: list[Future[bytes]] | None = None  # the image files being made on the encoder threads
 
 
 def pixels(init: np.ndarray, count: int) -> torch.Tensor:
@@ -151,6 +153,7 @@ class FewStepAPI(ls.LitAPI):
         self.metadata = metadata  # write prompt, seed, steps and model into every image file
         self.server_pid = os.getpid()  # the main process: workers never outlive it
         self.pipes: dict[str, FewStepPipeline] = {}  # in the worker, after setup()
+        self._encoder_pool: ThreadPoolExecutor | None = None  # in the worker, on first use (not picklable)
 
     @property
     def facts(self) -> ModelFacts:
@@ -188,7 +191,9 @@ class FewStepAPI(ls.LitAPI):
             pipe.accelerate(self.fast, self.bucket)
             self.pipes[name] = pipe
             steps, side = len(pipe.timesteps), pipe.backbone.image_size
-            for size in self.bucket:  # compilation, engine builds and graph captures happen here, not in a request
+            # Compilation, engine builds and graph captures happen here, not in a request; the largest
+            # bucket first, so the compile backend's one dynamic-batch graph is made for it and reused.
+            for size in sorted(self.bucket, reverse=True):
                 pipe.generate_padded(["warm-up"] * size, list(range(size)), bucket=self.bucket)
                 if pipe.graphed:  # image to image: one graph per first step
                     blank = torch.zeros(size, facts.image_channels, side, side)
@@ -284,7 +289,26 @@ class FewStepAPI(ls.LitAPI):
                 images[i] if ran else torch.empty(0), job.seeds if ran else [], job.output_format, job.size, timings,
                 prompt=job.prompt, steps=job.steps or self.models[job.model].steps,
                 strength=job.strength if job.start_step else None, model=job.model, failure=failures.get(i)))
+        encoding = time.perf_counter()
+        for result in results:  # every image of the batch at once; encode_response collects them
+            result.files = [self._encoders().submit(encode_image, image, result.output_format, result.size,
+                                                    self._parameters(result, seed))
+                            for image, seed in zip(result.images, result.seeds)]
+            result.timings_ms["encode_started"] = encoding
         return results
+
+    def _encoders(self) -> ThreadPoolExecutor:
+        """Threads that make the image files: PIL's PNG (zlib), JPEG and WebP encoders release the GIL,
+        so a batch's images are encoded side by side instead of one after another in the worker."""
+        if self._encoder_pool is None:
+            self._encoder_pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="encode")
+        return self._encoder_pool
+
+    def _parameters(self, output: JobResult, seed: int) -> Parameters | None:
+        """What the file's metadata says made it (None with --no-metadata)."""
+        if not self.metadata:
+            return None
+        return Parameters(output.prompt, seed, output.steps, output.size, output.model, output.strength)
 
     def unbatch(self, output: list[JobResult]) -> list[JobResult]:
         return output
@@ -293,14 +317,15 @@ class FewStepAPI(ls.LitAPI):
         """Each image's file bytes, made once here; the HTTP process sends them as they are or base64s them."""
         if output.failure is not None:  # the HTTP process answers it (``run``)
             return output.failure
-        t0 = time.perf_counter()
-        model = output.model
-        files = []
-        for image, seed in zip(output.images, output.seeds):
-            made = Parameters(output.prompt, seed, output.steps, output.size, model, output.strength)
-            files.append(encode_image(image, output.output_format, output.size, made if self.metadata else None))
-        timings = dict(output.timings_ms, encode=(time.perf_counter() - t0) * 1000)
-        return EncodedImages(files, output.seeds, MEDIA_TYPES[output.output_format], model, timings)
+        timings = dict(output.timings_ms)
+        t0 = timings.pop("encode_started", None) or time.perf_counter()
+        if output.files is None:  # not started by predict (called on its own)
+            files = [encode_image(image, output.output_format, output.size, self._parameters(output, seed))
+                     for image, seed in zip(output.images, output.seeds)]
+        else:
+            files = [f.result() for f in output.files]
+        timings["encode"] = (time.perf_counter() - t0) * 1000
+        return EncodedImages(files, output.seeds, MEDIA_TYPES[output.output_format], output.model, timings)
 
     # -- helpers --------------------------------------------------------------------------------
     def _shape(self, model: str, size: tuple[int, int]) -> tuple[int, int, int] | None:
