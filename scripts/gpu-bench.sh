@@ -1,30 +1,65 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the project in one call on a lent card (under 8 minutes):
-# the training benchmark first (python -m dmd2_train.bench), then the serving one
-# (python -m dmd2_serve.bench), each within its own time budget; both print their tables and
-# write their JSON under $OUT (or docs/bench).
+# Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
+#
+#   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl]     (no argument: all four, ~12 min)
+#
+#   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (~2 min)
+#   sd15    python -m dmd2_serve.bench on the SD1.5 architecture: preflight, kernel, eager rows,
+#           SDPA backends, compile (dynamic batch 16/4/1, max-autotune decoder at 1, fp8 at 16),
+#           batch-1 breakdown, warm-cache cold start (~5 min)
+#   served  python -m dmd2_serve.bench.served: the HTTP server with --backend compile on a random
+#           SD1.5 folder, load test at 1 and 32 clients (~1.5 min; reuses sd15's compile cache)
+#   sdxl    python -m dmd2_serve.bench on SDXL: eager rows, full compile at 1 then 16, cold start
+#           (~4 min; a second call on the same warm card)
+#
+# Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
+# SDXL_BUDGET_S), prints its table and writes its JSON under $OUT (or docs/bench). Compiled
+# artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
 # .whl/ (git-ignored). Made here, in the repository root, with:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl diffusers importlib_metadata zipp pydantic pydantic-core annotated-types typing-inspection torchao
-# then: run(command="bash scripts/gpu-bench.sh", carry=[".whl"], timeout_s=540)
+#     -d .whl diffusers importlib_metadata zipp pydantic pydantic-core annotated-types typing-inspection torchao \
+#     litserve fastapi starlette uvicorn pyzmq python-multipart braceexpand (the versions of `pip list` here)
+# then: run(command="bash scripts/gpu-bench.sh train sd15 served", carry=[".whl"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed || exit 1
 fi
 # dmd2_kernels is ./kernels installed under another name (pyproject's package-dir): link it.
 mkdir -p /tmp/k && ln -sfn "$PWD/kernels" /tmp/k/dmd2_kernels
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/k:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="/tmp/site:/tmp/k:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out=${OUT:-docs/bench}
-mkdir -p "$out"
+cache=build/gpu-cache
+mkdir -p "$out" "$cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 day=$(date +%Y-%m-%d)
-python3 -m dmd2_train.bench --budget-s "${TRAIN_BUDGET_S:-330}" --out "$out/train-$card-$day.json"
-python3 -m dmd2_serve.bench --budget-s "${SERVE_BUDGET_S:-120}" --skip-cold-start --archs sd15,sdxl --batches 1 \
-  --out "$out/serve-$card-$day.json"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(train sd15 served sdxl)
+status=0
+for part in "${parts[@]}"; do
+  echo "==== $part ($(date +%T))"
+  case $part in
+    train)
+      timeout 300 python3 -m dmd2_train.bench --rows sd15-b8,sdxl-b2-preset --budget-s "${TRAIN_BUDGET_S:-60}" \
+        --row-timeout-s 110 --out "$out/train-$card-$day.json" || status=1 ;;
+    sd15)
+      timeout $(( ${SD15_BUDGET_S:-300} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,4,1 \
+        --scopes full --variants default,decoder:1,fp8:16 --attention-rows --backends compile \
+        --budget-s "${SD15_BUDGET_S:-300}" --cache-dir "$cache" --out "$out/serve-sd15-$card-$day.json" || status=1 ;;
+    served)
+      timeout $(( ${SERVED_BUDGET_S:-120} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 15 \
+        --budget-s "${SERVED_BUDGET_S:-120}" --cache-dir "$cache" --out "$out/served-sd15-$card-$day.json" || status=1 ;;
+    sdxl)
+      timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
+        --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
+        --budget-s "${SDXL_BUDGET_S:-220}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
+    *) echo "unknown part '$part': choose from train sd15 served sdxl"; exit 2 ;;
+  esac
+done
+exit $status

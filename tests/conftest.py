@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from dmd2_serve.bench.random_folder import write_byte_clip_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels run on the CPU through Triton's interpreter; it is chosen when a kernel is
@@ -26,22 +27,6 @@ def tiny_digits_unet() -> torch.nn.Module:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=384, attention_head_dim=2, norm_num_groups=4,
     )
-
-
-def write_tiny_clip_tokenizer(folder: Path, max_length: int = 16) -> object:
-    """A byte-level CLIP BPE tokenizer with no merges: every character is a token."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    # GPT-2's byte -> printable character map, which CLIP's BPE works on.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    return tok
 
 
 def tiny_clip(vocab_size: int, hidden: int, projection: bool = False) -> torch.nn.Module:
@@ -85,7 +70,7 @@ def write_tiny_pipeline(folder: Path, family: str, variant: str | None = None) -
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
-    tok = write_tiny_clip_tokenizer(folder / "_tok")
+    tok = write_byte_clip_tokenizer(folder / "_tok", max_length=16)
     vocab = len(tok)
     prediction = "v_prediction" if family == "sd2-v" else "epsilon"
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

@@ -44,3 +44,21 @@ def test_training_bench_runs_at_toy_size(tmp_path: Path) -> None:
     # the same architecture and batch count (nearly) the same FLOPs whether sharded or not
     assert rows["tiny-sd15-fsdp2"]["tflop_per_iteration"] == pytest.approx(rows["tiny-sd15"]["tflop_per_iteration"], rel=0.05)
     assert result["bf16_matmul_tflops"] > 0 and "| tiny-sdxl-ckpt |" in run.stdout
+
+
+def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
+    """The compile levers run one at a time; batch 1's breakdown is reported; fp8 fails alone, with its reason."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
+         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2", "--no-preflight", "--no-kernel",
+         "--skip-cold-start", "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {(r["batch"], r["backend"]): r for r in result["rows"]}
+    assert {(2, "compile full"), (1, "compile full"), (1, "compile full, static")} <= set(rows)
+    assert all(rows[k]["psnr_db"] > 60 for k in [(2, "compile full"), (1, "compile full, static")])
+    parts = [r for r in result["rows"] if r.get("kind") == "part"]
+    assert {r["backend"] for r in parts} == {"compile full: one UNet evaluation", "compile full: VAE decode"}
+    assert any("fp8 failed" in n and "compute capability 8.9" in n for n in result["notes"])

@@ -13,7 +13,11 @@ excluded), for:
   the whole-loop CUDA graph;
 * ``compile``: torch.compile (``full`` and/or ``regional`` scope) + the CUDA graph; its first
   call (compilation + capture) is reported as ``prepare s``, and its images are compared with
-  the eager path's;
+  the eager path's (max difference and PSNR). ``--variants`` adds the levers one at a time
+  (static batch, max-autotune for the decoder or everything, fp8), each run largest batch first
+  so the dynamic-batch graph of the first serves the rest; batch 1 of ``default``, ``decoder``
+  and ``fp8`` is broken down into one UNet evaluation and the decode, each in its own graph;
+* ``--attention-rows``: the eager + graph loop with each SDPA backend forced;
 * ``tensorrt`` and xformers attention where those packages are installed (said otherwise);
 
 plus the re-noise kernel against eager PyTorch, the copy bandwidth it is judged by, and the
@@ -37,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .kernel import bench_renoise
-from .pipelines import ARCHS, bench_arch, cold_start, preflight
+from .pipelines import ARCHS, Variant, bench_arch, cold_start, preflight
 from .report import Budget, OutOfTime, Report, _watchdog, copy_bandwidth_gbps
 
 
@@ -62,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="turn cuDNN's algorithm search on for every row (measured on an H100: no gain in the"
                         " graphed rows, slower eager rows)")
+    p.add_argument("--variants", type=lambda s: [Variant.parse(v) for v in _list(s)],
+                   default=[Variant("default", {})], metavar="NAME[:B+B],...",
+                   help="compiled configurations to time, each against the first: default (dynamic batch),"
+                        " static (a graph per batch size), decoder / all (max-autotune for the VAE decoder / the UNet"
+                        " too), fp8 (torchao float8 attention linears); ':16+1' limits one to those batches")
+    p.add_argument("--attention-rows", action="store_true",
+                   help="time the eager + graph loop with each SDPA backend forced (flash, cuDNN, efficient)")
+    p.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="skip the kernel / graph / compile self-check (a second call on the same card)")
+    p.add_argument("--no-kernel", dest="kernel", action="store_false", help="skip the re-noise kernel rows")
     p.add_argument("--cold-start", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scope", default="full", help=argparse.SUPPRESS)
     p.add_argument("--launched", type=float, default=None, help=argparse.SUPPRESS)
@@ -79,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     _watchdog(args.budget_s + 20)
     report.note(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__};"
                 f" {time.strftime('%Y-%m-%d')}")
-    preflight(device, cache_dir)  # raises: nothing long runs on a broken kernel, capture or compile
+    if args.preflight:
+        preflight(device, cache_dir)  # raises: nothing long runs on a broken kernel, capture or compile
     stages: list[tuple[str, Callable[[], None]]] = []
-    copy_gbps = copy_bandwidth_gbps(device)
-    report.note(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
-    shapes = [(1, 4, 8, 8), (2, 4, 16, 16)] if args.tiny else \
-        [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128), (256, 4, 128, 128)]
-    stages.append(("re-noise kernel", lambda: bench_renoise(report, device, shapes, copy_gbps)))
+    if args.kernel:
+        copy_gbps = copy_bandwidth_gbps(device)
+        report.note(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
+        shapes = [(1, 4, 8, 8), (2, 4, 16, 16)] if args.tiny else \
+            [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128), (256, 4, 128, 128)]
+        stages.append(("re-noise kernel", lambda: bench_renoise(report, device, shapes, copy_gbps)))
 
     def scopes_for(name: str, extra: bool) -> list[str]:
         if args.scopes:
@@ -95,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.archs:
         stages.append((name, lambda n=name: bench_arch(report, n, args.batches, scopes_for(n, False), device, budget,
-                                                        cache_dir, args.tiny, args.backends)))
+                                                        cache_dir, args.tiny, args.backends, variants=args.variants,
+                                                        attention_rows=args.attention_rows)))
         if name == args.archs[0] and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
             def cold(n: str = name) -> None:
                 budget.require(40 if not args.tiny else 30, "cold start")

@@ -3,8 +3,10 @@ the plain diffusers-style baseline, each backend's rows, the warm-cache cold sta
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.adapters import ADAPTERS, ReferenceArch
-from .report import Budget, Report, timed
+from .report import Budget, OutOfTime, Report, timed
 
 TIMESTEPS = (999, 749, 499, 249)
 Arch = ReferenceArch
@@ -97,9 +99,50 @@ def uncompile(module: nn.Module) -> None:
         m._compiled_call_impl = None
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One compiled configuration to time: a name, the fast-path options beyond the backend and
+    scope, and the batches it runs (None: all of the run's batches)."""
+
+    name: str
+    options: dict[str, Any]
+    batches: tuple[int, ...] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``name[:b+b...]``, name one of :data:`VARIANTS`; e.g. ``fp8:16+1``."""
+        name, _, sizes = text.partition(":")
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant '{name}'; choose from {', '.join(VARIANTS)}")
+        return cls(name, VARIANTS[name], tuple(int(b) for b in sizes.split("+")) if sizes else None)
+
+
+# The compile levers, one at a time against ``default`` (dynamic batch, default Inductor settings).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "static": {"dynamic_batch": False},  # one graph per batch size (the earlier behaviour)
+    "decoder": {"tuning": "decoder"},  # max-autotune for the VAE decoder
+    "all": {"tuning": "all"},  # max-autotune for the UNet too
+    "fp8": {"precision": "fp8"},  # float8 attention-block linears (torchao), bfloat16 elsewhere
+}
+# SDPA backends compared on the eager + graph path (the compiled graphs call the same kernels).
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """Peak signal-to-noise ratio of two image batches in [0, 1], dB."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
 def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str], device: torch.device,
-               budget: Budget, cache_dir: Path, tiny: bool, backends: list[str], eager_rows: bool = True) -> None:
-    """All rows of one architecture (``eager_rows`` False: only the compile rows, for a second scope)."""
+               budget: Budget, cache_dir: Path, tiny: bool, backends: list[str], eager_rows: bool = True,
+               variants: Sequence[Variant] = (Variant("default", {}),), attention_rows: bool = False) -> None:
+    """All rows of one architecture (``eager_rows`` False: only the compile rows, for a second scope).
+
+    Compiled variants run their batches largest first: with the dynamic batch, the first compile
+    serves every later batch of 2 or more (its ``prepare s`` is then the CUDA graph capture alone).
+    """
     from ..model.backends import FastPath, check_fast_path
 
     arch = ARCHS[name]
@@ -109,15 +152,18 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
     reference: dict[int, Tensor] = {}
 
     def row(backend: str, batch: int, run: Callable[[], Tensor], prepare_s: float | None = None,
-            compare: bool = False) -> None:
+            compare: bool = False, **extra: Any) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ms, out = timed(run, device)
         check = "finite" if torch.isfinite(out).all() else "NON-FINITE"
         if compare and batch in reference:
-            check = f"max |diff| vs eager {(out.float() - reference[batch]).abs().max().item():.1e}"
+            extra["psnr_db"] = psnr(out, reference[batch])
+            check = f"max |diff| vs eager {(out.float() - reference[batch]).abs().max().item():.1e}," \
+                    f" PSNR {extra['psnr_db']:.1f} dB"
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        report.add(arch=name, batch=batch, backend=backend, ms=ms, prepare_s=prepare_s, peak_gib=peak, check=check)
+        report.add(arch=name, batch=batch, backend=backend, ms=ms, prepare_s=prepare_s, peak_gib=peak, check=check,
+                   images_per_s=1000 * batch / ms, **extra)
 
     for batch in batches:
         budget.require(5 if tiny else 20, f"{name} eager rows at batch {batch}")
@@ -136,26 +182,22 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             reference[batch] = pipe.images(cond, seeds, TIMESTEPS).float()
             row("eager + graph", batch, lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0)
             release(pipe)
+            if attention_rows and batch == min(batches):
+                attention_backend_rows(report, pipe, cond, seeds, batch, row)
         else:
             reference[batch] = pipe.images(cond, seeds, TIMESTEPS).float()
 
     if "compile" in backends:
         for scope in scopes:
-            for batch in batches:
-                budget.require(60 if tiny else (80 if batch == batches[0] else 60), f"{name} compile {scope} b{batch}")
-                if batch == batches[0]:
-                    uncompile(pipe.unet)
-                    uncompile(pipe.backbone.vae)
-                    torch._dynamo.reset()
-                    pipe.accelerate(FastPath(backend="compile", compile_scope=scope, cache_dir=cache_dir))
-                cond = conditioning(arch, batch, device, pipe.dtype)
-                seeds = torch.arange(batch, device=device, dtype=torch.int64)
-                t0 = time.perf_counter()
-                pipe.images(cond, seeds, TIMESTEPS)
-                prepare = time.perf_counter() - t0
-                label = f"compile {scope}" + (" + graph" if pipe.graphed else "")
-                row(label, batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare, compare=True)
-                release(pipe)
+            for variant in variants:
+                try:
+                    pipe = compiled_rows(report, pipe, name, scope, variant, batches, device, budget, cache_dir, tiny,
+                                         row)
+                except OutOfTime:
+                    raise
+                except Exception as e:  # one lever failing (fp8 on an older card, say) leaves the others
+                    report.note(f"{name} compile {scope} {variant.name} failed: {type(e).__name__}: {str(e)[:300]}")
+                    pipe = build(arch, device, tiny, name)
     for backend, fast in (("tensorrt", FastPath(backend="tensorrt")), ("xformers", FastPath(attention="xformers"))):
         if backend not in backends:
             continue
@@ -175,6 +217,71 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             pipe.images(cond, seeds, TIMESTEPS)
             row(backend, batch, lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
             release(pipe)
+
+
+def attention_backend_rows(report: Report, pipe: Any, cond: Any, seeds: Tensor, batch: int,
+                           row: Callable[..., None]) -> None:
+    """The eager + graph loop with each SDPA backend forced (those that cannot run are skipped)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                t0 = time.perf_counter()
+                pipe.images(cond, seeds, TIMESTEPS)
+                row(f"eager + graph, {backend.lower().replace('_attention', '')} SDPA", batch,
+                    lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
+        except RuntimeError as e:  # no kernel of that kind for these shapes or this card
+            report.note(f"{backend} SDPA not measured: {str(e).splitlines()[0][:160]}")
+        finally:
+            release(pipe)
+
+
+def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Variant, batches: list[int],
+                  device: torch.device, budget: Budget, cache_dir: Path, tiny: bool,
+                  row: Callable[..., None]) -> Any:
+    """One compiled variant's rows (largest batch first), then, for ``default``, where batch 1's
+    time goes: one UNet evaluation and the decode, each replayed from its own CUDA graph. Returns
+    the pipeline to go on with (a fresh one after a variant that changes the weights' precision)."""
+    from ..model.backends import FastPath
+
+    arch = ARCHS[name]
+    sizes = sorted(variant.batches or batches, reverse=True)
+    budget.require(60 if tiny else 90, f"{name} compile {scope} {variant.name}")
+    if variant.options.get("precision", "default") != "default" or pipe.dtype != pipe.unet.dtype:
+        pipe = build(ARCHS[name], device, tiny, name)  # the previous variant changed the UNet in place
+    uncompile(pipe.unet)
+    uncompile(pipe.backbone.vae)
+    torch._dynamo.reset()
+    pipe.accelerate(FastPath(backend="compile", compile_scope=scope, cache_dir=cache_dir, **variant.options))
+    label = f"compile {scope}" + ("" if variant.name == "default" else f", {variant.name}")
+    for batch in sizes:
+        budget.require(5 if tiny else 30, f"{label} b{batch}")
+        cond = conditioning(arch, batch, device, pipe.dtype)
+        seeds = torch.arange(batch, device=device, dtype=torch.int64)
+        t0 = time.perf_counter()
+        pipe.images(cond, seeds, TIMESTEPS)
+        prepare = time.perf_counter() - t0
+        row(label + (" + graph" if pipe.graphed else ""), batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare,
+            compare=True, variant=variant.name)
+        if batch == 1 and variant.name in ("default", "decoder", "fp8"):
+            breakdown(report, pipe, name, device, label)
+        release(pipe)
+    return pipe
+
+
+def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label: str) -> None:
+    """Batch 1's parts, each in its own CUDA graph: one UNet evaluation and the VAE decode."""
+    from .report import _graph_us
+
+    cond = conditioning(ARCHS[name], 1, device, pipe.dtype)
+    x = torch.randn(1, *pipe.backbone.sample_shape, device=device, dtype=pipe.dtype)
+    t = torch.full((1,), 999, device=device, dtype=torch.long)
+    with torch.no_grad():
+        unet_ms = _graph_us(lambda: pipe.denoise(x, t, cond), device, calls=4) / 1000
+        decode_ms = _graph_us(lambda: pipe.backbone.decode(x), device, calls=2) / 1000
+    for part, ms in (("one UNet evaluation", unet_ms), ("VAE decode", decode_ms)):
+        report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=ms, kind="part")
 
 
 def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float) -> float:

@@ -41,16 +41,17 @@ class Report:
 
     def table(self) -> str:
         """The end-to-end and kernel rows as two markdown tables."""
-        lines = ["| arch | batch | backend | ms / batch | ms / image | vs plain | prepare s | peak GiB | check |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| arch | batch | backend | ms / batch | ms / image | images / s | vs plain | prepare s | peak GiB | check |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         plain = {(r["arch"], r["batch"]): r["ms"] for r in self.rows if r.get("backend") == "plain"}
         for r in self.rows:
             if "arch" not in r:
                 continue
-            base = plain.get((r["arch"], r["batch"]))
+            base = plain.get((r["arch"], r["batch"])) if r.get("kind") != "part" else None
             speed = f"{base / r['ms']:.2f}x" if base and r.get("ms") else ""
             lines.append(f"| {r['arch']} | {r['batch']} | {r['backend']} | {_f(r.get('ms'))} | "
-                         f"{_f(r['ms'] / r['batch'] if r.get('ms') else None)} | {speed} | {_f(r.get('prepare_s'), 1)} | "
+                         f"{_f(r['ms'] / r['batch'] if r.get('ms') else None)} | {_f(r.get('images_per_s'), 1)} | {speed} | "
+                         f"{_f(r.get('prepare_s'), 1)} | "
                          f"{_f(r.get('peak_gib'), 1)} | {r.get('check', '')} |")
         lines += ["", "| re-noise, fp16 | eager PyTorch us | kernel us | kernel in graph us | eager in graph us |"
                   " speed-up (graph) | GB/s (kernel) | % of copy |", "|---|---|---|---|---|---|---|---|"]

@@ -18,7 +18,7 @@ import asyncio
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -32,6 +32,8 @@ class Scenario:
     latencies_ms: list[float]
     batch_sizes: list[float]
     pipeline_ms: list[float]  # the server's model time for each answer's batch
+    encode_ms: list[float] = field(default_factory=list)  # the server's time making each answer's files
+    output_format: str = "png"
 
     @property
     def throughput(self) -> float:
@@ -51,9 +53,12 @@ class Scenario:
         return [lat - pipe for lat, pipe in zip(self.latencies_ms, self.pipeline_ms)]
 
 
-async def run_scenario(url: str, clients: int, seconds: float, max_requests: int, prompt: str) -> Scenario:
-    """``clients`` closed-loop clients for at most ``seconds`` and ``max_requests`` requests in all."""
+async def run_scenario(url: str, clients: int, seconds: float, max_requests: int, prompt: str,
+                       output_format: str = "png") -> Scenario:
+    """``clients`` closed-loop clients for at most ``seconds`` and ``max_requests`` requests in all,
+    each asking for one image in ``output_format``."""
     latencies: list[float] = []
+    encode: list[float] = []
     batches: list[float] = []
     pipeline: list[float] = []
     errors = 0
@@ -69,7 +74,8 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/generate", json={"prompt": prompt, "seed": index * 100_000 + i})
+                    r = await client.post("/generate", json={"prompt": prompt, "seed": index * 100_000 + i,
+                                                             "output_format": output_format})
                     ok = r.status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -78,6 +84,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                     timings = r.json()["timings_ms"]
                     batches.append(timings.get("batch_requests", 1.0))
                     pipeline.append(timings.get("inference", 0.0))
+                    encode.append(timings.get("encode", 0.0))
                 else:
                     errors += 1
                 i += 1
@@ -85,7 +92,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
         started = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline)
+    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, output_format)
 
 
 def table(rows: list[Scenario]) -> str:
