@@ -49,12 +49,12 @@ for part in "${parts[@]}"; do
       timeout 300 python3 -m dmd2_train.bench --rows sd15-b8,sdxl-b2-preset --budget-s "${TRAIN_BUDGET_S:-60}" \
         --row-timeout-s 110 --out "$out/train-$card-$day.json" || status=1 ;;
     sd15)
-      timeout $(( ${SD15_BUDGET_S:-300} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,4,1 \
+      timeout $(( ${SD15_BUDGET_S:-270} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,4,1 \
         --scopes full --variants default,decoder:1,fp8:16 --attention-rows --backends compile \
-        --budget-s "${SD15_BUDGET_S:-300}" --cache-dir "$cache" --out "$out/serve-sd15-$card-$day.json" || status=1 ;;
+        --budget-s "${SD15_BUDGET_S:-270}" --cache-dir "$cache" --out "$out/serve-sd15-$card-$day.json" || status=1 ;;
     served)
-      timeout $(( ${SERVED_BUDGET_S:-120} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 15 \
-        --budget-s "${SERVED_BUDGET_S:-120}" --cache-dir "$cache" --out "$out/served-sd15-$card-$day.json" || status=1 ;;
+      timeout $(( ${SERVED_BUDGET_S:-150} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 15 \
+        --budget-s "${SERVED_BUDGET_S:-150}" --cache-dir "$cache" --out "$out/served-sd15-$card-$day.json" || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
