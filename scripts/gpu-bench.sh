@@ -53,7 +53,7 @@ for part in "${parts[@]}"; do
         --scopes full --variants default,decoder:1,fp8:16 --attention-rows --backends compile \
         --budget-s "${SD15_BUDGET_S:-270}" --cache-dir "$cache" --out "$out/serve-sd15-$card-$day.json" || status=1 ;;
     served)
-      timeout $(( ${SERVED_BUDGET_S:-150} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 15 \
+      timeout $(( ${SERVED_BUDGET_S:-150} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 10 \
         --budget-s "${SERVED_BUDGET_S:-150}" --cache-dir "$cache" --out "$out/served-sd15-$card-$day.json" || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
