@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dmd2_train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all, in order)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no row after this many seconds")
-    p.add_argument("--row-timeout-s", type=float, default=150.0, help="give up on one row after this")
+    p.add_argument("--row-timeout-s", type=float, default=150.0,
+                   help="give up on one row after this (a row that starts within the budget gets all of it)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default docs/bench/train-<card>-<date>.json)")
     p.add_argument("--tiny", action="store_true", help="toy models on the CPU (the tests)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -312,13 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd = [sys.executable, "-m", "dmd2_train.bench", "--child", name, "--peak", str(peak)] + (["--tiny"] if args.tiny else [])
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                      timeout=min(args.row_timeout_s, max(20.0, left)))
+                # The budget decides whether a row starts; a started row gets its whole timeout.
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.row_timeout_s)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("result:")]
                 result = json.loads(lines[-1][7:]) if lines else {
                     "row": name, **row.options, "error": f"failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode}"}
-            except subprocess.TimeoutExpired:
-                result = {"row": name, **row.options, "error": "timed out"}
+            except subprocess.TimeoutExpired as e:
+                said = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+                result = {"row": name, **row.options, "error": f"timed out after {args.row_timeout_s:.0f} s",
+                          "stderr_tail": said.strip()[-600:]}
         result.setdefault("label", row.label())
         header["rows"].append(result)
         print("row: " + json.dumps(result), flush=True)

@@ -221,19 +221,26 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
 
 def attention_backend_rows(report: Report, pipe: Any, cond: Any, seeds: Tensor, batch: int,
                            row: Callable[..., None]) -> None:
-    """The eager + graph loop with each SDPA backend forced (those that cannot run are skipped)."""
+    """The eager + graph loop with each SDPA backend forced in the UNet (the VAE's one attention
+    layer, head dim 512, has only the efficient and math kernels, so it keeps the default)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    denoise = pipe.denoise
     for backend in SDPA_BACKENDS:
+        def forced(x_t: Tensor, t: Tensor, c: Any, kind: Any = getattr(SDPBackend, backend)) -> Tensor:
+            with sdpa_kernel(kind):
+                return denoise(x_t, t, c)
+
+        pipe.denoise = forced
         try:
-            with sdpa_kernel(getattr(SDPBackend, backend)):
-                t0 = time.perf_counter()
-                pipe.images(cond, seeds, TIMESTEPS)
-                row(f"eager + graph, {backend.lower().replace('_attention', '')} SDPA", batch,
-                    lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
+            t0 = time.perf_counter()
+            pipe.images(cond, seeds, TIMESTEPS)
+            row(f"eager + graph, {backend.lower().replace('_attention', '')} SDPA in the UNet", batch,
+                lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
         except RuntimeError as e:  # no kernel of that kind for these shapes or this card
             report.note(f"{backend} SDPA not measured: {str(e).splitlines()[0][:160]}")
         finally:
+            pipe.denoise = denoise
             release(pipe)
 
 
@@ -300,7 +307,8 @@ def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: flo
 
 
 def preflight(device: torch.device, cache_dir: Path) -> None:
-    """Fail in seconds, not minutes: the kernel and a graphed compiled loop must be right here."""
+    """Fail in seconds, not minutes: the kernel and the graphed loop must be right here. (Compiling
+    a toy model here cost about a minute on an H100; each compiled row is compared with eager.)"""
     from dmd2_kernels.renoise import renoise_reference, renoise_triton
 
     from ..model.backends import FastPath
@@ -327,9 +335,5 @@ def preflight(device: torch.device, cache_dir: Path) -> None:
         pipe.fast = FastPath(cuda_graphs=True)
         graphed = pipe.images(cond, seeds, TIMESTEPS)
         assert pipe.graphed and torch.equal(eager, graphed), "the CUDA-graph replay differs from the eager loop"
-    pipe.accelerate(FastPath(backend="compile", compile_scope="regional", cache_dir=cache_dir))
-    compiled = pipe.images(cond, seeds, TIMESTEPS)
-    err = (compiled - eager).abs().max().item()
-    assert err < 2e-2, f"compiled + graphed images differ from eager by {err}"
-    torch._dynamo.reset()
-    print(f"preflight ok: kernel = reference, graph = eager, compile within {err:.1e}", flush=True)
+    print("preflight ok: kernel = reference, graph = eager (every compiled row is checked against eager)",
+          flush=True)
