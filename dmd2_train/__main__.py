@@ -61,8 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", type=Path, help="real scale: folder of reference images (the COCO images)")
     e.add_argument("--inception", type=Path, help="real scale: TorchScript FID Inception (inception-2015-12-05.pt)")
     e.add_argument("--clip", type=Path, help="real scale: local CLIP model folder for the CLIP score")
-    e.add_argument("--num", type=int, help="real scale: first N captions (paper: 30000 SD1.5, 10000 SDXL)")
+    e.add_argument("--num", type=int, help="real scale: first N captions (default: the paper's, 30000 SD1.5,"
+                   " 10000 SDXL)")
     e.add_argument("--batch-size", type=int, default=8, help="real scale: images per sampling batch")
+    e.add_argument("--eval-resolution", type=int, help="real scale: side the centre square is resized to before"
+                   " the FID network (default: the official 256 for SD1.5, 512 for SDXL)")
+    e.add_argument("--resize-filter", help="real scale: PIL filter of that resize: lanczos (the official"
+                   " evaluation's, default), bicubic, bilinear, hamming, box or nearest")
+    e.add_argument("--patch-fid", action=argparse.BooleanOptionalAction, help="real scale: also FID of the"
+                   " centre 299x299 of the full-resolution images (default: on for SDXL, off for SD1.5)")
     q = sub.add_parser("table", help="reproduce the digits quality table (trains 5 students, ~40 min on 2 cores)")
     q.add_argument("--out", type=Path, default=Path("docs/quality"))
     q.add_argument("--runs", type=Path, default=Path("runs/quality"))
@@ -130,19 +137,22 @@ def _eval(args: argparse.Namespace) -> None:
     if not real_scale and not adapter(read_card(folder).family).bundled_data:
         raise RunError("an SD-family model is scored at real scale: give --captions FILE --reference DIR"
                        " --inception FILE (and --clip DIR for the CLIP score)")
+    if real_scale:  # settings checked before the model loads
+        from .realscale import FidProtocol, score_real_scale
+
+        if args.reference is None or args.inception is None:
+            raise RunError("real-scale evaluation needs --reference DIR (real images) and --inception FILE"
+                           " (the TorchScript FID Inception, inception-2015-12-05.pt)")
+        protocol = FidProtocol.for_family(read_card(folder).family, args.eval_resolution, args.resize_filter,
+                                          args.patch_fid, args.num)
     device = "cuda" if real_scale and torch.cuda.is_available() else "cpu"
     sample = (generator_sampler(folder, args.steps, device) if args.generator
               else teacher_sampler(folder, args.steps or 50, args.guidance, device))
     if not real_scale:
         print(json.dumps(score_digits(sample).as_dict(), indent=2))
         return
-    from .realscale import score_real_scale
-
-    if args.reference is None or args.inception is None:
-        raise RunError("real-scale evaluation needs --reference DIR (real images) and --inception FILE"
-                       " (the TorchScript FID Inception, inception-2015-12-05.pt)")
-    scores = score_real_scale(sample, args.captions, args.reference, args.inception, args.clip, args.num,
-                              args.batch_size)
+    scores = score_real_scale(sample, args.captions, args.reference, args.inception, args.clip, protocol,
+                              args.batch_size, device)
     print(json.dumps(scores.as_dict(), indent=2))
 
 

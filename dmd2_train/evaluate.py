@@ -77,7 +77,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    root = linalg.sqrtm(s_a @ s_b)  # (no ``disp``: deprecated in SciPy 1.17, gone after)
+    if not np.isfinite(root).all():  # a singular product: offset both covariances, as clean-fid does
+        offset = np.eye(len(s_a)) * 1e-6
+        root = linalg.sqrtm((s_a + offset) @ (s_b + offset))
     root = root.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
 

@@ -1,149 +1,191 @@
-"""Real-scale evaluation of SD-family generators and teachers: FID and CLIP score, local weights only.
+"""Real-scale evaluation of SD-family generators and teachers: FID, patch-FID and CLIP score, local files only.
 
-The paper's protocol (DMD2, Sec. 5): captions from COCO-2014 val (30k for SD1.5, 10k for SDXL),
-one image per caption at the model's resolution, FID against the COCO images, CLIP score of each
-image with its caption. Here every piece comes from a path the user gives, nothing is
-downloaded:
+The paper's protocol (DMD2, Sec. 5), as the official code runs it (tianweiy/DMD2 8d8fa55,
+``main/test_folder_sd.py``, ``main/sdxl/test_folder_sdxl.py``, ``main/coco_eval/coco_evaluator.py``):
+one image per COCO-2014 caption (30k for SD1.5 against all of val2014, 10k for SDXL against a
+10k subset); FID with clean-fid's preprocessing at 256 px (SD1.5) or 512 px (SDXL) and, for SDXL,
+patch-FID on the centre 299x299 of the full image -- see ``fid_protocol`` for each step. CLIP score
+(``compute_clip_score``): each image's centre square, Lanczos-resized to 256, then the CLIP model's
+own preprocessing; the caption prefixed with "A photo depicts "; the mean cosine similarity of the
+two embeddings (not x100, not clipped at 0), with open_clip ViT-g-14 (laion2b_s12b_b42k).
+
+Every piece comes from a path the user gives, nothing is downloaded:
 
     captions   a text file, one caption a line, or JSON lines with ``caption`` / ``text`` / ``prompt``;
-    reference  a folder of real images (center-cropped to a square and resized to the samples' size);
-    inception  the TorchScript FID Inception network used by StyleGAN2-ADA and clean-fid
-               (``inception-2015-12-05.pt``), called as ``net(uint8 NCHW, return_features=True)``
-               and giving 2048-d pool features; FID itself is torchmetrics' ``FrechetInceptionDistance``;
+    reference  a folder of real images (searched recursively);
+    inception  the TorchScript ``inception-2015-12-05.pt`` of StyleGAN2-ADA / clean-fid;
     clip       (optional) a local CLIP folder for ``transformers.CLIPModel`` / ``CLIPProcessor``
-               (e.g. openai/clip-vit-large-patch14 downloaded once); torchmetrics' ``CLIPScore``.
+               (laion/CLIP-ViT-g-14-laion2B-s12B-b42K is the paper's model in that format).
 
-Sample i uses caption i and seed i.
+Sample i uses caption i and seed i. The output records every setting that changes a number and the
+SHA-256 of the network files, so two results say whether they compare.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .data import IMAGE_SUFFIXES, centre_square, read_prompts
+from .data import IMAGE_SUFFIXES, read_prompts
 from .evaluate import Sampler
+from .fid_protocol import EvalError, FidFeatures, FidProtocol, InceptionFeatures, square
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
-class EvalError(ValueError):
-    """A missing or unusable evaluation input; the message says which and how to fix it."""
+__all__ = ["ClipScore", "EvalError", "FidProtocol", "RealScaleScores", "read_images", "reference_files",
+           "score_real_scale"]
 
 
 @dataclass
 class RealScaleScores:
     fid: float
-    clip_score: float | None
-    images: int
+    patch_fid: float | None
+    clip_score: float | None  # mean cosine similarity, as the paper reports it (not x100)
+    images: int  # generated
     reference_images: int
-    ms_per_image: float
+    image_size: list[int]  # generated images, (H, W)
+    ms_per_image: float  # sampling only
+    protocol: dict[str, object]  # FidProtocol.settings(), plus the CLIP score's when there is one
+    inputs: dict[str, str | None]  # paths and SHA-256 of the network files
 
-    def as_dict(self) -> dict[str, float | int | None]:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-class InceptionFeatures(nn.Module):
-    """A TorchScript FID feature network as the ``feature`` module torchmetrics' FID expects."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        if not Path(path).is_file():
-            raise EvalError(f"Inception weights '{path}' do not exist: pass the TorchScript file"
-                            " inception-2015-12-05.pt (the FID network of StyleGAN2-ADA / clean-fid)")
-        try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
-        except RuntimeError as e:
-            raise EvalError(f"'{path}' is not a TorchScript file: {str(e).splitlines()[0]}") from e
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net(images, return_features=True).float()
+def sha256_of(paths: Sequence[Path]) -> str:
+    """SHA-256 of the files' bytes, one after another in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
-def read_reference(folder: Path, size: int, batch_size: int, limit: int | None = None) -> Iterator[Tensor]:
-    """Batches of uint8 (B, 3, size, size) images from a folder, center-cropped and resized."""
+def to_images(samples: Tensor) -> list[PILImage]:
+    """(B, C, H, W) in [-1, 1] -> RGB images, cast to uint8 by truncation as the official evaluation does."""
     from PIL import Image
 
+    pixels = ((samples.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)  # grey -> RGB
+    return [Image.fromarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def reference_files(folder: Path) -> list[Path]:
+    """The images of a reference folder (recursive, sorted by path); checked before any sampling."""
     if not Path(folder).is_dir():
         raise EvalError(f"reference image folder '{folder}' does not exist")
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise EvalError(f"'{folder}' holds {len(files)} images; FID needs a reference set (COCO val images)")
+    return files
+
+
+def read_rgb(path: Path) -> PILImage:
+    """An image file as RGB, as it is on disk."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def read_images(files: Sequence[Path], batch_size: int, pool: Executor | None = None) -> Iterator[list[PILImage]]:
+    """Batches of the files as RGB images, decoded on ``pool``'s threads when given."""
     for start in range(0, len(files), batch_size):
-        batch = []
-        for path in files[start:start + batch_size]:
-            image = centre_square(Image.open(path).convert("RGB"), size)
-            batch.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3))
-        yield torch.stack(batch).permute(0, 3, 1, 2).contiguous()
+        yield list((pool.map if pool is not None else map)(read_rgb, files[start:start + batch_size]))
 
 
-class _ClipFeatures(nn.Module):
-    """A CLIPModel whose ``get_*_features`` return the embedding tensors.
-
-    transformers 5 returns an output object (embeddings in ``pooler_output``) where torchmetrics'
-    CLIPScore expects a tensor, as transformers 4 gave.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    @staticmethod
-    def _tensor(out: object) -> Tensor:
-        return out if torch.is_tensor(out) else out.pooler_output
-
-    def get_image_features(self, *args: object, **kwargs: object) -> Tensor:
-        return self._tensor(self.model.get_image_features(*args, **kwargs))
-
-    def get_text_features(self, *args: object, **kwargs: object) -> Tensor:
-        return self._tensor(self.model.get_text_features(*args, **kwargs))
+def _embedding(out: object) -> Tensor:
+    """transformers 5 returns an output object (embeddings in ``pooler_output``), 4 a tensor."""
+    return out if torch.is_tensor(out) else out.pooler_output
 
 
-def load_clip_score(folder: Path) -> nn.Module:
-    """torchmetrics' CLIPScore on a local CLIP folder."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
+class ClipScore:
+    """Cosine similarity of CLIP image and caption embeddings, preprocessed as the official evaluation does."""
 
-    if not (Path(folder) / "config.json").is_file():
-        raise EvalError(f"'{folder}' is not a CLIP model folder (no config.json): save one with"
-                        " CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
-    return CLIPScore(model_name_or_path=lambda: (_ClipFeatures(CLIPModel.from_pretrained(str(folder)).eval()),
-                                                 CLIPProcessor.from_pretrained(str(folder))))
+    prefix = "A photo depicts "
+    image_resolution = 256
+
+    def __init__(self, folder: Path, resize_filter: str = "lanczos", device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        if not (Path(folder) / "config.json").is_file():
+            what = "does not exist" if not Path(folder).exists() else "is not a CLIP model folder (no config.json)"
+            raise EvalError(f"CLIP folder '{folder}' {what}: save one with CLIPModel.save_pretrained and"
+                            " CLIPProcessor.save_pretrained (the paper: laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
+        self.folder, self.resize_filter, self.device = Path(folder), resize_filter, device
+        self.model = CLIPModel.from_pretrained(str(folder)).eval().to(device)
+        self.processor = CLIPProcessor.from_pretrained(str(folder))
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    def weight_files(self) -> list[Path]:
+        """The weight files transformers loads: the safetensors ones, else the .bin ones."""
+        return sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("*.bin"))
+
+    def settings(self) -> dict[str, object]:
+        """The CLIP score's settings, for the output JSON."""
+        return {"clip_image_resolution": self.image_resolution, "clip_resize_filter": self.resize_filter,
+                "clip_prompt_prefix": self.prefix, "clip_score": "mean cosine similarity"}
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[PILImage], captions: Sequence[str]) -> Tensor:
+        """(B,) cosine similarities of each image with its caption."""
+        inputs = self.processor(text=[self.prefix + c for c in captions],
+                                images=[square(im, self.image_resolution, self.resize_filter) for im in images],
+                                return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        image = _embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device)))
+        text = _embedding(self.model.get_text_features(input_ids=inputs["input_ids"].to(self.device),
+                                                       attention_mask=inputs["attention_mask"].to(self.device)))
+        return torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=1).cpu()
 
 
 def score_real_scale(sample: Sampler, captions: Path, reference: Path, inception: Path, clip: Path | None = None,
-                     num: int | None = None, batch_size: int = 8) -> RealScaleScores:
-    """Generate one image per caption and score the set (FID; CLIP score when ``clip`` is given)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    prompts = read_prompts(Path(captions))[:num]
+                     protocol: FidProtocol | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
+                     workers: int | None = None) -> RealScaleScores:
+    """Generate one image per caption and score the set: FID (and patch-FID) under ``protocol``, CLIP score
+    when ``clip`` is given. ``workers`` threads preprocess the images (default: the CPU count, at most 16)."""
+    protocol = protocol or FidProtocol()
+    prompts = read_prompts(Path(captions))[:protocol.num_images]
     if len(prompts) < 2:
         raise EvalError(f"'{captions}' holds {len(prompts)} captions; FID needs at least two samples")
-    fid = FrechetInceptionDistance(feature=InceptionFeatures(inception), normalize=False)
-    clip_metric = load_clip_score(clip) if clip is not None else None
-    size = None
-    elapsed = 0.0
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            images = sample(batch, list(range(start, start + len(batch))))
-        elapsed += time.perf_counter() - t0
-        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        size = images.shape[-1]
-        fid.update(images, real=False)
-        if clip_metric is not None:
-            clip_metric.update(images, batch)
-    count = 0
-    for real in read_reference(reference, size, batch_size, limit=None):
-        fid.update(real, real=True)
-        count += len(real)
-    return RealScaleScores(float(fid.compute()), float(clip_metric.compute()) if clip_metric is not None else None,
-                           len(prompts), count, 1000 * elapsed / len(prompts))
+    references = reference_files(reference)
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+        features = FidFeatures(InceptionFeatures(inception), protocol, device, pool)
+        clip_score = ClipScore(clip, protocol.resize_filter, device) if clip is not None else None
+        similarities: list[Tensor] = []
+        elapsed, size = 0.0, [0, 0]
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                samples = sample(batch, list(range(start, start + len(batch))))
+            elapsed += time.perf_counter() - t0
+            size = list(samples.shape[-2:])
+            images = to_images(samples)
+            features.add(images, real=False)
+            if clip_score is not None:
+                similarities.append(clip_score(images, batch))
+        for images in read_images(references, max(batch_size, 32), pool):
+            features.add(images, real=True)
+    inputs = {"captions": str(captions), "reference": str(reference), "inception": str(inception),
+              "inception_sha256": sha256_of([Path(inception)]), "clip": None if clip is None else str(clip),
+              "clip_weights_sha256": None}
+    settings = protocol.settings()
+    if clip_score is not None:
+        weights = clip_score.weight_files()
+        inputs["clip_weights_sha256"] = sha256_of(weights) if weights else None
+        settings.update(clip_score.settings())
+    return RealScaleScores(
+        fid=features.fid(), patch_fid=features.fid(patch=True) if protocol.patch_fid else None,
+        clip_score=float(torch.cat(similarities).mean()) if similarities else None,
+        images=len(prompts), reference_images=features.count(real=True), image_size=size,
+        ms_per_image=1000 * elapsed / len(prompts), protocol=settings, inputs=inputs)

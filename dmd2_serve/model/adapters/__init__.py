@@ -15,7 +15,7 @@ from torch import nn
 from ..card import CARD_FILE as META_FILE
 from ..card import ModelCard
 from ..schedule import Schedule
-from .base import Backbone, Conditioning, ModelFolderError, ReferenceArch, unet_eps, unet_prediction
+from .base import Backbone, Conditioning, ModelFolderError, PaperEval, ReferenceArch, unet_eps, unet_prediction
 from .digits import DigitsBackbone
 from .sd import LatentBackbone, StableDiffusionBackbone, load_part
 from .sdxl import StableDiffusionXLBackbone
@@ -30,7 +30,7 @@ UNSUPPORTED = {"StableDiffusion3Pipeline": "SD3 (flow matching)", "FluxPipeline"
                "KandinskyV22Pipeline": "Kandinsky 2.2", "StableCascadePriorPipeline": "Stable Cascade",
                "LatentConsistencyModelPipeline": "an LCM pipeline"}
 
-__all__ = ["ADAPTERS", "META_FILE", "Backbone", "Conditioning", "LatentBackbone", "ModelFolderError", "ReferenceArch",
+__all__ = ["ADAPTERS", "META_FILE", "Backbone", "Conditioning", "LatentBackbone", "ModelFolderError", "PaperEval", "ReferenceArch",
            "ModelCard", "adapter", "checkpoint_adapter", "is_single_file", "load_backbone", "load_schedule",
            "load_single_file", "load_unet", "read_card", "supported", "teacher_adapter", "unet_eps", "unet_prediction"]
 

@@ -80,6 +80,16 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class PaperEval:
+    """How the DMD2 paper's official evaluation scores a family (``dmd2_train/fid_protocol.py``):
+    the FID resolution (centre square, Lanczos), the number of COCO captions, patch-FID or not."""
+
+    resolution: int
+    images: int
+    patch_fid: bool = False
+
+
+@dataclass(frozen=True)
 class ReferenceArch:
     """A family's real architecture, for benchmarks with random weights (no download).
 
@@ -147,6 +157,7 @@ class Backbone(nn.Module):
     bundled_data: ClassVar[str | None] = None  # a dataset shipped with the family (digits)
     image_channels: ClassVar[int] = 3
     reference: ClassVar[ReferenceArch | None] = None  # the real architecture, for the benchmarks
+    paper_eval: ClassVar[PaperEval | None] = None  # the official evaluation's settings, if it has one
 
     def __init__(self, sample_shape: tuple[int, int, int], image_size: int, schedule: Schedule) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..card import ModelCard
 from ..schedule import Schedule
-from .base import Backbone, Conditioning, ModelFolderError, ReferenceArch
+from .base import Backbone, Conditioning, ModelFolderError, PaperEval, ReferenceArch
 
 
 def weights_variant(part: Path) -> str | None:
@@ -128,6 +128,7 @@ class StableDiffusionBackbone(LatentBackbone):
     single_file_pipeline = "StableDiffusionPipeline"
     default_preset = "sd15"
     reference = ReferenceArch("sd15_unet.json", "sd_vae.json", 512, (77, 768))
+    paper_eval = PaperEval(256, 30_000)  # --eval_res 256, 30k COCO-2014 captions
 
     def __init__(self, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, image_size: int,
                  schedule: Schedule) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedule import Schedule
-from .base import Backbone, Conditioning, ReferenceArch
+from .base import Backbone, Conditioning, PaperEval, ReferenceArch
 from .sd import LatentBackbone, load_part
 
 
@@ -27,6 +27,7 @@ class StableDiffusionXLBackbone(LatentBackbone):
     reference = ReferenceArch("sdxl_unet.json", "sdxl_vae.json", 1024, (77, 2048),
                               {"text_embeds": (1280,), "time_ids": (6,)},
                               compile_scopes=("regional", "full"))  # full compiles for minutes
+    paper_eval = PaperEval(512, 10_000, patch_fid=True)  # --eval_res 512, 10k captions, patch-FID beside
 
     def __init__(
         self, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, text_encoder_2: nn.Module,
