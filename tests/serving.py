@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
+
+import httpx
 
 from dmd2_serve.server.launch import LocalServer, launch, stop
 
@@ -30,3 +35,37 @@ def start_server(*args: str, port: int | None = None) -> Server:
 
 def stop_server(server: Server) -> None:
     stop(server.process)
+
+
+def held_request(server: Server, body: dict, release: threading.Event) -> httpx.Response:
+    """A POST whose body is sent in two parts, the second once ``release`` is set.
+
+    The server admits a generation request on its headers, so it holds this one, counted in
+    its queue, until the test sends the rest: "in flight" made exact.
+    """
+    raw = json.dumps(body).encode()
+
+    def parts():
+        yield raw[:4]
+        release.wait(timeout=60)  # bounded: a failed assertion must not leave the thread waiting
+        yield raw[4:]
+
+    return httpx.post(f"{server.url}/generate", content=parts(), headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+def metric(server: Server, name: str) -> float:
+    """The value of an unlabelled metric on ``/metrics``."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} "))
+
+
+def queue_depth(server: Server) -> float:
+    return metric(server, "dmd2_queue_depth")
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)

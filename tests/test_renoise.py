@@ -101,9 +101,32 @@ def test_a_seed_gives_the_same_noise_whatever_the_batch() -> None:
     assert torch.equal(alone, again)
 
 
-def test_dispatch_uses_the_reference_off_cuda() -> None:
-    x = torch.randn(2, 4, 8, 8)
-    seeds = torch.tensor([3, 4])
-    assert torch.equal(renoise(x, seeds, 1, 0.7), renoise_reference(x, seeds, 1, 0.7))
+class OnCuda:
+    """Stands in for a CUDA tensor on a machine without one: all ``renoise`` reads to dispatch."""
+
+    device = torch.device("cuda")
+
+    def __init__(self) -> None:
+        self.moved_to: dict = {}
+
+    def to(self, **kwargs) -> OnCuda:
+        self.moved_to = kwargs
+        return self
+
+
+def test_dispatch_launches_the_kernel_for_cuda_tensors_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dmd2_kernels.renoise as module
+
+    launched: list = []
+    monkeypatch.setattr(module, "renoise_triton", lambda *args: launched.append(args) or "kernel's answer")
+    x, seeds = torch.randn(2, 4, 8, 8), torch.tensor([3, 4], dtype=torch.int32)
+    assert torch.equal(renoise(x, seeds, 1, 0.7), renoise_reference(x, seeds, 1, 0.7)) and not launched
+    assert renoise(None, seeds, 0, 0.0, shape=(4, 8, 8)).shape == (2, 4, 8, 8) and not launched
+    # CUDA input: the kernel, with the seeds as int64 on the input's device; pure noise follows the seeds
+    cuda_x, cuda_seeds, eps = OnCuda(), OnCuda(), OnCuda()
+    assert renoise(cuda_x, cuda_seeds, 2, 0.5, eps=eps, abar_t=0.1) == "kernel's answer"
+    assert launched == [(cuda_x, cuda_seeds, 2, 0.5, eps, 0.1, None, None)]
+    assert cuda_seeds.moved_to == {"device": torch.device("cuda"), "dtype": torch.int64}
+    assert renoise(None, OnCuda(), 0, 0.0, shape=(4, 8, 8)) == "kernel's answer" and len(launched) == 2
     # Long streams of a sample are plain reference numbers too (row b from seeds[b] only).
     assert torch.equal(philox_normal_reference(seeds, 0, 10)[1], philox_normal_reference(seeds[1:], 0, 10)[0])

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from PIL import Image
-from serving import Server, start_server, stop_server
+from serving import Server, held_request, metric, queue_depth, start_server, stop_server, wait_for
 
 
 def generate(server: Server, timeout: float = 60, headers: dict | None = None, **body) -> httpx.Response:
@@ -22,9 +24,38 @@ def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def test_health_was_503_until_ready_then_200(server: Server):
-    assert server.health_seen[-1] == 200
-    assert set(server.health_seen[:-1]) <= {503}, server.health_seen
+def test_health_is_503_until_every_worker_is_ready():
+    # The app the server runs, in process: LitServe opens the port once one worker is ready, so
+    # with two workers /health must still say 503 while the other one loads its model.
+    from litserve.utils import WorkerSetupStatus
+
+    from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+    from dmd2_serve.server.api import build_server
+
+    app = build_server(BUNDLED_DIGITS_GENERATOR, accelerator="cpu", workers_per_device=2)
+
+    def health() -> tuple[int, str]:
+        async def get() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app.app), base_url="http://test") as client:
+                return await client.get("/health")
+        r = asyncio.run(get())
+        return r.status_code, r.text
+
+    app.workers_setup_status = {"/predict_0": WorkerSetupStatus.STARTING, "/predict_1": WorkerSetupStatus.STARTING}
+    assert health() == (503, "not ready")
+    app.workers_setup_status["/predict_0"] = WorkerSetupStatus.READY  # the port is open from here on
+    assert health() == (503, "not ready")
+    app.workers_setup_status["/predict_1"] = WorkerSetupStatus.READY
+    assert health() == (200, "ok")
+    app.state.stop_admitting("draining: SIGTERM received")  # and 503 again once it stops admitting
+    assert health() == (503, "draining: SIGTERM received")
+
+
+def test_first_health_200_means_it_serves(server: Server):
+    # launch() returned at the first 200; before it the port was closed (LitServe opens it once a
+    # worker is ready) or said 503. A generation request is answered at once.
+    assert server.health_seen[-1] == 200 and set(server.health_seen[:-1]) <= {503}, server.health_seen
+    assert generate(server, prompt="a 5", seed=5, timeout=20).status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
@@ -188,11 +219,26 @@ def burst(server: Server, count: int) -> list[httpx.Response]:
 
 
 def test_full_queue_is_503_with_retry_after(cramped: Server):
-    results = burst(cramped, 12)
-    codes = [r.status_code for r in results]
-    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
-    rejected = next(r for r in results if r.status_code == 503)
-    assert rejected.headers["retry-after"] == "1" and "queue limit" in rejected.text
+    release = threading.Event()
+    rejected_before = metric(cramped, "dmd2_rejected_total")
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            held = [pool.submit(held_request, cramped, {"prompt": f"a {i}", "seed": i}, release) for i in range(2)]
+            wait_for(lambda: queue_depth(cramped) == 2, 20, "two requests admitted (--max-queue 2)")
+            over = [generate(cramped, prompt="a 3", seed=3, timeout=10) for _ in range(3)]
+            openai = httpx.post(f"{cramped.url}/v1/images/generations", json={"prompt": "a 3"}, timeout=10)
+            health = httpx.get(f"{cramped.url}/health", timeout=10)
+        finally:
+            release.set()
+        admitted = [f.result() for f in held]
+    assert [r.status_code for r in over] == [503] * 3, [r.text for r in over]
+    assert all(r.headers["retry-after"] == "1" and "queue limit (2 requests)" in r.json()["detail"] for r in over)
+    assert openai.status_code == 503 and "queue limit" in openai.json()["error"]["message"]
+    assert health.status_code == 200  # busy is not unhealthy: a full queue must not get the pod restarted
+    assert metric(cramped, "dmd2_rejected_total") == rejected_before + 4
+    assert [r.status_code for r in admitted] == [200, 200], [r.text for r in admitted]
+    wait_for(lambda: queue_depth(cramped) == 0, 10, "the queue empty once they were answered")
+    assert generate(cramped, prompt="a 3", seed=3).status_code == 200  # and the next request is admitted
     assert cramped.process.poll() is None
 
 

@@ -1,13 +1,11 @@
 """Stopping the server as an operator or a process manager does: a signal to its main process alone.
 
 Real servers on loopback with the bundled digits generator. "In flight" is made exact with
-requests whose body arrives in two parts: the server admits a request on its headers, so it
-holds it, counted, until the test sends the rest.
+requests whose body arrives in two parts (``serving.held_request``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,38 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
-from serving import Server, start_server, stop_server
+from serving import Server, held_request, queue_depth, start_server, stop_server, wait_for
 
 from dmd2_serve.server.launch import free_port, terminate
 
 
 def generate(server: Server, **body) -> httpx.Response:
     return httpx.post(f"{server.url}/generate", json=body, timeout=60)
-
-
-def held_request(server: Server, body: dict, release: threading.Event) -> httpx.Response:
-    """A POST whose body is sent in two parts, the second once ``release`` is set."""
-    raw = json.dumps(body).encode()
-
-    def parts():
-        yield raw[:4]
-        release.wait(timeout=60)  # bounded: a failed assertion must not leave the thread waiting
-        yield raw[4:]
-
-    return httpx.post(f"{server.url}/generate", content=parts(), headers={"content-type": "application/json"},
-                      timeout=60)
-
-
-def queue_depth(server: Server) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("dmd2_queue_depth "))
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
 
 
 def process_tree(server: Server) -> list[psutil.Process]:
