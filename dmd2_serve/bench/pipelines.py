@@ -149,6 +149,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
     pipe = build(arch, device, tiny, name)
     unet, vae = pipe.unet, pipe.backbone.vae
     latent = pipe.backbone.sample_shape
+    resolution = pipe.backbone.image_size
     reference: dict[int, Tensor] = {}
 
     def row(backend: str, batch: int, run: Callable[[], Tensor], prepare_s: float | None = None,
@@ -162,8 +163,9 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
             check = f"max |diff| vs eager {(out.float() - reference[batch]).abs().max().item():.1e}," \
                     f" PSNR {extra['psnr_db']:.1f} dB"
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        report.add(arch=name, batch=batch, backend=backend, ms=ms, prepare_s=prepare_s, peak_gib=peak, check=check,
-                   images_per_s=1000 * batch / ms, **extra)
+        extra.setdefault("precision", "fp16 UNet, bf16 VAE" if device.type == "cuda" else "fp32")
+        report.add(arch=name, resolution=resolution, batch=batch, backend=backend, ms=ms, prepare_s=prepare_s,
+                   peak_gib=peak, check=check, images_per_s=1000 * batch / ms, **extra)
 
     for batch in batches:
         budget.require(5 if tiny else 20, f"{name} eager rows at batch {batch}")
@@ -270,7 +272,8 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
         pipe.images(cond, seeds, TIMESTEPS)
         prepare = time.perf_counter() - t0
         row(label + (" + graph" if pipe.graphed else ""), batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare,
-            compare=True, variant=variant.name)
+            compare=True, variant=variant.name,
+            **({"precision": "fp8 attention linears, bf16 UNet, bf16 VAE"} if variant.name == "fp8" else {}))
         if batch == 1 and variant.name in ("default", "decoder", "fp8"):
             breakdown(report, pipe, name, device, label)
         release(pipe)
