@@ -257,8 +257,8 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
     arch = ARCHS[name]
     sizes = sorted(variant.batches or batches, reverse=True)
     budget.require(60 if tiny else 90, f"{name} compile {scope} {variant.name}")
-    if variant.options.get("precision", "default") != "default" or pipe.dtype != pipe.unet.dtype:
-        pipe = build(ARCHS[name], device, tiny, name)  # the previous variant changed the UNet in place
+    if pipe.fast.precision != "default":  # the previous variant quantised the UNet in place
+        pipe = build(arch, device, tiny, name)
     uncompile(pipe.unet)
     uncompile(pipe.backbone.vae)
     torch._dynamo.reset()
