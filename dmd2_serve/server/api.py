@@ -113,7 +113,8 @@ class JobResult:
     strength: float | None  # image to image only
     model: str = ""
     failure: JobFailure | None = None  # set: no images, answer this instead
-    files: list[Future[bytes]] | None = None  # the image files being made on the encoder threads
+    files: list[Future[bytes]] = field(default_factory=list)  # the image files being made on the encoder threads
+    encode_started: float = 0.0  # perf_counter when they were handed to the threads
 
 
 def pixels(init: np.ndarray, count: int) -> torch.Tensor:
@@ -294,7 +295,7 @@ class FewStepAPI(ls.LitAPI):
             result.files = [self._encoders().submit(encode_image, image, result.output_format, result.size,
                                                     self._parameters(result, seed))
                             for image, seed in zip(result.images, result.seeds)]
-            result.timings_ms["encode_started"] = encoding
+            result.encode_started = encoding
         return results
 
     def _encoders(self) -> ThreadPoolExecutor:
@@ -317,14 +318,8 @@ class FewStepAPI(ls.LitAPI):
         """Each image's file bytes, made once here; the HTTP process sends them as they are or base64s them."""
         if output.failure is not None:  # the HTTP process answers it (``run``)
             return output.failure
-        timings = dict(output.timings_ms)
-        t0 = timings.pop("encode_started", None) or time.perf_counter()
-        if output.files is None:  # not started by predict (called on its own)
-            files = [encode_image(image, output.output_format, output.size, self._parameters(output, seed))
-                     for image, seed in zip(output.images, output.seeds)]
-        else:
-            files = [f.result() for f in output.files]
-        timings["encode"] = (time.perf_counter() - t0) * 1000
+        files = [f.result() for f in output.files]
+        timings = dict(output.timings_ms, encode=(time.perf_counter() - output.encode_started) * 1000)
         return EncodedImages(files, output.seeds, MEDIA_TYPES[output.output_format], output.model, timings)
 
     # -- helpers --------------------------------------------------------------------------------
