@@ -46,9 +46,9 @@ def is_attention_linear(module: nn.Module, name: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def quantize_fp8(unet: nn.Module) -> int:
-    """Put ``unet`` in bfloat16 and its attention-block linears in float8 (in place); the number of
-    layers quantised. Raises :class:`BackendError` where the device cannot run float8 matmuls."""
+def quantize_fp8(unet: nn.Module) -> None:
+    """Put ``unet`` in bfloat16 and its attention-block linears in float8 (in place). Raises
+    :class:`BackendError` where the device cannot run float8 matmuls."""
     device = next(unet.parameters()).device
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if capability is None or capability < FP8_CAPABILITY:
@@ -61,8 +61,6 @@ def quantize_fp8(unet: nn.Module) -> int:
     except ImportError as e:
         raise BackendError(f"--precision fp8 needs torchao: pip install 'dmd2-fast[fp8]' ({e})") from e
     unet.to(torch.bfloat16)
-    chosen = [name for name, m in unet.named_modules() if is_attention_linear(m, name)]
     # set_inductor_config=False: the compile backend's own settings stay as they are.
     quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
               filter_fn=is_attention_linear)
-    return len(chosen)
