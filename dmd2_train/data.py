@@ -31,6 +31,12 @@ HELD_OUT_EVERY = 5  # every fifth digit is held out of training, for evaluation
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+    from .datasets import StreamedImages
+
+
 def centre_square(image: PILImage, size: int) -> PILImage:
     """The centred square of ``image`` (its shorter side), resized to ``size`` x ``size`` (bicubic)."""
     from PIL import Image
@@ -38,11 +44,6 @@ def centre_square(image: PILImage, size: int) -> PILImage:
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
-
-    from .datasets import StreamedImages
 
 
 class DataError(ValueError):
