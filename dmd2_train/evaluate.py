@@ -124,11 +124,17 @@ def generator_sampler(folder: Path, steps: int | None = None, device: str = "cpu
     return lambda prompts, seeds: pipe(prompts, seeds, steps) * 2 - 1
 
 
-def teacher_sampler(folder: Path, steps: int, guidance: float, device: str = "cpu") -> Sampler:
-    """A teacher sampled with deterministic DDIM over ``steps`` evenly spaced timesteps, with CFG."""
+def teacher_sampler(folder: Path, steps: int, guidance: float, device: str = "cpu",
+                    timesteps: list[int] | None = None) -> Sampler:
+    """A teacher sampled with deterministic DDIM, with CFG: over ``steps`` evenly spaced timesteps
+    from T-1 to 0, or over ``timesteps`` when given (e.g. the paper's 999, 749, 499, 249)."""
     backbone, unet = load_backbone(folder).to(device), load_unet(folder).eval().to(device)
     T = backbone.schedule.num_train_timesteps
-    schedule = backbone.schedule.with_timesteps(np.linspace(T - 1, 0, steps).round().astype(int).tolist())
+    if timesteps is None:
+        timesteps = np.linspace(T - 1, 0, steps).round().astype(int).tolist()
+    elif len(timesteps) != steps:
+        raise ValueError(f"{len(timesteps)} timesteps given for {steps} steps")
+    schedule = backbone.schedule.with_timesteps(timesteps)
 
     def sample(prompts: list[str], seeds: list[int]) -> Tensor:
         cond = Conditioning.cat([backbone.unconditional(len(prompts)), backbone.encode_prompts(prompts)])
@@ -148,9 +154,13 @@ def real_sampler() -> Sampler:
     """The training digits themselves, as a sanity row (label-matched, cycled)."""
     images, labels = load_digits("train")
 
+    protocol, _, _, wanted = protocol_prompts()
+    digit_of = dict(zip(protocol, wanted.tolist()))  # each caption names one digit
+
     def sample(prompts: list[str], seeds: list[int]) -> Tensor:
-        _, _, _, wanted = protocol_prompts()
-        picks = [int(torch.nonzero(labels == d)[i % int((labels == d).sum())]) for i, d in enumerate(wanted.tolist())]
+        # The seed picks which training image of the prompt's digit (the protocol's seeds are 0..359).
+        digits = [digit_of[p] for p in prompts]
+        picks = [int(torch.nonzero(labels == d)[s % int((labels == d).sum())]) for d, s in zip(digits, seeds)]
         return images[picks]
 
     return sample

@@ -10,6 +10,7 @@ import torch
 
 from dmd2_train.evaluate import (
     frechet_distance,
+    judge,
     protocol_prompts,
     real_sampler,
     score_digits,
@@ -41,6 +42,10 @@ def test_real_digits_score_as_real():
     first = {d: reference[labels == d][0] for d in range(10)}
     collapsed = score_digits(lambda prompts, seeds: torch.stack([first[int(d)] for d in labels]))
     assert collapsed.diversity == 0 and collapsed.frechet_distance > 10 * scores.frechet_distance
+    # a subset of the prompts (a sample grid's) gets one real image of each prompt's digit
+    prompts, seeds, _, _ = protocol_prompts()
+    picked = real_sampler()(prompts[:12:3], seeds[:12:3])
+    assert picked.shape[0] == 4 and (judge().predict(picked) == labels[:12:3].numpy()).all()
 
 
 def test_eval_command_on_a_tiny_generator(digits_teacher, tmp_path):
@@ -94,3 +99,45 @@ def test_training_curves_score_the_exported_weights(digits_teacher, tmp_path):
     raw.unet.load_state_dict(ckpt.read_checkpoint(ckpt.latest(run)[1])["generator"])
     assert score_digits(lambda p, s: raw(p, s) * 2 - 1).frechet_distance != pytest.approx(exported, rel=1e-6)
     assert plot_curves(series, tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_quality_targets_compare_with_the_best_training_free_sampler():
+    """The table's target lines pick the best training-free 4-step row as the bar and say met/missed."""
+    from dmd2_train.evaluate import DigitsScores
+    from dmd2_train.quality import SHIPPED_ROW, targets
+
+    def s(fd, acc=1.0, div=0.9):
+        return DigitsScores(prompt_accuracy=acc, frechet_distance=fd, diversity=div, ms_per_image=1.0)
+
+    scores = {"teacher-50-g1": s(1.7), "teacher-4-g1": s(4.3), "student-4-step0": s(2.2),
+              SHIPPED_ROW: s(2.0, acc=0.99, div=0.85), "student-1": s(3.0)}
+    got = {t.what.split(" (")[0]: t for t in targets(scores, ["teacher-4-g1", "student-4-step0"])}
+    bar = got["4-step student FD vs 0.9x the best training-free 4-step sampler"]
+    assert "student-4-step0" in next(t.what for t in targets(scores, ["teacher-4-g1", "student-4-step0"]))
+    assert bar.bound == pytest.approx(0.9 * 2.2) and not bar.met and "missed" in bar.line()
+    assert got["4-step student FD vs 1.3x the 50-step teacher"].met
+    assert got["4-step student prompt accuracy"].met and got["4-step student diversity"].met
+    assert got["1-step student FD vs 2x the 50-step teacher"].met  # 3.0 <= 3.4
+    scores[SHIPPED_ROW] = s(1.9, acc=0.96, div=0.7)
+    got = {t.what.split(" (")[0]: t for t in targets(scores, ["teacher-4-g1", "student-4-step0"])}
+    assert got["4-step student FD vs 0.9x the best training-free 4-step sampler"].met
+    assert not got["4-step student prompt accuracy"].met and not got["4-step student diversity"].met
+
+
+def test_table_trains_its_students_side_by_side(digits_teacher, tmp_path):
+    """train_students runs the unexported runs in worker processes (each to its exported
+    generator, step counts as configured) and leaves exported ones alone."""
+    from conftest import tiny_run_overrides
+
+    from dmd2_train.config import DistillConfig
+    from dmd2_train.quality import train_students
+
+    cfgs = [DistillConfig(teacher=digits_teacher, out=tmp_path / name, **tiny_run_overrides(max_steps=steps))
+            for name, steps in (("a", 4), ("b", 2))]
+    train_students(cfgs, workers=2)
+    for cfg in cfgs:
+        card = json.loads((cfg.out / "generator" / "dmd2.json").read_text())
+        assert card["steps_trained"] == cfg.max_steps
+    stamp = (cfgs[0].out / "generator" / "dmd2.json").stat().st_mtime_ns
+    train_students(cfgs, workers=2)  # nothing left to train
+    assert (cfgs[0].out / "generator" / "dmd2.json").stat().st_mtime_ns == stamp
