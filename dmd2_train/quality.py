@@ -196,8 +196,13 @@ def train_students(cfgs: list[DistillConfig], workers: int) -> None:
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in [pool.submit(_train_one, cfg, threads) for cfg in todo]:
-            done.result()
+        runs = [pool.submit(_train_one, cfg, threads) for cfg in todo]
+        try:
+            for run in runs:
+                run.result()
+        except BaseException:  # a run failed or Ctrl-C: start no more (the running ones keep their checkpoints)
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple[float, ...] = (1.0, 2.0),
@@ -218,14 +223,13 @@ def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple
     schedule = ", ".join(map(str, PAPER_SCHEDULE))
     samplers.append((f"teacher, 4 DDIM steps at ({schedule}), guidance 1", "teacher-4-paper-g1",
                      teacher_sampler(teacher, 4, 1.0, timesteps=PAPER_SCHEDULE)))
-    free = ["teacher-4-g1", "teacher-4-g2", "teacher-4-paper-g1"]
+    free = ["teacher-4-g1", "teacher-4-g2", "teacher-4-paper-g1", "student-4-step0"]  # training-free, 4 steps
     # Step 0 of distillation, the teacher's weights through the DMD2 sampler (predict x0, re-noise
     # with fresh noise): at 4 steps a training-free sampler the student must beat.
     preset_schedule = DISTILL_PRESETS["digits"]["timesteps"]
     for timesteps, key in ((preset_schedule, "student-4-step0"), (ONE_STEP, "student-1-step0")):
         name = f"DMD2 student before training (teacher weights, the sampler at ({', '.join(map(str, timesteps))}))"
         samplers.append((name, key, untrained_student_sampler(teacher, timesteps)))
-    free.append("student-4-step0")
     cfgs = []
     for row in STUDENT_ROWS:  # students distilled with guidance ``guidance``
         values = {**DISTILL_PRESETS["digits"], "out": runs / row.key, "checkpoint_every": 250,

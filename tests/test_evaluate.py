@@ -141,3 +141,6 @@ def test_table_trains_its_students_side_by_side(digits_teacher, tmp_path):
     stamp = (cfgs[0].out / "generator" / "dmd2.json").stat().st_mtime_ns
     train_students(cfgs, workers=2)  # nothing left to train
     assert (cfgs[0].out / "generator" / "dmd2.json").stat().st_mtime_ns == stamp
+    broken = DistillConfig(teacher=tmp_path / "no-teacher", out=tmp_path / "c", **tiny_run_overrides())
+    with pytest.raises(Exception, match="no-teacher"):  # a worker's error reaches the caller
+        train_students([broken, cfgs[1]], workers=2)
