@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from dmd2_serve.model.card import CARD_FILE
+
 from .config import BUNDLED_DIGITS_TEACHER, DISTILL_PRESETS, DistillConfig
 from .evaluate import (
     DigitsScores,
@@ -188,7 +190,7 @@ def train_students(cfgs: list[DistillConfig], workers: int) -> None:
     The digits students are tiny: a step is short and partly serial, so on our 2 cores two
     processes of one thread each train ~25% more steps per second than one process of two.
     """
-    todo = [c for c in cfgs if not (c.out / "generator" / "dmd2.json").is_file()]
+    todo = [c for c in cfgs if not (c.out / "generator" / CARD_FILE).is_file()]
     todo.sort(key=lambda c: c.max_steps * (1 + 2 / c.ratio), reverse=True)  # a generator step ~ 2 fake steps
     if workers <= 1:
         for cfg in todo:
@@ -223,7 +225,8 @@ def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple
     schedule = ", ".join(map(str, PAPER_SCHEDULE))
     samplers.append((f"teacher, 4 DDIM steps at ({schedule}), guidance 1", "teacher-4-paper-g1",
                      teacher_sampler(teacher, 4, 1.0, timesteps=PAPER_SCHEDULE)))
-    free = ["teacher-4-g1", "teacher-4-g2", "teacher-4-paper-g1", "student-4-step0"]  # training-free, 4 steps
+    free = [key for _, key, _ in samplers if key.startswith("teacher-4-")]  # training-free, 4 steps
+    free.append("student-4-step0")
     # Step 0 of distillation, the teacher's weights through the DMD2 sampler (predict x0, re-noise
     # with fresh noise): at 4 steps a training-free sampler the student must beat.
     preset_schedule = DISTILL_PRESETS["digits"]["timesteps"]
