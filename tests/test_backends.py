@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from torch import nn
 from torch._dynamo.utils import counters
 
 from dmd2_serve.model.adapters import load_backbone, load_unet
-from dmd2_serve.model.backends import BackendError, FastPath, check_fast_path
+from dmd2_serve.model.backends import BackendError, FastPath, check_fast_path, compile_in_place
 from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_serve.model.precision import is_attention_linear, quantize_fp8
 
@@ -142,3 +142,37 @@ def test_tensorrt_backend_builds_profiles_for_the_buckets_and_caches_engines(
     assert vae_call["inputs"][0].max_shape == (8, 4, 8, 8)
     # The positional wrapper the engine is built from computes the same images as the UNet.
     torch.testing.assert_close(fast(PROMPTS, SEEDS), eager(PROMPTS, SEEDS), atol=1e-5, rtol=0)
+
+
+@torch.library.custom_op("dmd2_tests::twice_plus_one", mutates_args=())
+def _twice_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+@_twice_plus_one.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x.shape[0], int):  # fails Dynamo's fake-tensor pass, as the real failure did
+        raise RuntimeError("no fake kernel for a symbolic batch")
+    return torch.empty_like(x)
+
+
+class _StaticBatchOnly(nn.Module):
+    """Traces with a concrete batch only: a stand-in for the SDXL VAE decoder, which Dynamo could
+    not run through its fake-tensor pass with a symbolic batch on an H200."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _twice_plus_one(x)
+
+
+def test_a_module_dynamo_cannot_trace_with_a_dynamic_batch_falls_back_to_a_graph_per_size() -> None:
+    module = _StaticBatchOnly()
+    compile_in_place(module)
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="could not trace _StaticBatchOnly with a dynamic batch"):
+        torch.testing.assert_close(module(x), x * 2 + 1)
+    assert 0 not in x._dynamo_weak_dynamic_indices  # the mark is gone from the reused input
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in (2, 4, 1):  # every size compiles once, statically; none fails
+        y = torch.randn(batch, 3)
+        torch.testing.assert_close(module(y), y * 2 + 1)
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # 2 and 1 are new; 4 was compiled in the fallback

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,22 +176,38 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
     The mark has to be set on the inputs before they enter the compiled frame, so the compiled
     call is wrapped here (what ``nn.Module.compile`` installs, plus the mark). A batch of one is
     left static: diffusers specialises on it (``timesteps.expand``), and a dynamic graph would be
-    recompiled for it anyway.
+    recompiled for it anyway. Where Dynamo cannot trace the module with a symbolic batch (seen
+    once: SDXL's VAE decoder at batch 16 on an H200), the module falls back to a graph per batch
+    size, with a warning, instead of failing the start.
     """
     options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else None
     compiled = torch.compile(module._call_impl, fullgraph=True, options=options)
     if not dynamic_batch:
         module._compiled_call_impl = compiled
         return
+    static: list[Callable[..., Any]] = []  # the per-batch-size compile, once the dynamic one failed
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        if static:
+            return static[0](*args, **kwargs)
         inputs = [*args, *kwargs.values()]
         batch = next((x.shape[0] for x in inputs if torch.is_tensor(x) and x.ndim), 1)
-        if batch > 1:
-            for x in inputs + [v for d in inputs if isinstance(d, dict) for v in d.values()]:
-                if torch.is_tensor(x) and x.ndim and x.shape[0] == batch:
-                    torch._dynamo.maybe_mark_dynamic(x, 0)
-        return compiled(*args, **kwargs)
+        marked = [x for x in inputs + [v for d in inputs if isinstance(d, dict) for v in d.values()]
+                  if batch > 1 and torch.is_tensor(x) and x.ndim and x.shape[0] == batch]
+        for x in marked:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing: nothing has run yet
+            if not marked:
+                raise
+            warnings.warn(f"torch.compile could not trace {type(module).__name__} with a dynamic batch"
+                          f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); compiling it once per batch"
+                          " size instead", stacklevel=2)
+            for x in marked:  # the marks stay on the tensors (CUDA-graph buffers are reused)
+                x._dynamo_weak_dynamic_indices.discard(0)
+            static.append(torch.compile(module._call_impl, fullgraph=True, dynamic=False, options=options))
+            return static[0](*args, **kwargs)
 
     module._compiled_call_impl = call
 
