@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +48,13 @@ def test_training_bench_runs_at_toy_size(tmp_path: Path) -> None:
 
 
 def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
-    """The compile levers run one at a time; batch 1's breakdown is reported; fp8 fails alone, with its reason."""
+    """The compile levers run one at a time; batch 1's breakdown is reported; fp8 fails alone, with its reason;
+    a second process starts from the warm cache and says where its seconds went."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
          "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2", "--no-preflight", "--no-kernel",
-         "--skip-cold-start", "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+         "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -62,3 +64,7 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     parts = [r for r in result["rows"] if r.get("kind") == "part"]
     assert {r["backend"] for r in parts} == {"compile full: one UNet evaluation", "compile full: VAE decode"}
     assert any("fp8 failed" in n and "compute capability 8.9" in n for n in result["notes"])
+    assert "Traceback" in run.stderr  # a failed lever's whole error is in the log, not only the note's start
+    cold = next(n for n in result["notes"] if n.startswith("cold start, sd15 compile full, warm cache"))
+    seconds = dict(re.findall(r"(imports|models|first image) ([\d.]+) s", cold))
+    assert set(seconds) == {"imports", "models", "first image"} and all(float(v) > 0 for v in seconds.values())

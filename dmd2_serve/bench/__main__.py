@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="dmd2-bench-cache-"))
     if args.cold_start:
-        seconds = cold_start(args.cold_start, args.scope, cache_dir, args.tiny, args.launched or time.time())
-        print(json.dumps({"cold_start_s": seconds}))
+        phases = cold_start(args.cold_start, args.scope, cache_dir, args.tiny, args.launched or time.time())
+        print(json.dumps({"cold_start_s": phases}))
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -119,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, "-m", "dmd2_serve.bench", "--cold-start", n, "--scope", scopes_for(n, False)[0],
                        "--cache-dir", str(cache_dir), "--launched", str(time.time())] + (["--tiny"] if args.tiny else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, budget.left()), check=True)
-                seconds = json.loads(out.stdout.strip().splitlines()[-1])["cold_start_s"]
-                report.note(f"cold start, {n} compile {scopes_for(n, False)[0]}, warm cache: {seconds:.1f} s from"
-                            " interpreter start to the first batch-1 image (random weights made on the GPU)")
+                phases = json.loads(out.stdout.strip().splitlines()[-1])["cold_start_s"]
+                parts = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "total")
+                report.note(f"cold start, {n} compile {scopes_for(n, False)[0]}, warm cache: {phases['total']:.1f} s from"
+                            f" interpreter start to the first batch-1 image (random weights made on the GPU): {parts}")
             stages.append(("cold start", cold))
     for name in args.archs:
         if "compile" in args.backends and scopes_for(name, True):
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             stage()
         except OutOfTime as e:
             report.note(f"{title}: {e}")
-        except Exception as e:  # a failed stage is reported; the others still run
+        except Exception as e:  # a failed stage is reported (whole in the log); the others still run
+            traceback.print_exc()
             report.note(f"{title} failed: {type(e).__name__}: {str(e)[:300]}")
         if device.type == "cuda":  # the stage's models are gone with its frame: free their memory
             torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,7 @@ def bench_arch(report: Report, name: str, batches: list[int], scopes: list[str],
                 except OutOfTime:
                     raise
                 except Exception as e:  # one lever failing (fp8 on an older card, say) leaves the others
+                    traceback.print_exc()  # the whole of it in the log; the note keeps its start
                     report.note(f"{name} compile {scope} {variant.name} failed: {type(e).__name__}: {str(e)[:300]}")
                     pipe = build(arch, device, tiny, name)
     for backend, fast in (("tensorrt", FastPath(backend="tensorrt")), ("xformers", FastPath(attention="xformers"))):
@@ -294,19 +296,28 @@ def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label:
         report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=ms, kind="part")
 
 
-def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float) -> float:
+def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float) -> dict[str, float]:
     """Child process: seconds from its launch (``launched``, the parent's clock) to the first
-    batch-1 image of the compile path."""
+    batch-1 image of the compile path (``total``), and where they went: interpreter start and
+    imports, building the models, the first call (compiled graphs loaded from the cache, traced,
+    CUDA graph captured) and the image."""
     from ..model.backends import FastPath
 
+    phases = {"imports": time.time() - launched}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = ARCHS[name]
+    t0 = time.time()
     pipe = build(arch, device, tiny)
     pipe.accelerate(FastPath(backend="compile", compile_scope=scope, cache_dir=cache_dir))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    phases["models"] = time.time() - t0
+    t0 = time.time()
     pipe.images(conditioning(arch, 1, device, pipe.dtype), torch.zeros(1, dtype=torch.int64, device=device), TIMESTEPS)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.time() - launched
+    phases["first image"] = time.time() - t0
+    return {"total": time.time() - launched, **phases}
 
 
 def preflight(device: torch.device, cache_dir: Path) -> None:
