@@ -33,6 +33,7 @@ class Scenario:
     batch_sizes: list[float]
     pipeline_ms: list[float]  # the server's model time for each answer's batch
     encode_ms: list[float] = field(default_factory=list)  # the server's time making each answer's files
+    queue_ms: list[float] = field(default_factory=list)  # from the HTTP process's prepare to its batch's start
     output_format: str = "png"
 
     @property
@@ -59,6 +60,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
     each asking for one image in ``output_format``."""
     latencies: list[float] = []
     encode: list[float] = []
+    queue: list[float] = []
     batches: list[float] = []
     pipeline: list[float] = []
     errors = 0
@@ -85,6 +87,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                     batches.append(timings.get("batch_requests", 1.0))
                     pipeline.append(timings.get("inference", 0.0))
                     encode.append(timings.get("encode", 0.0))
+                    queue.append(timings.get("queue", 0.0))
                 else:
                     errors += 1
                 i += 1
@@ -92,7 +95,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
         started = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, output_format)
+    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, queue, output_format)
 
 
 def table(rows: list[Scenario]) -> str:
