@@ -17,7 +17,7 @@ import torch
 from PIL import ExifTags, Image
 from serving import Server, start_server, stop_server
 
-from dmd2_serve.server.encoding import USER_COMMENT_UNICODE, Parameters, encode_image, raw_format
+from dmd2_serve.server.encoding import USER_COMMENT_UNICODE, Parameters, encode_image, raw_format, to_pixels
 
 
 def generate(server: Server, accept: str | None = None, **body) -> httpx.Response:
@@ -157,3 +157,16 @@ def test_infotext_quotes_values_and_survives_any_prompt():
         data = encode_image(image, fmt, (16, 16), made)
         assert (png_text(data)["parameters"] if fmt == "png" else user_comment(data)) == text
     assert png_text(encode_image(image, "png", (8, 8))) == {}
+
+
+def test_pixels_made_before_the_copy_to_the_host_give_the_same_files():
+    """The worker turns a batch into uint8 on its device before ``.cpu()``; the files are those of
+    the float images, byte for byte, including values on a rounding edge and out of range."""
+    images = torch.rand(2, 3, 8, 8)
+    images[0, 0, 0, :4] = torch.tensor([-0.5, 1.5, 0.5 / 255, 254.5 / 255])
+    pixels = to_pixels(images)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 8, 8, 3) and pixels.is_contiguous()
+    assert pixels[0, 0, :4, 0].tolist() == [0, 255, 0, 254]  # clamped; half rounds to even
+    for fmt in ("png", "jpeg", "webp"):
+        for image, pix in zip(images, pixels):
+            assert encode_image(pix, fmt, (16, 16)) == encode_image(image, fmt, (16, 16))

@@ -40,7 +40,7 @@ from ..model.backends import FastPath
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
-from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format
+from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format, to_pixels
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
 from .middleware import ServingMiddleware, openai_error
@@ -103,7 +103,7 @@ class JobFailure:
 
 @dataclass
 class JobResult:
-    images: torch.Tensor  # (N, C, H, W) in [0, 1]
+    images: torch.Tensor  # (N, H, W, C) uint8 (encoding.to_pixels)
     seeds: list[int]
     output_format: str
     size: tuple[int, int]  # (width, height) to deliver
@@ -272,7 +272,7 @@ class FewStepAPI(ls.LitAPI):
             if start_step > 0:  # every member's strength selects this first step; any one of them serves
                 init = torch.cat([pixels(jobs[i].init, len(jobs[i].seeds)) for i in members])
                 strength = jobs[members[0]].strength
-            out = pipe.generate_padded(prompts, seeds, steps, self.bucket, shape, init, strength).cpu()
+            out = to_pixels(pipe.generate_padded(prompts, seeds, steps, self.bucket, shape, init, strength)).cpu()
             metrics.MODEL_INFERENCE.labels(model).observe(time.perf_counter() - group_started)
             start = 0
             for i in members:

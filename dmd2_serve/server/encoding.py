@@ -67,8 +67,15 @@ class Parameters:
         return text.encode("utf-8", "replace").decode("utf-8").replace("\0", " ")
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N, H, W, C) uint8, on the images' device: on a GPU this is done
+    before the copy to the host, which then moves a quarter of the bytes."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int], parameters: Parameters | None = None) -> bytes:
-    """(C, H, W) in [0, 1] -> the file's bytes, scaled (nearest) to ``size`` when it differs.
+    """(C, H, W) in [0, 1], or (H, W, C) uint8 from :func:`to_pixels` -> the file's bytes, scaled
+    (nearest) to ``size`` when it differs.
 
     ``parameters`` (None: no metadata) go into a PNG ``parameters`` text chunk or, for JPEG and
     WebP, the EXIF UserComment.
@@ -76,7 +83,7 @@ def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int], parameter
     from PIL import ExifTags, Image
     from PIL.PngImagePlugin import PngInfo
 
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, C)
+    arr = (image if image.dtype == torch.uint8 else to_pixels(image[None])[0]).cpu().numpy()  # (H, W, C)
     pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if pil.size != size:
         pil = pil.resize(size, Image.NEAREST)
