@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, budget.left()), check=True)
                 phases = json.loads(out.stdout.strip().splitlines()[-1])["cold_start_s"]
                 parts = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "total")
-                report.note(f"cold start, {n} compile {scopes_for(n, False)[0]}, warm cache: {phases['total']:.1f} s from"
-                            f" interpreter start to the first batch-1 image (random weights made on the GPU): {parts}")
+                report.note(f"cold start, {n} compile {scopes_for(n, False)[0]}, warm cache: {phases['total']:.1f} s"
+                            f" from interpreter start to the first batch-1 image (random weights made on the GPU): {parts}")
             stages.append(("cold start", cold))
     for name in args.archs:
         if "compile" in args.backends and scopes_for(name, True):

@@ -74,8 +74,8 @@ def served_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"| {r['clients']} | {r['output_format']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f}"
                      f" | {r['p90_ms']:.1f}"
-                     f" | {r['req_s']:.1f} | {r['mean_batch']:.1f} | {r['p50_pipeline_ms']:.1f} | {r['p50_queue_ms']:.1f}"
-                     f" | {r['p50_encode_ms']:.1f}"
+                     f" | {r['req_s']:.1f} | {r['mean_batch']:.1f} | {r['p50_pipeline_ms']:.1f}"
+                     f" | {r['p50_queue_ms']:.1f} | {r['p50_encode_ms']:.1f}"
                      f" | {r['p50_overhead_ms']:.1f} | {r['model_bound_req_s']:.1f} |")
     return "\n".join(lines)
 
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise OutOfTime(f"no time left for the {clients}-client {fmt} scenario: raise --budget-s")
             scenario = asyncio.run(run_scenario(server.url, clients, args.seconds, MAX_REQUESTS, PROMPT, fmt))
             # the server's configuration on every row, so that runs with other buckets or workers compare
-            rows.append({**served_row(scenario, args.backend), "bucket": list(args.bucket), "server_args": " ".join(extra)})
+            rows.append({**served_row(scenario, args.backend), "bucket": list(args.bucket),
+                         "server_args": " ".join(extra)})
             report.add(**rows[-1])
 
         t0 = time.perf_counter()

@@ -95,7 +95,8 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
         started = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, queue, output_format)
+    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, queue,
+                    output_format)
 
 
 def table(rows: list[Scenario]) -> str:
