@@ -98,6 +98,7 @@ def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:
 @pytest.mark.parametrize("flags, says", [
     (["--backend", "tensorrt"], "error: --backend tensorrt needs torch-tensorrt"),
     (["--precision", "fp8"], "error: --precision fp8 needs a CUDA GPU with float8 tensor cores"),
+    (["--compile-text-encoder"], "error: compiling the text encoder needs --backend compile, not eager"),
 ])
 def test_cli_refuses_what_cannot_run_at_start_with_one_line(flags: list[str], says: str) -> None:
     out = subprocess.run([sys.executable, "-m", "dmd2_serve", *flags, "--port", "1"],
@@ -176,3 +177,28 @@ def test_a_module_dynamo_cannot_trace_with_a_dynamic_batch_falls_back_to_a_graph
         y = torch.randn(batch, 3)
         torch.testing.assert_close(module(y), y * 2 + 1)
     assert counters["stats"]["unique_graphs"] == graphs + 2  # 2 and 1 are new; 4 was compiled in the fallback
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_compiled_text_encoders_give_the_eager_conditioning(family: str, sd15_teacher: Path, sdxl_teacher: Path,
+                                                            tmp_path: Path) -> None:
+    """--compile-text-encoder: every prompt encoder of the family is compiled (dynamic batch), the
+    conditioning and the images are the eager ones; without the compile backend it is refused."""
+    folder = {"sd15": sd15_teacher, "sdxl": sdxl_teacher}[family]
+    eager, fast = pipeline(folder), pipeline(folder)
+    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, text_encoder=True))
+    encoders = fast.backbone.text_encoders()
+    assert len(encoders) == {"sd15": 1, "sdxl": 2}[family]
+    assert all(m._compiled_call_impl is not None for m in encoders)
+    graphs = None
+    for prompts in (PROMPTS, PROMPTS[:2]):  # the second batch size reuses the first's graphs
+        want, got = eager.backbone.encode_prompts(prompts), fast.backbone.encode_prompts(prompts)
+        torch.testing.assert_close(got.hidden, want.hidden, atol=1e-4, rtol=0)
+        for key in want.added:
+            torch.testing.assert_close(got.added[key], want.added[key], atol=1e-4, rtol=0)
+        if graphs is not None:
+            assert counters["stats"]["unique_graphs"] == graphs
+        graphs = counters["stats"]["unique_graphs"]
+    assert (fast(PROMPTS, SEEDS) - eager(PROMPTS, SEEDS)).abs().max() < CPU_TOLERANCE
+    with pytest.raises(BackendError, match="needs --backend compile"):
+        check_fast_path(FastPath(backend="eager", text_encoder=True))

@@ -68,6 +68,9 @@ class FastPath:
             instead of one per batch size.
         precision: ``default`` (float16 UNet on CUDA, float32 on the CPU) or ``fp8`` (float8
             matmuls in the UNet's attention blocks, the rest in bfloat16; see ``precision.py``).
+        text_encoder: with the compile backend, compile the prompt encoder(s) too (their
+            layers fused by Inductor; prompt encoding runs before the loop's CUDA graph, so
+            eager it costs a launch per op on every request).
     """
 
     backend: Backend = "eager"
@@ -78,6 +81,7 @@ class FastPath:
     tuning: Tuning = "default"
     dynamic_batch: bool = True
     precision: Precision = "default"
+    text_encoder: bool = False
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir()
@@ -101,6 +105,8 @@ def check_fast_path(fast: FastPath) -> None:
     if fast.tuning not in TUNINGS:
         raise BackendError(f"unknown compile tuning '{fast.tuning}'; choose one of {', '.join(TUNINGS)}")
     check_precision(fast.precision, fast.backend)
+    if fast.text_encoder and fast.backend != "compile":
+        raise BackendError(f"compiling the text encoder needs --backend compile, not {fast.backend}")
     if fast.backend == "tensorrt" and importlib.util.find_spec("torch_tensorrt") is None:
         raise BackendError(
             "--backend tensorrt needs torch-tensorrt, which is not installed: pip install 'dmd2-fast[tensorrt]'"
@@ -147,8 +153,9 @@ def fuse_qkv(unet: nn.Module, fast: FastPath) -> None:
         unet.fuse_qkv_projections()
 
 
-def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath) -> None:
-    """``compile`` backend: channels-last, then ``torch.compile`` of UNet and decoder in place."""
+def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, text: Sequence[nn.Module] = ()) -> None:
+    """``compile`` backend: channels-last, then ``torch.compile`` of UNet and decoder in place (and of
+    the ``text`` encoders with ``fast.text_encoder``)."""
     configure_compile_cache(fast.resolved_cache_dir())
     on_cuda = next(unet.parameters()).device.type == "cuda"
     if on_cuda:
@@ -167,10 +174,14 @@ def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath) -> N
                    if type(block).__name__ in REGIONAL_BLOCKS]
     for name, module in targets:
         compile_in_place(module, autotune=name in tuned and on_cuda, dynamic_batch=fast.dynamic_batch)
+    for module in text if fast.text_encoder else ():
+        # transformers installs its hidden-state hooks under a lock on the first call: a graph break
+        compile_in_place(module, dynamic_batch=fast.dynamic_batch, fullgraph=False)
 
 
-def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: bool = True) -> None:
-    """``module.compile(fullgraph=True)``, and with ``dynamic_batch`` the leading dimension of its
+def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: bool = True,
+                     fullgraph: bool = True) -> None:
+    """``module.compile(fullgraph=fullgraph)``, and with ``dynamic_batch`` the leading dimension of its
     tensor inputs marked dynamic when it is 2 or more, so that later batch sizes reuse the graph.
 
     The mark has to be set on the inputs before they enter the compiled frame, so the compiled
@@ -181,7 +192,7 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
     size, with a warning, instead of failing the start.
     """
     options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else None
-    compiled = torch.compile(module._call_impl, fullgraph=True, options=options)
+    compiled = torch.compile(module._call_impl, fullgraph=fullgraph, options=options)
     if not dynamic_batch:
         module._compiled_call_impl = compiled
         return
@@ -201,13 +212,15 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
         except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing: nothing has run yet
             if not marked:
                 raise
+            for x in marked:  # the marks stay on the tensors (CUDA-graph buffers are reused)
+                x._dynamo_weak_dynamic_indices.discard(0)
+            per_size = torch.compile(module._call_impl, fullgraph=fullgraph, dynamic=False, options=options)
+            out = per_size(*args, **kwargs)  # fails as well: not the batch's doing, and that error is raised
             warnings.warn(f"torch.compile could not trace {type(module).__name__} with a dynamic batch"
                           f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); compiling it once per batch"
                           " size instead", stacklevel=2)
-            for x in marked:  # the marks stay on the tensors (CUDA-graph buffers are reused)
-                x._dynamo_weak_dynamic_indices.discard(0)
-            static.append(torch.compile(module._call_impl, fullgraph=True, dynamic=False, options=options))
-            return static[0](*args, **kwargs)
+            static.append(per_size)
+            return out
 
     module._compiled_call_impl = call
 

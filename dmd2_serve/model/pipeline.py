@@ -129,7 +129,7 @@ class FewStepPipeline:
             quantize_fp8(self.unet)
             self.dtype = torch.bfloat16
         if fast.backend == "compile":
-            compile_modules(self.unet, vae, fast)
+            compile_modules(self.unet, vae, fast, self.backbone.text_encoders())
         elif fast.backend == "tensorrt":
             cond = (example or self.backbone.encode_prompts([""])).to(self.device, self.dtype)
             predict, decoder = tensorrt_modules(self.unet, vae, fast, self.backbone.sample_shape, cond, buckets)

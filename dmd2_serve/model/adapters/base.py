@@ -195,6 +195,11 @@ class Backbone(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def text_encoders(self) -> list[nn.Module]:
+        """The transformer(s) ``encode_prompts`` runs, for the serving fast path to compile (none: it
+        leaves prompt encoding as it is)."""
+        return []
+
     def unconditional(self, batch: int) -> Conditioning:
         """The unconditional ``Conditioning`` for classifier-free guidance (encoding of "")."""
         return self.encode_prompts([""]).index([0] * batch)
