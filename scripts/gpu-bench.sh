@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
 #
-#   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w]
+#   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -14,10 +14,11 @@
 #           SD1.5 folder, load test at 1 and 32 clients, PNG and JPEG (~3 min; reuses sd15's cache)
 #   sdxl    python -m dmd2_serve.bench on SDXL: eager rows, full compile at 1 then 16, cold start
 #           (~4 min; a second call on the same warm card)
-#   served-buckets, served-2w
+#   served-buckets, served-2w, served-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
-#           those buckets with two workers on the card (each ~2.5 min with sd15's cache warm; on a
-#           fresh card the server compiles first: ~3 min more)
+#           those buckets with two workers on the card; served's buckets with the prompt encoder
+#           compiled (each ~2.5 min with sd15's cache warm; on a fresh card the server compiles
+#           first: ~3 min more)
 #
 # Seen on an H100 on 2026-11-27 (plan the 15 minutes with these): start + wheels ~40 s; SD1.5
 # full compile with the dynamic batch at 16: 95 s (4 then reuses it: 1 s), batch 1: 36-60 s;
@@ -29,7 +30,7 @@
 # full compile 143 s, batch 16's failed in Dynamo (it now falls back to a static compile, which
 # needs ~150 s more). Two calls on one warm card (sd15 + served: 470 s held, then sdxl: 360 s)
 # used the 15 minutes. Not yet run: fp8, SDXL at 16 compiled, SDXL's cold start, served-buckets,
-# served-2w, train.
+# served-2w, served-text, train.
 #
 # Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
 # SDXL_BUDGET_S), prints its table and writes its JSON under $OUT (or docs/bench). Compiled
@@ -81,6 +82,10 @@ for part in "${parts[@]}"; do
       timeout $(( ${SERVED_BUDGET_S:-200} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,2,4,6,8,10,12,14,16 \
         --seconds 8 --budget-s "${SERVED_BUDGET_S:-200}" --cache-dir "$cache" \
         --out "$out/served-sd15-buckets-$card-$day.json" || status=1 ;;
+    served-text)  # served's buckets with the prompt encoder compiled too (the 1-client latency's lever)
+      timeout $(( ${SERVED_BUDGET_S:-200} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 8 \
+        --budget-s "${SERVED_BUDGET_S:-200}" --cache-dir "$cache" \
+        --out "$out/served-sd15-text-$card-$day.json" -- --compile-text-encoder || status=1 ;;
     served-2w)  # the same buckets and two workers on the card: one encodes its images while the other runs
       timeout $(( ${SERVED_BUDGET_S:-200} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,2,4,6,8,10,12,14,16 \
         --seconds 8 --budget-s "${SERVED_BUDGET_S:-200}" --cache-dir "$cache" \
@@ -89,7 +94,7 @@ for part in "${parts[@]}"; do
       timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
         --budget-s "${SDXL_BUDGET_S:-220}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
-    *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w sdxl"; exit 2 ;;
+    *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text sdxl"; exit 2 ;;
   esac
 done
 exit $status
