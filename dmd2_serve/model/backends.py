@@ -209,7 +209,9 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
             torch._dynamo.maybe_mark_dynamic(x, 0)
         try:
             return compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing: nothing has run yet
+        # Raised while tracing. With fullgraph nothing has run yet; without it (the prompt encoders)
+        # an eager fragment may have, which is harmless to repeat: they have no side effects.
+        except torch._dynamo.exc.TorchDynamoException as e:
             if not marked:
                 raise
             for x in marked:  # the marks stay on the tensors (CUDA-graph buffers are reused)
