@@ -74,3 +74,13 @@ def test_unsupported_families_are_refused_with_what_is_supported(tmp_path: Path)
         (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "transformer": ["d", "x"]}))
         with pytest.raises(ModelFolderError, match="flow matching.*supported teachers: .*Stable Diffusion XL"):
             read_card(folder)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_prompt_encoding_builds_no_autograd_graph(family: str, sd15_teacher: Path, sdxl_teacher: Path) -> None:
+    """encode_prompts runs under no_grad, whatever the encoders' weights say (they serve text_encoders() too)."""
+    backbone = load_backbone({"sd15": sd15_teacher, "sdxl": sdxl_teacher}[family])
+    for module in backbone.text_encoders():
+        module.requires_grad_(True)
+    cond = backbone.encode_prompts(["a red cube"])
+    assert not cond.hidden.requires_grad and not any(v.requires_grad for v in cond.added.values())

@@ -143,10 +143,10 @@ class StableDiffusionBackbone(LatentBackbone):
         return cls(vae, load_part(CLIPTextModel, folder, "text_encoder"),
                    AutoTokenizer.from_pretrained(Path(folder) / "tokenizer"), image_size, schedule)
 
-    @torch.no_grad()
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder]
 
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         ids = self._tokenize(self.tokenizer, prompts)
         return Conditioning(self.text_encoder(ids)[0])  # (B, 77, 768) (1024 for SD2)

@@ -53,10 +53,10 @@ class StableDiffusionXLBackbone(LatentBackbone):
         s = self.image_size
         return torch.tensor([[s, s, 0, 0, s, s]], dtype=torch.float32, device=self.device).repeat(batch, 1)
 
-    @torch.no_grad()
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         out_1 = self.text_encoder(self._tokenize(self.tokenizer, prompts), output_hidden_states=True)
         out_2 = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
