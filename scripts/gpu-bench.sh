@@ -62,6 +62,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 day=$(date +%Y-%m-%d)
+# served NAME BUCKETS [SERVER ARGS...]: the served-path benchmark with one server configuration
+served() {
+  local name=$1 bucket=$2 budget=${SERVED_BUDGET_S:-$SERVED_DEFAULT_S}
+  shift 2
+  timeout $(( budget + 30 )) python3 -m dmd2_serve.bench.served --bucket "$bucket" --seconds 8 --budget-s "$budget" \
+    --cache-dir "$cache" --out "$out/$name-$card-$day.json" ${1:+--} "$@"
+}
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train sd15 served sdxl)
 status=0
@@ -76,20 +83,13 @@ for part in "${parts[@]}"; do
         --scopes full --variants default,fp8:16 --attention-rows --backends compile \
         --budget-s "${SD15_BUDGET_S:-300}" --cache-dir "$cache" --out "$out/serve-sd15-$card-$day.json" || status=1 ;;
     served)
-      timeout $(( ${SERVED_BUDGET_S:-240} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 8 \
-        --budget-s "${SERVED_BUDGET_S:-240}" --cache-dir "$cache" --out "$out/served-sd15-$card-$day.json" || status=1 ;;
+      SERVED_DEFAULT_S=240 served served-sd15 1,4,16 || status=1 ;;
     served-buckets)  # a bucket per even batch size: a batch of 11 runs as 12, not padded to 16
-      timeout $(( ${SERVED_BUDGET_S:-200} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,2,4,6,8,10,12,14,16 \
-        --seconds 8 --budget-s "${SERVED_BUDGET_S:-200}" --cache-dir "$cache" \
-        --out "$out/served-sd15-buckets-$card-$day.json" || status=1 ;;
+      SERVED_DEFAULT_S=200 served served-sd15-buckets 1,2,4,6,8,10,12,14,16 || status=1 ;;
     served-text)  # served's buckets with the prompt encoder compiled too (the 1-client latency's lever)
-      timeout $(( ${SERVED_BUDGET_S:-200} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,4,16 --seconds 8 \
-        --budget-s "${SERVED_BUDGET_S:-200}" --cache-dir "$cache" \
-        --out "$out/served-sd15-text-$card-$day.json" -- --compile-text-encoder || status=1 ;;
+      SERVED_DEFAULT_S=200 served served-sd15-text 1,4,16 --compile-text-encoder || status=1 ;;
     served-2w)  # the same buckets and two workers on the card: one encodes its images while the other runs
-      timeout $(( ${SERVED_BUDGET_S:-200} + 30 )) python3 -m dmd2_serve.bench.served --bucket 1,2,4,6,8,10,12,14,16 \
-        --seconds 8 --budget-s "${SERVED_BUDGET_S:-200}" --cache-dir "$cache" \
-        --out "$out/served-sd15-2w-$card-$day.json" -- --workers-per-device 2 || status=1 ;;
+      SERVED_DEFAULT_S=200 served served-sd15-2w 1,2,4,6,8,10,12,14,16 --workers-per-device 2 || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
