@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 phases = json.loads(out.stdout.strip().splitlines()[-1])["cold_start_s"]
                 parts = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "total")
                 report.note(f"cold start, {n} compile {scopes_for(n, False)[0]}, warm cache: {phases['total']:.1f} s"
-                            f" from interpreter start to the first batch-1 image (random weights made on the GPU): {parts}")
+                            " from interpreter start to the first batch-1 image (random weights made on the GPU):"
+                            f" {parts}")
             stages.append(("cold start", cold))
     for name in args.archs:
         if "compile" in args.backends and scopes_for(name, True):

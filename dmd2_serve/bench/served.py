@@ -16,8 +16,8 @@ the server's own pipeline time per batch (``timings_ms.inference``: prompt encod
 loop and decoding), the queue time (``timings_ms.queue``: from the HTTP process's parsing of the
 request to the start of its batch in the worker) and the overhead (latency minus pipeline time:
 queueing, HTTP, image encoding, the loopback round trip). ``model-bound req/s`` is what the
-pipeline alone would give at the batches formed (mean batch / p50 pipeline time). Rows go to ``--out`` as JSON
-(``{"kind": "served", "arch": "sd15", "clients": N, ...}``) and a Markdown table is printed.
+pipeline alone would give at the batches formed (mean batch / p50 pipeline time). Rows go to
+``--out`` as JSON (``{"kind": "served", "arch": "sd15", "clients": N, ...}``) and a Markdown table is printed.
 
 Nothing is downloaded. The run stays within ``--budget-s``: the server start gets what the
 scenarios leave, a watchdog ends the run past the budget, and every failure prints the server's
