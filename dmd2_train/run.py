@@ -71,11 +71,16 @@ class PromptEncoder:
     memory, not on the GPU: 8,192 SDXL prompts are 5 GB at float32.
     """
 
-    def __init__(self, backbone: Backbone, known: list[str] | None = None, chunk: int = 256) -> None:
+    def __init__(self, backbone: Backbone, known: list[str] | None = None, chunk: int = 256,
+                 limit: int | None = None) -> None:
+        """``known``: the texts to encode up front (repeats count once); more than ``limit``
+        distinct ones (None: no limit) and nothing is cached: every batch is encoded as it comes."""
         self.backbone = backbone
         self.cache: dict[str, Conditioning] = {}
         pin = backbone.device.type == "cuda"
         texts = sorted(set(known or []))
+        if limit is not None and len(texts) > limit:
+            texts = []
         for i in range(0, len(texts), chunk):
             part = texts[i:i + chunk]
             enc = backbone.encode_prompts(part).to("cpu")
