@@ -133,3 +133,29 @@ def test_gan_term_reaches_the_generator_as_the_plain_loss_would(sd15_teacher, sd
     for name, g in ours.items():
         torch.testing.assert_close(g, dm_only[name] + gan_only[name], rtol=1e-4, atol=1e-7, msg=name)
     assert any(gan_only[n].abs().sum() > 0 for n in gan_only)
+
+
+def test_bundled_digits_run_encodes_its_prompts_once_not_every_step(digits_teacher, tmp_path, monkeypatch):
+    """The digits data has 14,470 captions but 100 distinct texts: all cached up front, so the text
+    encoder (half of a step's time when it ran per batch) never runs inside the loop."""
+    cfg = DistillConfig(teacher=digits_teacher, out=tmp_path / "run", **tiny_run_overrides(preview_every=100))
+    run = prepare_run(cfg, accelerator("no"))
+    texts = set(run.batches.data.texts()) | set(cfg.preview_prompts)
+    assert len(run.batches.data.texts()) > 8192 and set(run.batches.encode.cache) == texts
+    calls = []
+    monkeypatch.setattr(run.backbone, "encode_prompts", lambda prompts: calls.append(prompts))
+    for step in range(3):  # generator and fake-score steps, GAN real batches included
+        run.trainer.train_step(step)
+    assert calls == []
+
+
+def test_prompt_cache_past_its_limit_encodes_each_batch(digits_teacher):
+    from dmd2_serve.model.adapters import load_backbone, read_card
+    from dmd2_train.run import PromptEncoder
+
+    backbone = load_backbone(digits_teacher, read_card(digits_teacher))
+    known = ["a 1", "a 2", "a 3"] * 10
+    assert set(PromptEncoder(backbone, known, limit=3).cache) == {"a 1", "a 2", "a 3"}
+    over = PromptEncoder(backbone, known, limit=2)
+    assert over.cache == {}
+    assert torch.equal(over(["a 1"]).hidden, backbone.encode_prompts(["a 1"]).hidden)
