@@ -54,6 +54,9 @@ class DistillConfig(_Strict):
     gan: bool = True
     gan_weight_generator: float = Field(1e-3, ge=0)
     gan_weight_discriminator: float = Field(1e-2, ge=0)
+    gan_t_max: float = Field(1.0, gt=0, le=1, description="the GAN's noise levels t in [0, gan_t_max T) (the official"
+                             " code's diffusion_gan_max_timestep / T); below 1 the discriminator judges G's samples in"
+                             " a pass of their own at those levels")
 
     # two time-scale update rule and optimisation
     ratio: int = Field(10, ge=1, description="fake-score updates per generator update")

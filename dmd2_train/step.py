@@ -8,6 +8,8 @@ DMD2 Alg. 1, per iteration (the loop calls these; the two time-scale rule decide
     fake_score_loss:  x = stopgrad(G(...));  loss = ||F(x_t, t) - target||^2  (eps, or v for a
                              v-prediction teacher: the fake score learns as its teacher did)
                              + w_D * [softplus(D(F(x))) + softplus(-D(F(x_real)))]
+                      (the GAN's noise levels: t in [0, gan_t_max T), the official code's
+                      diffusion_gan_max_timestep)
 
 Each function takes the networks, the settings, the encoded prompts and the step's random draws
 (made up front by ``draw_*``, so a batch of 2b and two accumulated batches of b see the very same
@@ -93,6 +95,10 @@ class FakeDraws:
     eps: Tensor
     t_real: Tensor  # (B,) noise level of the real images for the discriminator
     eps_real: Tensor
+    # gan_t_max < 1: G's samples for the discriminator at levels of their own (as t_real's); else
+    # the discriminator reads the logits of the denoising pass at t (both uniform on [0, T))
+    t_fake_gan: Tensor | None = None
+    eps_fake_gan: Tensor | None = None
 
 
 @dataclass
@@ -133,14 +139,23 @@ def draw_generator(student: StudentDraws, cfg: DistillConfig, num_train_timestep
     batch, shape = student.noise[0].shape[0], tuple(student.noise[0].shape[1:])
     t_lo, t_hi = int(cfg.dm_t_min * num_train_timesteps), int(cfg.dm_t_max * num_train_timesteps)
     return GeneratorDraws(student, _randint(t_lo, t_hi + 1, batch, g), _randn(batch, shape, g),
-                          _randint(0, num_train_timesteps, batch, g), _randn(batch, shape, g))
+                          _randint(0, gan_levels(cfg, num_train_timesteps), batch, g), _randn(batch, shape, g))
 
 
-def draw_fake(student: StudentDraws, num_train_timesteps: int, g: torch.Generator) -> FakeDraws:
+def draw_fake(student: StudentDraws, cfg: DistillConfig, num_train_timesteps: int, g: torch.Generator) -> FakeDraws:
     """Every draw of one fake-score step beyond the student's input."""
     batch, shape = student.noise[0].shape[0], tuple(student.noise[0].shape[1:])
-    return FakeDraws(student, _randint(0, num_train_timesteps, batch, g), _randn(batch, shape, g),
-                     _randint(0, num_train_timesteps, batch, g), _randn(batch, shape, g))
+    levels = gan_levels(cfg, num_train_timesteps)
+    d = FakeDraws(student, _randint(0, num_train_timesteps, batch, g), _randn(batch, shape, g),
+                  _randint(0, levels, batch, g), _randn(batch, shape, g))
+    if levels < num_train_timesteps:  # drawn last: with gan_t_max = 1 the draws are what they always were
+        d.t_fake_gan, d.eps_fake_gan = _randint(0, levels, batch, g), _randn(batch, shape, g)
+    return d
+
+
+def gan_levels(cfg: DistillConfig, num_train_timesteps: int) -> int:
+    """The GAN's noise levels are ``[0, gan_levels)``."""
+    return max(1, round(cfg.gan_t_max * num_train_timesteps))
 
 
 def _randn(batch: int, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
@@ -216,7 +231,9 @@ def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: F
     """The fake score's loss: denoising on G's samples plus the GAN discriminator term.
 
     Generator samples and (with the GAN) noised real images share ONE pass of the fake network,
-    so a data-parallel wrapper sees one forward and one backward that use every parameter.
+    so a data-parallel wrapper sees one forward and one backward that use every parameter. With
+    ``gan_t_max`` < 1 the discriminator judges G's samples at GAN levels of their own, a third
+    part of that pass (the denoising part's levels cover all of [0, T)).
     """
     abar = nets.schedule.alphas_cumprod
     with torch.no_grad():
@@ -226,6 +243,10 @@ def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: F
     if cfg.gan:
         if real is None:
             raise ValueError("the GAN needs a real batch")
+        if d.t_fake_gan is not None:
+            inputs.append(add_noise(x, d.eps_fake_gan, d.t_fake_gan, abar))
+            times.append(d.t_fake_gan)
+            conds.append(cond)
         inputs.append(add_noise(real.x0, d.eps_real, d.t_real, abar))
         times.append(d.t_real)
         conds.append(real.cond)
@@ -237,8 +258,9 @@ def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: F
     if not cfg.gan:
         return loss_denoise, logs
     logits = logits.float()
-    loss_gan = gan_discriminator_loss(logits_real=logits[batch:], logits_fake=logits[:batch])
-    logs |= {"loss/gan_discriminator": loss_gan.detach(), "gan/d_real": torch.sigmoid(logits[batch:]).mean().detach(),
-             "gan/d_fake": torch.sigmoid(logits[:batch]).mean().detach()}
+    fake, real_logits = logits[-2 * batch:-batch], logits[-batch:]  # G's samples at the GAN's levels, the reals
+    loss_gan = gan_discriminator_loss(logits_real=real_logits, logits_fake=fake)
+    logs |= {"loss/gan_discriminator": loss_gan.detach(), "gan/d_real": torch.sigmoid(real_logits).mean().detach(),
+             "gan/d_fake": torch.sigmoid(fake).mean().detach()}
     return loss_denoise + cfg.gan_weight_discriminator * loss_gan, logs
 

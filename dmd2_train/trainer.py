@@ -240,7 +240,7 @@ class Trainer:
     def _fake_step(self, host: torch.Generator, device_g: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
         n = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
         cond, student, real = self._student_inputs(n, host, device_g, shared, gan_real=self.cfg.gan)
-        draws = draw_fake(student, self.schedule.num_train_timesteps, device_g)
+        draws = draw_fake(student, self.cfg, self.schedule.num_train_timesteps, device_g)
         return self._update("fake", self.fake, self.opt_f, self.fake_params,
                             loss_of=lambda i, parts: fake_score_loss(
                                 self.nets, self.cfg, micro_batch(cond, i, parts), micro_batch(draws, i, parts),

@@ -159,3 +159,42 @@ def test_prompt_cache_past_its_limit_encodes_each_batch(digits_teacher):
     over = PromptEncoder(backbone, known, limit=2)
     assert over.cache == {}
     assert torch.equal(over(["a 1"]).hidden, backbone.encode_prompts(["a 1"]).hidden)
+
+
+def test_gan_t_max_limits_the_gan_levels_and_judges_fakes_at_them(sd15_teacher, sd_data, tmp_path):
+    """gan_t_max < 1: every GAN noise level (G's term, the reals, G's samples for the discriminator)
+    lies in [0, gan_t_max T) while denoising keeps [0, T); the discriminator's fake logits are
+    those of G's samples at their own GAN levels, not of the denoising pass. gan_t_max = 1
+    draws exactly what it always drew."""
+    from dmd2_serve.model.sampling import add_noise
+    from dmd2_train.losses import gan_discriminator_loss
+    from dmd2_train.step import draw_fake, draw_generator, draw_student, fake_score_loss, student_x0
+
+    trainer = trainer_for(sd15_teacher, sd_data, tmp_path / "run", batch_size=64, gan_t_max=0.25)
+    cfg, nets, T = trainer.cfg, trainer.nets, trainer.schedule.num_train_timesteps
+    host, device_g, _ = step_generators(0, 0, 0, trainer.device)
+    student = draw_student(1, 64, trainer.shape, device_g)
+    fake, gen = draw_fake(student, cfg, T, device_g), draw_generator(student, cfg, T, device_g)
+    for levels in (fake.t_real, fake.t_fake_gan, gen.t_gan):
+        assert int(levels.max()) < 250
+    assert int(fake.t.max()) >= 500  # 64 uniform draws on [0, 1000)
+    full = cfg.model_copy(update={"gan_t_max": 1.0})
+    assert draw_fake(student, full, T, torch.Generator().manual_seed(3)).t_fake_gan is None
+    old = draw_fake(student, full, T, torch.Generator().manual_seed(3))  # the same 4 draws as before the option
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(old.t, torch.randint(0, T, (64,), generator=g))
+    torch.randn((64, *trainer.shape), generator=g)
+    assert torch.equal(old.t_real, torch.randint(0, T, (64,), generator=g))
+
+    small = draw_fake(draw_student(1, 2, trainer.shape, device_g), cfg, T, device_g)
+    cond, real = trainer.batches.prompts(2, host), trainer.batches.real(2, host, device_g)
+    _, logs = fake_score_loss(nets, cfg, cond, small, real)
+    with torch.no_grad():
+        abar = trainer.schedule.alphas_cumprod
+        x = student_x0(nets, cfg, cond, small.student)
+        logits_fake = trainer.fake_module.logits(add_noise(x, small.eps_fake_gan, small.t_fake_gan, abar),
+                                                 small.t_fake_gan, cond)
+        logits_real = trainer.fake_module.logits(add_noise(real.x0, small.eps_real, small.t_real, abar),
+                                                 small.t_real, real.cond)
+    torch.testing.assert_close(logs["loss/gan_discriminator"], gan_discriminator_loss(logits_real, logits_fake),
+                               rtol=1e-4, atol=1e-5)
