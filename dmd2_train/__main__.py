@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                    " evaluation's, default), bicubic, bilinear, hamming, box or nearest")
     e.add_argument("--patch-fid", action=argparse.BooleanOptionalAction, help="real scale: also FID of the"
                    " centre 299x299 of the full-resolution images (default: on for SDXL, off for SD1.5)")
-    q = sub.add_parser("table", help="reproduce the digits quality table (trains 6 students, ~55 min on 2 cores)")
+    q = sub.add_parser("table", help="reproduce the digits quality table (trains 6 students, ~46 min on 2 cores)")
     q.add_argument("--out", type=Path, default=Path("docs/quality"))
     q.add_argument("--runs", type=Path, default=Path("runs/quality"))
     q.add_argument("--guidance", type=float, default=None, help="default: the digits preset's")

@@ -140,7 +140,9 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # 3,000, 2.16 at 6,000. Tried from step 6,000 of that run, 2,000 steps each, none better
     # than its own 2.18 / 2.20 at 7,000 / 8,000: generator lr 5e-6 (2.18-2.24), fake lr 5e-4
     # (2.27-2.37), GAN weights 0.1 / 0.1 (2.27-2.28); from the start, generator lr 5e-5: worse
-    # (FD 3.5-3.6 from step 2,000).
+    # (FD 3.5-3.6 from step 2,000). GAN levels limited to [0, 400) (gan_t_max=0.4, where this
+    # teacher's images still show), from step 5,000 for 2,000 steps, with these weights or ten times
+    # them: FD 2.15-2.24, the run's own range.
     # EMA 0.99: the raw generator's FD swings 2.4-3.5 between checkpoints 100 steps apart; the
     # EMA's stays within 2.6-2.8 over the second half of a run.
     "digits": dict(
