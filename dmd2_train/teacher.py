@@ -40,18 +40,25 @@ def digits_unet() -> torch.nn.Module:
     )
 
 
-def digits_scheduler() -> object:
-    """DDPM's linear schedule (1e-4 .. 0.02, T = 1000), the usual one for small pixel models."""
+# beta_schedule -> (beta_start, beta_end), T = 1000: DDPM's, the usual one for small pixel models,
+# and Stable Diffusion's
+BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
+def digits_scheduler(beta_schedule: str = "linear") -> object:
+    """The teacher's DDPM noise schedule: ``linear`` (the bundled teacher's) or ``scaled_linear``."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    start, end = BETAS[beta_schedule]
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=start, beta_end=end)
 
 
-def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = None) -> Path:
+def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = None,
+                        beta_schedule: str = "linear") -> Path:
     """Save a digits teacher folder (unet/, scheduler/, dmd2.json), replacing ``out`` atomically."""
     with folder_written_atomically(out) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        digits_scheduler().save_pretrained(tmp / "scheduler")
+        digits_scheduler(beta_schedule).save_pretrained(tmp / "scheduler")
         ModelCard(family=DigitsBackbone.family, image_size=8, text_encoder=f"package:{MINILM_PACKAGE}",
                   **(extra or {})).write(tmp)
     return out
@@ -69,7 +76,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
-    abar = digits_scheduler().alphas_cumprod
+    abar = digits_scheduler(cfg.beta_schedule).alphas_cumprod
     bar = tqdm(range(cfg.steps), desc="teacher", unit="step")
     for step in bar:
         g = step_generator(cfg.seed, step, 0)
@@ -90,4 +97,5 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         ema.update_parameters(unet)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return write_digits_folder(ema.module.eval(), cfg.out, {"steps_trained": cfg.steps, "ema_decay": cfg.ema_decay})
+    return write_digits_folder(ema.module.eval(), cfg.out, {"steps_trained": cfg.steps, "ema_decay": cfg.ema_decay},
+                               cfg.beta_schedule)
