@@ -101,7 +101,7 @@ def test_the_fake_score_learns_v_for_a_v_teacher():
     cfg = DistillConfig(gan=False, timesteps=[999, 499])
     cond = Conditioning(torch.zeros((2, 4, 8)))
     g = torch.Generator().manual_seed(0)
-    draws = draw_fake(draw_student(1, 2, (4, 8, 8), g), schedule.num_train_timesteps, g)
+    draws = draw_fake(draw_student(1, 2, (4, 8, 8), g), cfg, schedule.num_train_timesteps, g)
     loss, logs = fake_score_loss(oracle_networks(schedule, "v_prediction"), cfg, cond, draws, None)
     assert loss.item() < 1e-8 and logs["loss/denoise"] is not None
     wrong, _ = fake_score_loss(oracle_networks(schedule, "epsilon"), cfg, cond, draws, None)
