@@ -63,8 +63,7 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     data = make_data(cfg, backbone)
     # the known texts (the bundled digits: 14,470 captions, 100 distinct) encoded once, up front
     encoder = PromptEncoder(backbone, data.texts() + list(cfg.preview_prompts), limit=8192)
-    batches = RunBatches(data, encoder, backbone,
-                         stream_plan(cfg, accelerator))
+    batches = RunBatches(data, encoder, backbone, stream_plan(cfg, accelerator))
     init = read_initial_weights(cfg.init_from) if cfg.init_from is not None else None
     trainer = Trainer(cfg, accelerator, load_unet(teacher), backbone.sample_shape, backbone.schedule, batches,
                       backbone.unconditional(1), backbone.bottleneck, init)

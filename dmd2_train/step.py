@@ -258,9 +258,9 @@ def fake_score_loss(nets: Networks, cfg: DistillConfig, cond: Conditioning, d: F
     if not cfg.gan:
         return loss_denoise, logs
     logits = logits.float()
-    fake, real_logits = logits[-2 * batch:-batch], logits[-batch:]  # G's samples at the GAN's levels, the reals
-    loss_gan = gan_discriminator_loss(logits_real=real_logits, logits_fake=fake)
+    fake_logits, real_logits = logits[-2 * batch:-batch], logits[-batch:]  # G's samples at the GAN's levels, the reals
+    loss_gan = gan_discriminator_loss(logits_real=real_logits, logits_fake=fake_logits)
     logs |= {"loss/gan_discriminator": loss_gan.detach(), "gan/d_real": torch.sigmoid(real_logits).mean().detach(),
-             "gan/d_fake": torch.sigmoid(fake).mean().detach()}
+             "gan/d_fake": torch.sigmoid(fake_logits).mean().detach()}
     return loss_denoise + cfg.gan_weight_discriminator * loss_gan, logs
 
