@@ -127,29 +127,28 @@ class TeacherConfig(_Strict):
     ema_decay: float = Field(0.999, ge=0, le=1)
     seed: int = 0
     beta_schedule: Literal["linear", "scaled_linear"] = Field(
-        "linear", description="linear: DDPM's 1e-4 .. 0.02 (the bundled teacher's); scaled_linear: Stable"
-        " Diffusion's 0.00085 .. 0.012 (sqrt(abar) at t=999 0.068 instead of 0.006)")
+        "scaled_linear", description="scaled_linear: Stable Diffusion's 0.00085 .. 0.012 (the bundled teacher's);"
+        " linear: DDPM's 1e-4 .. 0.02 (sqrt(abar) at t=999 0.006 instead of 0.068; the bundled teacher's until"
+        " 2026-12-05)")
 
 
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # The bundled default: minutes on a 2-core CPU (README: "Quality on the digits" has the numbers).
-    # Schedule: the digits teacher's linear betas reach the paper's SD noise levels far earlier
-    # (abar at 749 is 0.003 here, 0.057 on SD), so (999, 749, ...) spent two of four steps in pure
-    # noise. (999, 400, 200, 100) measured better already before training (FD 2.21 vs 3.49,
-    # diversity 0.81 vs 0.53) and after it. Starting at 749 instead (sqrt(abar) 0.058, SD's at
-    # 999 is 0.068) conditions the first step well but starts at FD 3.16 / diversity 0.64 and the
-    # student stayed there (3.26 at 1,500 steps); the 1-step student needs it (table: student-1).
-    # Ratio 10 (was 5; the paper's SD1.5 value): FD 2.58 vs 2.74 at 1,000 steps, 2.46 vs 2.51 at
-    # 3,000, 2.16 at 6,000. Tried from step 6,000 of that run, 2,000 steps each, none better
-    # than its own 2.18 / 2.20 at 7,000 / 8,000: generator lr 5e-6 (2.18-2.24), fake lr 5e-4
-    # (2.27-2.37), GAN weights 0.1 / 0.1 (2.27-2.28); from the start, generator lr 5e-5: worse
-    # (FD 3.5-3.6 from step 2,000). GAN levels limited to [0, 400) (gan_t_max=0.4, where this
-    # teacher's images still show), from step 5,000 for 2,000 steps, with these weights or ten times
-    # them: FD 2.15-2.24, the run's own range.
-    # EMA 0.99: the raw generator's FD swings 2.4-3.5 between checkpoints 100 steps apart; the
-    # EMA's stays within 2.6-2.8 over the second half of a run.
+    # Teacher on Stable Diffusion's scaled-linear betas (since 2026-12-05; sqrt(abar) 0.068 at
+    # t=999) and the paper's schedule (999, 749, 499, 249). On the earlier linear-beta teacher
+    # (sqrt(abar) 0.006 at 999) a first step from noise amplified the UNet's error 160-fold; the
+    # best schedule there was (999, 400, 200, 100), whose untrained sampler (FD 2.21) drew its
+    # variety from that noise and the student plateaued level with it (2.14-2.24 from 5,000 steps).
+    # Ratio 10 (the paper's SD1.5 value; 5 measured worse on the linear teacher: FD 2.74 vs 2.58 at
+    # 1,000 steps). From step 6,000 of a run on this teacher, 3,000 steps each (FD of the EMA at
+    # 7,500 / 8,000 / 9,000): these settings 2.04 / 2.01 / 2.05; EMA 0.995 2.11 / 2.06 / 2.03; GAN
+    # weights 10x (3e-2 / 1e-1) 2.06 / 2.03 / 2.07; 10x with EMA 0.995 2.12 / 2.07 / 2.05; 30x
+    # (1e-1 / 3e-1) 2.10 / 2.08 / 2.03 with diversity reaching real's (1.00). All plateau at 2.0-2.05.
+    # Guidance above 1 worsens the teacher itself (50 DDIM steps: FD 1.75 at 1, 1.91 at 1.25).
+    # EMA 0.99: the raw generator's FD swings by up to 1.4 between checkpoints 100 steps apart; the
+    # EMA's by about 0.1.
     "digits": dict(
-        teacher=BUNDLED_DIGITS_TEACHER, timesteps=[999, 400, 200, 100], guidance_scale=1.0, ratio=10,
+        teacher=BUNDLED_DIGITS_TEACHER, timesteps=[999, 749, 499, 249], guidance_scale=1.0, ratio=10,
         lr_generator=2e-5, lr_fake=2e-4, ema_decay=0.99,
         warmup_steps=50, batch_size=32, max_steps=1000, gan_weight_generator=3e-3,
         gan_weight_discriminator=1e-2, log_every=10, preview_every=200, checkpoint_every=200,

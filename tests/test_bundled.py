@@ -32,15 +32,16 @@ def test_bundled_teacher_folder():
 
 
 def test_teacher_command_trains_with_the_chosen_betas(tmp_path):
-    """``python -m dmd2_train teacher beta_schedule=scaled_linear`` writes a folder whose schedule
-    every later command reads: Stable Diffusion's betas, sqrt(abar) 0.068 at t=999 (the bundled
-    teacher's linear ones: 0.006)."""
+    """``python -m dmd2_train teacher beta_schedule=linear`` writes a folder whose schedule every
+    later command reads: DDPM's linear betas, sqrt(abar) 0.006 at t=999 (the bundled teacher's are
+    Stable Diffusion's scaled-linear ones: 0.068)."""
     from dmd2_serve.model.adapters import load_backbone
     from dmd2_train.config import TeacherConfig
     from dmd2_train.teacher import train_teacher
 
-    out = train_teacher(TeacherConfig(out=tmp_path / "teacher", steps=2, batch_size=4, beta_schedule="scaled_linear"))
+    out = train_teacher(TeacherConfig(out=tmp_path / "teacher", steps=2, batch_size=4, beta_schedule="linear"))
     abar = load_backbone(out, read_card(out)).schedule.alphas_cumprod
-    assert abs(float(abar[999].sqrt()) - 0.0683) < 1e-3 and abs(float(abar[0]) - (1 - 0.00085)) < 1e-6
+    assert abs(float(abar[999].sqrt()) - 0.0064) < 1e-3 and abs(float(abar[0]) - (1 - 1e-4)) < 1e-6
     bundled = load_backbone(BUNDLED_DIGITS_TEACHER, read_card(BUNDLED_DIGITS_TEACHER)).schedule.alphas_cumprod
-    assert abs(float(bundled[999].sqrt()) - 0.0064) < 1e-3
+    assert abs(float(bundled[999].sqrt()) - 0.0683) < 1e-3 and abs(float(bundled[0]) - (1 - 0.00085)) < 1e-6
+    assert TeacherConfig().beta_schedule == "scaled_linear"  # the default command rebuilds the bundled teacher
