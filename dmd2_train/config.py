@@ -139,9 +139,11 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # (sqrt(abar) 0.006 at 999) a first step from noise amplified the UNet's error 160-fold; the
     # best schedule there was (999, 400, 200, 100), whose untrained sampler (FD 2.21) drew its
     # variety from that noise and the student plateaued level with it (2.14-2.24 from 5,000 steps).
-    # Ratio 10 (the paper's SD1.5 value; 5 measured worse on the linear teacher: FD 2.74 vs 2.58 at
-    # 1,000 steps). From step 6,000 of a run on this teacher, 3,000 steps each (FD of the EMA at
-    # 7,500 / 8,000 / 9,000): these settings 2.04 / 2.01 / 2.05; EMA 0.995 2.11 / 2.06 / 2.03; GAN
+    # Ratio 10 (the paper's SD1.5 value). Lower ratios are faster early and then overshoot the real
+    # digits' diversity: on this teacher ratio 5 scored 2.33 at 3,000 steps, 2.24 at 5,000, 2.43 at
+    # 6,000 (diversity 1.02); ratio 1 2.59 at 1,000, then 2.6-2.7 (diversity 1.06). From step
+    # 6,000 of a run on this teacher, 3,000 steps each (FD of the EMA at 7,500 / 8,000 / 9,000):
+    # these settings 2.04 / 2.01 / 2.05; EMA 0.995 2.11 / 2.06 / 2.03; GAN
     # weights 10x (3e-2 / 1e-1) 2.06 / 2.03 / 2.07; 10x with EMA 0.995 2.12 / 2.07 / 2.05; 30x
     # (1e-1 / 3e-1) 2.10 / 2.08 / 2.03 with diversity reaching real's (1.00). All plateau at 2.0-2.05.
     # Guidance above 1 worsens the teacher itself (50 DDIM steps: FD 1.75 at 1, 1.91 at 1.25).
