@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # The bundled digits teacher, shipped inside the package.
 BUNDLED_DIGITS_TEACHER = Path(__file__).parent / "assets" / "digits-teacher"
+# ... and its noise schedule (dmd2_train/teacher.py: BETAS), the teacher command's default
+BUNDLED_BETA_SCHEDULE = "scaled_linear"
 
 
 class ConfigError(ValueError):
@@ -127,7 +129,7 @@ class TeacherConfig(_Strict):
     ema_decay: float = Field(0.999, ge=0, le=1)
     seed: int = 0
     beta_schedule: Literal["linear", "scaled_linear"] = Field(
-        "scaled_linear", description="scaled_linear: Stable Diffusion's 0.00085 .. 0.012 (the bundled teacher's);"
+        BUNDLED_BETA_SCHEDULE, description="scaled_linear: Stable Diffusion's 0.00085 .. 0.012 (the bundled teacher's);"
         " linear: DDPM's 1e-4 .. 0.02 (sqrt(abar) at t=999 0.006 instead of 0.068; the bundled teacher's until"
         " 2026-12-05)")
 
@@ -143,9 +145,9 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # digits' diversity: on this teacher ratio 5 scored 2.33 at 3,000 steps, 2.24 at 5,000, 2.43 at
     # 6,000 (diversity 1.02); ratio 1 2.59 at 1,000, then 2.6-2.7 (diversity 1.06). From step
     # 6,000 of a run on this teacher, 3,000 steps each (FD of the EMA at 7,500 / 8,000 / 9,000):
-    # these settings 2.04 / 2.01 / 2.05; EMA 0.995 2.11 / 2.06 / 2.03; GAN
-    # weights 10x (3e-2 / 1e-1) 2.06 / 2.03 / 2.07; 10x with EMA 0.995 2.12 / 2.07 / 2.05; 30x
-    # (1e-1 / 3e-1) 2.10 / 2.08 / 2.03 with diversity reaching real's (1.00). All plateau at 2.0-2.05.
+    # these settings 2.04 / 2.01 / 2.05; EMA 0.995 2.11 / 2.06 / 2.03; GAN weights 10x (3e-2 /
+    # 1e-1) 2.06 / 2.03 / 2.07; 10x with EMA 0.995 2.12 / 2.07 / 2.05; 30x (1e-1 / 3e-1) 2.10 /
+    # 2.08 / 2.03 with diversity reaching real's (1.00). All plateau at 2.0-2.05.
     # Guidance above 1 worsens the teacher itself (50 DDIM steps: FD 1.75 at 1, 1.91 at 1.25).
     # EMA 0.99: the raw generator's FD swings by up to 1.4 between checkpoints 100 steps apart; the
     # EMA's by about 0.1.

@@ -18,7 +18,7 @@ from dmd2_serve.model.adapters.digits import MINILM_PACKAGE, DigitsBackbone
 from dmd2_serve.model.card import ModelCard
 from dmd2_serve.model.sampling import add_noise
 
-from .config import TeacherConfig
+from .config import BUNDLED_BETA_SCHEDULE, TeacherConfig
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
 from .export import folder_written_atomically
 from .run import PromptEncoder, check_output_folder
@@ -45,7 +45,7 @@ def digits_unet() -> torch.nn.Module:
 BETAS = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 0.02)}
 
 
-def digits_scheduler(beta_schedule: str = "scaled_linear") -> object:
+def digits_scheduler(beta_schedule: str = BUNDLED_BETA_SCHEDULE) -> object:
     """The teacher's DDPM noise schedule: ``scaled_linear`` (the bundled teacher's) or ``linear``."""
     from diffusers import DDPMScheduler
 
@@ -54,7 +54,7 @@ def digits_scheduler(beta_schedule: str = "scaled_linear") -> object:
 
 
 def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = None,
-                        beta_schedule: str = "scaled_linear") -> Path:
+                        beta_schedule: str = BUNDLED_BETA_SCHEDULE) -> Path:
     """Save a digits teacher folder (unet/, scheduler/, dmd2.json), replacing ``out`` atomically."""
     with folder_written_atomically(out) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
