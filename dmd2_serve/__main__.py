@@ -71,9 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch")
-    p.add_argument("--batch-timeout", type=float, default=0.001,
-                   help="seconds a batch waits to fill (default 1 ms: at one client the wait is pure latency;"
-                        " under load batches fill before it ends)")
+    p.add_argument("--batch-timeout", type=float, default=0.0,
+                   help="seconds a batch waits for more requests once it has taken every waiting one (default 0:"
+                        " none; at one client the wait is pure latency, under load the queue fills the batches)")
     p.add_argument("--bucket", type=_sizes, default=(8,), metavar="N[,N...]",
                    help="images per forward pass, padded: one size (a seed's pixels never depend on its batch)"
                         " or several, e.g. 1,4,16 (lower latency for small batches; equal within float rounding)")

@@ -40,6 +40,7 @@ from ..model.backends import FastPath
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
+from .batching import GreedyBatchLoop
 from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format, to_pixels
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
@@ -137,10 +138,12 @@ class FewStepAPI(ls.LitAPI):
     """
 
     def __init__(self, models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
-                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.001,
+                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.0,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, threads: int | None = None,
                  fast: FastPath | None = None, metadata: bool = True) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=GENERATE_PATH)
+        # Batches take every waiting request at once (batching.py); one request at a time is LitServe's own loop.
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=GENERATE_PATH,
+                         loop=GreedyBatchLoop() if max_batch_size > 1 else "auto")
         models = {Path(models).name: Path(models)} if isinstance(models, (str, Path)) else dict(models)
         lora_dirs = dict(lora_dirs or {})
         self.fast = fast or FastPath()
@@ -365,7 +368,7 @@ def _check_models(models: Mapping[str, Path], lora_dirs: Mapping[str, Path], lor
 
 
 def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
-                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.001,
+                 lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.0,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
                  workers_per_device: int = 1, accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
                  max_body_bytes: int = 8 * 2**20, threads: int | None = None,

@@ -1,0 +1,109 @@
+"""The worker's batch forming (dmd2_serve/server/batching.py): every waiting request at once."""
+
+import pickle
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError, collate_requests
+
+from dmd2_serve.server import batching
+from dmd2_serve.server.batching import GreedyBatchLoop
+
+
+class SlowQueue(queue.Queue):
+    """A request queue whose every take costs ``cost_s``, as a Manager queue's round trip does under load."""
+
+    def __init__(self, cost_s: float = 0.0) -> None:
+        super().__init__()
+        self.cost_s = cost_s
+        self.waits: list[float | None] = []  # the timeout of each blocking take
+
+    def get(self, block=True, timeout=None):
+        time.sleep(self.cost_s)
+        if block:
+            self.waits.append(timeout)
+        return super().get(block, timeout)
+
+    def get_nowait(self):
+        return self.get(block=False)
+
+
+def api(max_batch_size=16, batch_timeout=0.0, request_timeout=30.0):
+    return SimpleNamespace(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                           request_timeout=request_timeout, stream=False)
+
+
+def fill(q, n, age_s=0.0):
+    for i in range(n):
+        q.put((0, f"uid-{i}", time.monotonic() - age_s, {"prompt": f"p{i}"}))
+
+
+def uids(taken):
+    return [uid for _, uid, _ in taken]
+
+
+def test_every_waiting_request_is_taken_however_slow_the_queue():
+    # The contrast first: LitServe's own collection stops when its 1 ms window closes.
+    slow = SlowQueue(cost_s=0.0005)
+    fill(slow, 16)
+    cut, _ = collate_requests(GreedyBatchLoop(), api(batch_timeout=0.001), slow, None)
+    assert len(cut) < 16
+
+    slow = SlowQueue(cost_s=0.0005)
+    fill(slow, 16)
+    taken, expired = GreedyBatchLoop().get_batch_requests(api(batch_timeout=0.001), slow, None)
+    assert uids(taken) == [f"uid-{i}" for i in range(16)] and expired == []
+
+
+def test_a_lone_request_does_not_wait_for_company():
+    q = SlowQueue()
+    fill(q, 1)
+    taken, _ = GreedyBatchLoop().get_batch_requests(api(batch_timeout=0.0), q, None)
+    assert uids(taken) == ["uid-0"]
+    assert q.waits == [batching.IDLE_WAIT_S]  # only the wait for the first request blocked
+
+
+def test_the_batch_stops_at_max_batch_size_and_the_rest_waits_for_the_next():
+    q = SlowQueue()
+    fill(q, 20)
+    loop = GreedyBatchLoop()
+    first, _ = loop.get_batch_requests(api(max_batch_size=16, batch_timeout=0.05), q, None)
+    second, _ = loop.get_batch_requests(api(max_batch_size=16), q, None)
+    assert uids(first) == [f"uid-{i}" for i in range(16)]
+    assert uids(second) == [f"uid-{i}" for i in range(16, 20)]
+
+
+def test_batch_timeout_waits_for_requests_that_come_after_the_first():
+    q = SlowQueue()
+    fill(q, 1)
+    late = threading.Timer(0.05, lambda: q.put((0, "late", time.monotonic(), {})))
+    late.start()
+    try:
+        taken, _ = GreedyBatchLoop().get_batch_requests(api(batch_timeout=1.0, max_batch_size=2), q, None)
+    finally:
+        late.cancel()
+    assert uids(taken) == ["uid-0", "late"]  # full at 2: the rest of the second is not waited for
+
+
+def test_an_idle_worker_comes_back_empty_and_a_stop_ends_the_loop(monkeypatch):
+    monkeypatch.setattr(batching, "IDLE_WAIT_S", 0.01)
+    q = SlowQueue()
+    assert GreedyBatchLoop().get_batch_requests(api(), q, None) == ([], [])
+    q.put(_SENTINEL_VALUE)
+    with pytest.raises(_StopLoopError):
+        GreedyBatchLoop().get_batch_requests(api(), q, None)
+
+
+def test_requests_past_the_request_timeout_are_answered_as_timed_out():
+    q = SlowQueue()
+    fill(q, 2, age_s=10.0)
+    fill(q, 1)
+    taken, expired = GreedyBatchLoop().get_batch_requests(api(request_timeout=5.0), q, None)
+    assert len(taken) == 1 and expired == [(0, "uid-0"), (0, "uid-1")]
+
+
+def test_the_loop_travels_to_a_spawned_worker():
+    assert isinstance(pickle.loads(pickle.dumps(GreedyBatchLoop())), GreedyBatchLoop)
