@@ -170,3 +170,4 @@ def test_pixels_made_before_the_copy_to_the_host_give_the_same_files():
     for fmt in ("png", "jpeg", "webp"):
         for image, pix in zip(images, pixels):
             assert encode_image(pix, fmt, (16, 16)) == encode_image(image, fmt, (16, 16))
+            assert encode_image(pix.numpy(), fmt, (16, 16)) == encode_image(image, fmt, (16, 16))  # as the worker sends

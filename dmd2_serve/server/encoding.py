@@ -1,9 +1,10 @@
-"""Response images out: each image's file made once, in the inference worker, saying what made it.
+"""Response images out: each image's file made once, in the HTTP process, saying what made it.
 
-The worker encodes every image to its file (PNG, JPEG or WebP) and sends the bytes back through
-LitServe's response queue; the HTTP process answers them as they are (``Accept: image/png``,
-``image/jpeg``, ``image/webp``) or base64s the same bytes into JSON. Nothing is decoded or
-encoded twice.
+The worker converts a batch to uint8 pixels on the device (:func:`to_pixels`: a quarter of the
+bytes to copy to the host) and sends them back through LitServe's response queue, then goes on
+to its next batch; the HTTP process makes each image's file (PNG, JPEG or WebP) on its threads,
+side by side, and answers it as it is (``Accept: image/png``, ``image/jpeg``, ``image/webp``) or
+base64s the same bytes into JSON. Nothing is decoded or encoded twice.
 
 Unless the server runs with ``--no-metadata``, each file carries how to make it again, in the
 form AUTOMATIC1111's web UI writes and the tools around it read: the prompt, then one line of
@@ -21,6 +22,7 @@ import io
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .schemas import GenerateResponse
@@ -73,9 +75,10 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int], parameters: Parameters | None = None) -> bytes:
-    """(C, H, W) in [0, 1], or (H, W, C) uint8 from :func:`to_pixels` -> the file's bytes, scaled
-    (nearest) to ``size`` when it differs.
+def encode_image(image: np.ndarray | torch.Tensor, fmt: str, size: tuple[int, int],
+                 parameters: Parameters | None = None) -> bytes:
+    """(H, W, C) uint8 pixels from :func:`to_pixels` (NumPy or torch), or a (C, H, W) tensor in [0, 1]
+    -> the file's bytes, scaled (nearest) to ``size`` when it differs.
 
     ``parameters`` (None: no metadata) go into a PNG ``parameters`` text chunk or, for JPEG and
     WebP, the EXIF UserComment.
@@ -83,7 +86,9 @@ def encode_image(image: torch.Tensor, fmt: str, size: tuple[int, int], parameter
     from PIL import ExifTags, Image
     from PIL.PngImagePlugin import PngInfo
 
-    arr = (image if image.dtype == torch.uint8 else to_pixels(image[None])[0]).cpu().numpy()  # (H, W, C)
+    if isinstance(image, torch.Tensor):
+        image = (image if image.dtype == torch.uint8 else to_pixels(image[None])[0]).cpu().numpy()
+    arr = image  # (H, W, C) uint8
     pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if pil.size != size:
         pil = pil.resize(size, Image.NEAREST)
