@@ -26,6 +26,7 @@ def test_served_bench_serves_a_random_sd15_folder_under_load(tmp_path: Path) -> 
         assert 0 < r["p50_pipeline_ms"] <= r["p50_ms"] <= r["p90_ms"]
         assert r["p50_overhead_ms"] >= 0 and r["model_bound_req_s"] > 0
         assert 0 < r["p50_queue_ms"] < r["p50_ms"]  # the server's own clock, from parsing to the batch's start
+        assert 0 < r["p50_reply_ms"] < r["p50_ms"]  # and from the worker's answer to the HTTP process
         assert r["bucket"] == [1, 4] and r["server_args"] == "--batch-timeout 0.002"
     assert rows[1]["mean_batch"] == 1 and rows[32]["max_batch"] <= 4  # the largest bucket
     assert rows[32]["mean_batch"] > 1  # 32 closed-loop clients fill batches

@@ -65,7 +65,8 @@ def test_generate_json(server: Server):
     body = r.json()
     assert [im["seed"] for im in body["images"]] == [41, 42, 43]
     assert body["model"] == "digits-generator"
-    assert {"queue", "inference", "encode"} <= set(body["timings_ms"])
+    assert {"queue", "inference", "reply", "encode"} <= set(body["timings_ms"])
+    assert all(body["timings_ms"][k] >= 0 for k in ("queue", "inference", "reply", "encode"))
     assert all(decode(im["data"]).size == (8, 8) and decode(im["data"]).format == "PNG" for im in body["images"])
 
 

@@ -14,8 +14,10 @@ main process, which drains) and checks that it exits 0.
 Per scenario it reports the client's p50 / p90 latency, throughput, the batches the server formed,
 the server's own pipeline time per batch (``timings_ms.inference``: prompt encoding, the few-step
 loop and decoding), the queue time (``timings_ms.queue``: from the HTTP process's parsing of the
-request to the start of its batch in the worker) and the overhead (latency minus pipeline time:
-queueing, HTTP, image encoding, the loopback round trip). ``model-bound req/s`` is what the
+request to the start of its batch in the worker), the reply time (``timings_ms.reply``: from the
+worker's answer to the HTTP process holding it), the encoding time (``timings_ms.encode``: the
+HTTP process making the image files) and the overhead (latency minus pipeline time: queueing,
+HTTP, the reply, image encoding, the loopback round trip). ``model-bound req/s`` is what the
 pipeline alone would give at the batches formed (mean batch / p50 pipeline time). Rows go to
 ``--out`` as JSON (``{"kind": "served", "arch": "sd15", "clients": N, ...}``) and a Markdown table is printed.
 
@@ -62,20 +64,20 @@ def served_row(s: Scenario, backend: str) -> dict[str, Any]:
             "req_s": s.throughput, "mean_batch": batch, "max_batch": max(s.batch_sizes, default=float("nan")),
             "output_format": s.output_format, "p50_encode_ms": s.percentile(0.5, s.encode_ms),
             "p50_pipeline_ms": pipeline, "p50_overhead_ms": s.percentile(0.5, s.overhead_ms),
-            "p50_queue_ms": s.percentile(0.5, s.queue_ms),
+            "p50_queue_ms": s.percentile(0.5, s.queue_ms), "p50_reply_ms": s.percentile(0.5, s.reply_ms),
             "model_bound_req_s": 1000 * batch / pipeline if pipeline > 0 else float("nan")}
 
 
 def served_table(rows: list[dict[str, Any]]) -> str:
     """The served rows as a Markdown table."""
     lines = [("| clients | format | requests | errors | p50 ms | p90 ms | req/s | mean batch | p50 pipeline ms"
-              " | p50 queue ms | p50 encode ms | p50 overhead ms | model-bound req/s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              " | p50 queue ms | p50 reply ms | p50 encode ms | p50 overhead ms | model-bound req/s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['output_format']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f}"
                      f" | {r['p90_ms']:.1f}"
                      f" | {r['req_s']:.1f} | {r['mean_batch']:.1f} | {r['p50_pipeline_ms']:.1f}"
-                     f" | {r['p50_queue_ms']:.1f} | {r['p50_encode_ms']:.1f}"
+                     f" | {r['p50_queue_ms']:.1f} | {r['p50_reply_ms']:.1f} | {r['p50_encode_ms']:.1f}"
                      f" | {r['p50_overhead_ms']:.1f} | {r['model_bound_req_s']:.1f} |")
     return "\n".join(lines)
 

@@ -116,6 +116,7 @@ class JobResult:
     strength: float | None  # image to image only
     model: str = ""
     failure: JobFailure | None = None  # set: no images, answer this instead
+    sent: float = 0.0  # perf_counter (system-wide) when the worker handed it to LitServe's response queue
 
 
 def pixels(init: np.ndarray, count: int) -> torch.Tensor:
@@ -308,6 +309,7 @@ class FewStepAPI(ls.LitAPI):
         next batch at once instead of waiting for a batch's files (a PNG of 512x512 noise: ~65 ms). A job that
         could not run answers its JobFailure. No return annotation: LitServe would build its route's (replaced)
         response model from it, and a NumPy array is no Pydantic type."""
+        output.sent = time.perf_counter()
         return output if output.failure is None else output.failure  # a failure: the HTTP process answers it
 
     # -- the files (HTTP process) ---------------------------------------------------------------
@@ -410,7 +412,9 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         started = time.perf_counter()
         files = await asyncio.gather(*(anyio.to_thread.run_sync(api.file, result, i, limiter=encoding)
                                        for i in range(len(result.seeds))))
-        timings = dict(result.timings_ms, encode=(time.perf_counter() - started) * 1000)
+        # reply: from the worker's answer to this coroutine holding it (LitServe's response queue, the event loop)
+        timings = dict(result.timings_ms, reply=(started - result.sent) * 1000,
+                       encode=(time.perf_counter() - started) * 1000)
         return EncodedImages(files, result.seeds, MEDIA_TYPES[result.output_format], result.model, timings)
 
     @app.post(GENERATE_PATH, response_model=GenerateResponse, responses={**OPENAPI_RESPONSES, 404: MODEL_NOT_FOUND},

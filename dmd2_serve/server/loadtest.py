@@ -34,6 +34,7 @@ class Scenario:
     pipeline_ms: list[float]  # the server's model time for each answer's batch
     encode_ms: list[float] = field(default_factory=list)  # the server's time making each answer's files
     queue_ms: list[float] = field(default_factory=list)  # from the HTTP process's prepare to its batch's start
+    reply_ms: list[float] = field(default_factory=list)  # from the worker's answer to the HTTP process holding it
     output_format: str = "png"
 
     @property
@@ -61,6 +62,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
     latencies: list[float] = []
     encode: list[float] = []
     queue: list[float] = []
+    reply: list[float] = []
     batches: list[float] = []
     pipeline: list[float] = []
     errors = 0
@@ -88,6 +90,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                     pipeline.append(timings.get("inference", 0.0))
                     encode.append(timings.get("encode", 0.0))
                     queue.append(timings.get("queue", 0.0))
+                    reply.append(timings.get("reply", 0.0))
                 else:
                     errors += 1
                 i += 1
@@ -95,7 +98,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
         started = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, queue,
+    return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, queue, reply,
                     output_format)
 
 
