@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-text-encoder", action="store_true",
                    help="with --backend compile: compile the prompt encoder(s) too (fewer launches per request;"
                         " seconds more at start)")
+    p.add_argument("--graph-text-encoder", action="store_true",
+                   help="run the prompt encoder(s) inside each batch's CUDA graph, from the token ids (SD and SDXL"
+                        " families; one replay instead of a launch per op; falls back with a warning if a capture"
+                        " fails)")
     p.add_argument("--precision", default="default", choices=["default", "fp8"],
                    help="default: float16 UNet on CUDA (float32 on the CPU); fp8: float8 matmuls in the UNet's"
                         " attention blocks through torchao (GPUs of compute capability 8.9+; pip install"
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,
                         cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope,
                         tuning=args.compile_tuning, precision=args.precision,
-                        text_encoder=args.compile_text_encoder)
+                        text_encoder=args.compile_text_encoder, text_in_graph=args.graph_text_encoder)
         check_fast_path(fast)  # a missing optional install fails here, before any worker starts
         for name in ("max_batch_size", "workers_per_device", "max_queue"):
             if getattr(args, name) < 1:

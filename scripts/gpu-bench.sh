@@ -2,6 +2,7 @@
 # Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
 #
 #   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
+#                             [served-graph-text]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -14,11 +15,14 @@
 #           SD1.5 folder, load test at 1 and 32 clients, PNG and JPEG (~3 min; reuses sd15's cache)
 #   sdxl    python -m dmd2_serve.bench on SDXL: eager rows, full compile at 1 then 16, cold start
 #           (~4 min; a second call on the same warm card)
-#   served-buckets, served-2w, served-text
+#   served-buckets, served-2w, served-text, served-graph-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
 #           those buckets with two workers on the card; served's buckets with the prompt encoder
-#           compiled (each ~2.5 min with sd15's cache warm; on a fresh card the server compiles
-#           first: ~3 min more)
+#           compiled, then compiled and inside each batch's CUDA graph (each ~2.5 min with sd15's
+#           cache warm; on a fresh card the server compiles first: ~3 min more). Since 2026-12-05
+#           every served part also measures the batches formed of every waiting request and the
+#           image files made in the HTTP process (both the default now): compare `served` with
+#           docs/bench/served-sd15-nvidia-h200-2026-12-04.json
 #
 # Seen on an H100 on 2026-11-27 (plan the 15 minutes with these): start + wheels ~40 s; SD1.5
 # full compile with the dynamic batch at 16: 95 s (4 then reuses it: 1 s), batch 1: 36-60 s;
@@ -88,13 +92,17 @@ for part in "${parts[@]}"; do
       SERVED_DEFAULT_S=200 served served-sd15-buckets 1,2,4,6,8,10,12,14,16 || status=1 ;;
     served-text)  # served's buckets with the prompt encoder compiled too (the 1-client latency's lever)
       SERVED_DEFAULT_S=200 served served-sd15-text 1,4,16 --compile-text-encoder || status=1 ;;
-    served-2w)  # the same buckets and two workers on the card: one encodes its images while the other runs
+    served-graph-text)  # the prompt encoder compiled and inside each batch's CUDA graph (from the token ids)
+      SERVED_DEFAULT_S=200 served served-sd15-graph-text 1,4,16 --compile-text-encoder --graph-text-encoder \
+        || status=1 ;;
+    served-2w)  # the same buckets and two workers on the card: one tokenizes and copies while the other runs
       SERVED_DEFAULT_S=200 served served-sd15-2w 1,2,4,6,8,10,12,14,16 --workers-per-device 2 || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
         --budget-s "${SDXL_BUDGET_S:-220}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
-    *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text sdxl"; exit 2 ;;
+    *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
+         "served-graph-text sdxl"; exit 2 ;;
   esac
 done
 exit $status

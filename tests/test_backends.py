@@ -99,6 +99,7 @@ def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:
     (["--backend", "tensorrt"], "error: --backend tensorrt needs torch-tensorrt"),
     (["--precision", "fp8"], "error: --precision fp8 needs a CUDA GPU with float8 tensor cores"),
     (["--compile-text-encoder"], "error: compiling the text encoder needs --backend compile, not eager"),
+    (["--graph-text-encoder", "--no-cuda-graphs"], "error: the text encoder in the CUDA graph needs the loop's"),
 ])
 def test_cli_refuses_what_cannot_run_at_start_with_one_line(flags: list[str], says: str) -> None:
     out = subprocess.run([sys.executable, "-m", "dmd2_serve", *flags, "--port", "1"],

@@ -69,8 +69,12 @@ class FastPath:
         precision: ``default`` (float16 UNet on CUDA, float32 on the CPU) or ``fp8`` (float8
             matmuls in the UNet's attention blocks, the rest in bfloat16; see ``precision.py``).
         text_encoder: with the compile backend, compile the prompt encoder(s) too (their
-            layers fused by Inductor; prompt encoding runs before the loop's CUDA graph, so
-            eager it costs a launch per op on every request).
+            layers fused by Inductor; outside the loop's CUDA graph, eager prompt encoding costs
+            a launch per op on every request).
+        text_in_graph: run the prompt encoder(s) inside each batch shape's CUDA graph, from
+            the token ids (only the tokenizer stays on the host); for adapters that split
+            prompt encoding that way (SD, SDXL). Where a capture fails, that pipeline goes back
+            to encoding prompts before the graph, with a warning.
     """
 
     backend: Backend = "eager"
@@ -82,6 +86,7 @@ class FastPath:
     dynamic_batch: bool = True
     precision: Precision = "default"
     text_encoder: bool = False
+    text_in_graph: bool = False
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir()
@@ -107,6 +112,10 @@ def check_fast_path(fast: FastPath) -> None:
     check_precision(fast.precision, fast.backend)
     if fast.text_encoder and fast.backend != "compile":
         raise BackendError(f"compiling the text encoder needs --backend compile, not {fast.backend}")
+    if fast.text_in_graph and (fast.backend == "tensorrt" or not fast.cuda_graphs):
+        why = "TensorRT runs its own engines" if fast.backend == "tensorrt" else "CUDA graphs are off"
+        raise BackendError(f"the text encoder in the CUDA graph needs the loop's CUDA graphs ({why}): use --backend"
+                           " eager or compile with graphs on, or drop --graph-text-encoder")
     if fast.backend == "tensorrt" and importlib.util.find_spec("torch_tensorrt") is None:
         raise BackendError(
             "--backend tensorrt needs torch-tensorrt, which is not installed: pip install 'dmd2-fast[tensorrt]'"
@@ -289,35 +298,28 @@ class _UNetForTensorRT(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class GraphedLoop:
-    """A function of (cond, seeds, *inputs) captured once in a CUDA graph for one batch shape.
+    """A function of tensors, ``fn(*inputs)``, captured once in a CUDA graph for one batch shape.
 
-    The inputs are copied into static buffers and the graph is replayed; the output is cloned
-    out of the graph's memory. Capture runs the function twice on a side stream first, so every
-    lazy initialisation and compilation happens before it. All graphs of a pipeline share one
-    memory pool (they are replayed one at a time). ``inputs`` are further tensors the function
-    reads (the encoded images of image to image).
+    The inputs (the conditioning or the token ids, the seeds, the encoded images of image to
+    image) are copied into static buffers and the graph is replayed; the output is cloned out of
+    the graph's memory. Capture runs the function twice on a side stream first, so every lazy
+    initialisation and compilation happens before it. All graphs of a pipeline share one memory
+    pool (they are replayed one at a time).
     """
 
-    def __init__(self, fn: Callable[..., Tensor], cond: Conditioning, seeds: Tensor,
-                 pool: Any = None, warmup: int = 2, inputs: Sequence[Tensor] = ()) -> None:
-        self.cond = Conditioning(cond.hidden.clone(), {k: v.clone() for k, v in cond.added.items()})
-        self.seeds = seeds.clone()
+    def __init__(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], pool: Any = None, warmup: int = 2) -> None:
         self.inputs = [x.clone() for x in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                fn(self.cond, self.seeds, *self.inputs)
+                fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(self.cond, self.seeds, *self.inputs)
+            self.out = fn(*self.inputs)
 
-    def __call__(self, cond: Conditioning, seeds: Tensor, *inputs: Tensor) -> Tensor:
-        self.cond.hidden.copy_(cond.hidden)
-        for k, v in cond.added.items():
-            self.cond.added[k].copy_(v)
-        self.seeds.copy_(seeds)
+    def __call__(self, *inputs: Tensor) -> Tensor:
         for buffer, x in zip(self.inputs, inputs, strict=True):
             buffer.copy_(x)
         self.graph.replay()

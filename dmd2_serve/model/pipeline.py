@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class FewStepPipeline:
         self.fast = FastPath()
         self._graphs: dict[tuple, GraphedLoop] = {}
         self._pool: Any = None
+        self._text_graph_failed = False  # a capture with the prompt encoder in it failed: encode before the graph
         self.loras = LoraAdapters(unet)
 
     @classmethod
@@ -204,7 +206,8 @@ class FewStepPipeline:
         seeds = list(range(len(prompts))) if seeds is None else seeds
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        cond = self.backbone.encode_prompts(list(prompts))
+        tokens = self.backbone.tokenize(list(prompts)) if self._text_in_graph else None
+        cond = self.backbone.encode_prompts(list(prompts)) if tokens is None else None
         timesteps = self.timesteps[: steps or len(self.timesteps)]
         start_step = sdedit_start(strength, len(timesteps))
         if image is None and strength != 1.0:
@@ -220,13 +223,25 @@ class FewStepPipeline:
                 if tuple(init.shape[1:]) != shape:
                     raise ValueError(f"the images encode to {tuple(init.shape[1:])}, not the sample shape {shape};"
                                      " resize them to the size that shape decodes to")
+                if tokens is not None:
+                    return self.images_from_tokens(tokens, self._seeds(seeds), timesteps, shape, init, start_step)
                 return self.images(cond, self._seeds(seeds), timesteps, shape, init, start_step)
         if latents is not None:
             if latents.shape[0] != len(prompts):
                 raise ValueError(f"got {latents.shape[0]} latents for {len(prompts)} prompts")
+            cond = cond if tokens is None else self.backbone.encode_tokens(*tokens)  # no graph: eager anyway
             return self.sample_images(cond.to(self.device, self.dtype), self._seeds(seeds), timesteps,
                                       tuple(latents.shape[1:]), latents.to(self.device, self.dtype))
+        if tokens is not None:
+            return self.images_from_tokens(tokens, self._seeds(seeds), timesteps, shape)
         return self.images(cond, self._seeds(seeds), timesteps, shape)
+
+    @property
+    def _text_in_graph(self) -> bool:
+        """Whether prompts are encoded inside the loop (``fast.text_in_graph``, an adapter that splits
+        tokenizing from encoding, no failed capture so far)."""
+        splits = type(self.backbone).tokenize is not Backbone.tokenize
+        return self.fast.text_in_graph and splits and not self._text_graph_failed
 
     @torch.no_grad()
     def images(self, cond: Conditioning, seeds: Tensor, timesteps: Sequence[int],
@@ -234,21 +249,58 @@ class FewStepPipeline:
         """Images in [0, 1] from encoded prompts (and ``init``, encoded images to start from at
         ``timesteps[start_step]``): through a CUDA graph per batch shape and start when graphed."""
         cond = cond.to(self.device, self.dtype)
+        keys = sorted(cond.added)
+
+        def conditioning(hidden: Tensor, *added: Tensor) -> Conditioning:
+            return Conditioning(hidden, dict(zip(keys, added)))
+
+        return self._loop("cond", [cond.hidden, *(cond.added[k] for k in keys)], conditioning, seeds, timesteps,
+                          shape, init, start_step)
+
+    @torch.no_grad()
+    def images_from_tokens(self, tokens: Sequence[Tensor], seeds: Tensor, timesteps: Sequence[int],
+                           shape: Sequence[int] | None = None, init: Tensor | None = None,
+                           start_step: int = 0) -> Tensor:
+        """:meth:`images` from the tokenizer's tensors (``backbone.tokenize``): the prompt encoders run
+        inside the loop, and so inside its CUDA graph when graphed. If that capture fails, the
+        pipeline warns once and encodes prompts before the graph from then on."""
+        def conditioning(*t: Tensor) -> Conditioning:
+            return self.backbone.encode_tokens(*t).to(self.device, self.dtype)
+
+        try:
+            return self._loop("tokens", list(tokens), conditioning, seeds, timesteps, shape, init, start_step)
+        except RuntimeError as e:
+            if not self.graphed:
+                raise
+            self._text_graph_failed = True
+            warnings.warn(f"the prompt encoder could not be captured in the loop's CUDA graph ({type(e).__name__}:"
+                          f" {str(e).splitlines()[0][:200]}); encoding prompts before the graph instead", stacklevel=2)
+            self.release_graphs()  # a failed capture leaves its pool in an unknown state
+            torch.cuda.synchronize()
+            return self.images(conditioning(*tokens), seeds, timesteps, shape, init, start_step)
+
+    def _loop(self, kind: str, prompt: list[Tensor], conditioning: Callable[..., Conditioning], seeds: Tensor,
+              timesteps: Sequence[int], shape: Sequence[int] | None, init: Tensor | None, start_step: int) -> Tensor:
+        """The loop of one batch from ``conditioning(*prompt)``; through a CUDA graph per ``kind`` of prompt
+        input, batch shape and start when graphed (the graph's inputs: ``prompt``, the seeds, ``init``)."""
         timesteps = tuple(int(t) for t in timesteps)
         shape = tuple(shape or self.backbone.sample_shape)
+        count = len(prompt)
+
+        def loop(*inputs: Tensor) -> Tensor:
+            x0 = inputs[count + 1] if init is not None else None
+            return self.sample_images(conditioning(*inputs[:count]), inputs[count], timesteps, shape, init=x0,
+                                      start_step=start_step)
+
+        inputs = [*prompt, seeds, *(() if init is None else (init,))]
         if not self.graphed:
-            return self.sample_images(cond, seeds, timesteps, shape, init=init, start_step=start_step)
-        key = (len(seeds), timesteps, shape, start_step if init is not None else None)
-        inputs = () if init is None else (init,)
+            return loop(*inputs)
+        key = (kind, len(seeds), timesteps, shape, start_step if init is not None else None)
         if key not in self._graphs:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-
-            def loop(c: Conditioning, s: Tensor, *x0: Tensor) -> Tensor:
-                return self.sample_images(c, s, timesteps, shape, init=x0[0] if x0 else None, start_step=start_step)
-
-            self._graphs[key] = GraphedLoop(loop, cond, seeds, self._pool, inputs=inputs)
-        return self._graphs[key](cond, seeds, *inputs)
+            self._graphs[key] = GraphedLoop(loop, inputs, self._pool)
+        return self._graphs[key](*inputs)
 
     def release_graphs(self) -> None:
         """Drop the captured graphs and their memory (they are recaptured on next use)."""

@@ -192,7 +192,24 @@ class Backbone(nn.Module):
         return unet.mid_block
 
     # -- prompts ----------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - abstract
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Prompts -> the UNet's conditioning: :meth:`encode_tokens` of :meth:`tokenize` (an adapter
+        that cannot split the two overrides this instead)."""
+        tokens = self.tokenize(prompts)
+        if tokens is None:  # pragma: no cover - an adapter implements one or the other
+            raise NotImplementedError(f"{type(self).__name__} implements neither tokenize nor encode_prompts")
+        return self.encode_tokens(*tokens)
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, ...] | None:
+        """The host's part of prompt encoding: the tensors :meth:`encode_tokens` reads (token ids, and
+        whatever else depends on the prompts' count only), on the device. None: the adapter encodes
+        prompts in one piece (:meth:`encode_prompts`), so its encoder cannot join the loop's CUDA graph."""
+        return None
+
+    def encode_tokens(self, *tokens: Tensor) -> Conditioning:  # pragma: no cover - with tokenize
+        """The device's part: :meth:`tokenize`'s tensors -> the conditioning. Tensor operations only,
+        no host round trip (no ``.item()``, no data-dependent shapes), so that a CUDA graph can capture it."""
         raise NotImplementedError
 
     def text_encoders(self) -> list[nn.Module]:

@@ -146,9 +146,11 @@ class StableDiffusionBackbone(LatentBackbone):
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder]
 
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, ...]:
+        return (self._tokenize(self.tokenizer, prompts),)
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        ids = self._tokenize(self.tokenizer, prompts)
+    def encode_tokens(self, ids: Tensor) -> Conditioning:
         return Conditioning(self.text_encoder(ids)[0])  # (B, 77, 768) (1024 for SD2)
 
     def save(self, folder: Path) -> None:

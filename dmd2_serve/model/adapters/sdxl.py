@@ -56,13 +56,18 @@ class StableDiffusionXLBackbone(LatentBackbone):
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, ...]:
+        """Both tokenizers' ids, and the time ids (made from host numbers: not in a captured graph)."""
+        return (self._tokenize(self.tokenizer, prompts), self._tokenize(self.tokenizer_2, prompts),
+                self._time_ids(len(prompts)))
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        out_1 = self.text_encoder(self._tokenize(self.tokenizer, prompts), output_hidden_states=True)
-        out_2 = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
+    def encode_tokens(self, ids_1: Tensor, ids_2: Tensor, time_ids: Tensor) -> Conditioning:
+        out_1 = self.text_encoder(ids_1, output_hidden_states=True)
+        out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (B, 77, 2048)
         pooled = out_2.text_embeds  # (B, 1280)
-        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": self._time_ids(len(prompts))})
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
 
     def unconditional(self, batch: int) -> Conditioning:
         cond = self.encode_prompts([""])
