@@ -130,3 +130,32 @@ def test_dispatch_launches_the_kernel_for_cuda_tensors_only(monkeypatch: pytest.
     assert renoise(None, OnCuda(), 0, 0.0, shape=(4, 8, 8)) == "kernel's answer" and len(launched) == 2
     # Long streams of a sample are plain reference numbers too (row b from seeds[b] only).
     assert torch.equal(philox_normal_reference(seeds, 0, 10)[1], philox_normal_reference(seeds[1:], 0, 10)[0])
+
+
+def test_the_kernel_s_own_benchmark_runs_beside_it_at_toy_size(tmp_path) -> None:
+    """``python -m dmd2_kernels.renoise_bench``: correctness and timing rows, their tables, its JSON;
+    on a machine without CUDA it asks for --tiny instead of timing the interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "renoise.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "dmd2_kernels.renoise_bench", "--tiny", "--shapes", "1x4x8x8,2x4x6x6",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if r["kind"] == "renoise"]
+    assert [(r["shape"], r["mode"]) for r in timed] == [("1x4x8x8", "x0"), ("1x4x8x8", "from eps"),
+                                                        ("2x4x6x6", "x0"), ("2x4x6x6", "from eps")]
+    assert all(r["max_err"] < 1e-2 and r["kernel_us"] > 0 and r["gbps"] > 0 for r in timed)
+    variants = [r for r in rows if r["kind"] == "renoise-variant"]
+    assert {r["block"] for r in variants} == {128, 256, 1024} and all(r["max_err"] < 1e-2 for r in variants)
+    assert "| 2x4x6x6 from eps |" in run.stdout and "| 1x4x8x8 | 1024 | False |" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "dmd2_kernels.renoise_bench", "--shapes", "8x4x128"],
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert bad.returncode == 2 and "BxCxHxW" in bad.stderr
+    if not torch.cuda.is_available():
+        gpu = subprocess.run([sys.executable, "-m", "dmd2_kernels.renoise_bench"], capture_output=True, text=True,
+                             timeout=120, env=env, check=False)
+        assert gpu.returncode == 2 and "add --tiny" in gpu.stderr

@@ -40,10 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from dmd2_kernels.renoise_bench import GPU_SHAPES, TINY_SHAPES, renoise_rows
+from dmd2_kernels.timing import copy_bandwidth_gbps
 
-from .kernel import bench_renoise
 from .pipelines import ARCHS, Variant, bench_arch, cold_start, preflight
-from .report import Budget, OutOfTime, Report, _watchdog, copy_bandwidth_gbps
+from .report import Budget, OutOfTime, Report, _watchdog
 
 
 def _list(text: str) -> list[str]:
@@ -100,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel:
         copy_gbps = copy_bandwidth_gbps(device)
         report.note(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
-        shapes = [(1, 4, 8, 8), (2, 4, 16, 16)] if args.tiny else \
-            [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128), (256, 4, 128, 128)]
-        stages.append(("re-noise kernel", lambda: bench_renoise(report, device, shapes, copy_gbps)))
+        shapes = TINY_SHAPES if args.tiny else GPU_SHAPES  # the kernel's own benchmark's rows
+        stages.append(("re-noise kernel", lambda: [report.add(**row) for row in renoise_rows(device, shapes, copy_gbps)]))
 
     def scopes_for(name: str, extra: bool) -> list[str]:
         if args.scopes:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dmd2_kernels.timing import graph_us, timed
 from torch import Tensor, nn
 
 from ..model.adapters import ADAPTERS, ReferenceArch
-from .report import Budget, OutOfTime, Report, timed
+from .report import Budget, OutOfTime, Report
 
 TIMESTEPS = (999, 749, 499, 249)
 Arch = ReferenceArch
@@ -284,14 +285,13 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
 
 def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label: str) -> None:
     """Batch 1's parts, each in its own CUDA graph: one UNet evaluation and the VAE decode."""
-    from .report import _graph_us
 
     cond = conditioning(ARCHS[name], 1, device, pipe.dtype)
     x = torch.randn(1, *pipe.backbone.sample_shape, device=device, dtype=pipe.dtype)
     t = torch.full((1,), 999, device=device, dtype=torch.long)
     with torch.no_grad():
-        unet_ms = _graph_us(lambda: pipe.denoise(x, t, cond), device, calls=4) / 1000
-        decode_ms = _graph_us(lambda: pipe.backbone.decode(x), device, calls=2) / 1000
+        unet_ms = graph_us(lambda: pipe.denoise(x, t, cond), device, calls=4) / 1000
+        decode_ms = graph_us(lambda: pipe.backbone.decode(x), device, calls=2) / 1000
     for part, ms in (("one UNet evaluation", unet_ms), ("VAE decode", decode_ms)):
         report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=ms, kind="part")
 
