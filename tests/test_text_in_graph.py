@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_backends import PROMPTS, SEEDS, pipeline
+from test_backends import CPU_TOLERANCE, PROMPTS, SEEDS, pipeline
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dmd2_serve.model import pipeline as pipeline_module
@@ -109,3 +109,11 @@ def test_a_failed_capture_falls_back_to_encoding_before_the_graph(sd15_teacher: 
 def test_the_encoders_in_the_graph_are_refused_without_the_loop_s_graphs(fast: FastPath, says: str) -> None:
     with pytest.raises(BackendError, match=says):
         check_fast_path(fast)
+
+
+def test_with_the_compile_backend_too(sd15_teacher: Path, tmp_path: Path) -> None:
+    """--backend compile --compile-text-encoder --graph-text-encoder: the images of the eager pipeline."""
+    usual, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
+    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, text_encoder=True, text_in_graph=True))
+    assert fast._text_in_graph
+    assert (fast(PROMPTS, SEEDS) - usual(PROMPTS, SEEDS)).abs().max() < CPU_TOLERANCE
