@@ -40,10 +40,10 @@ from ..model.backends import FastPath
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
-from .batching import GreedyBatchLoop
 from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format, to_pixels
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
+from .loop import ServingLoop
 from .middleware import ServingMiddleware, openai_error
 from .models import ModelFacts, RequestProblem, UnknownModel
 from .schemas import (
@@ -142,9 +142,9 @@ class FewStepAPI(ls.LitAPI):
                  lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.0,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, threads: int | None = None,
                  fast: FastPath | None = None, metadata: bool = True) -> None:
-        # Batches take every waiting request at once (batching.py); one request at a time is LitServe's own loop.
+        # Batches of every waiting request, answers sent from a thread (loop.py), whatever the batch size.
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=GENERATE_PATH,
-                         loop=GreedyBatchLoop() if max_batch_size > 1 else "auto")
+                         loop=ServingLoop())
         models = {Path(models).name: Path(models)} if isinstance(models, (str, Path)) else dict(models)
         lora_dirs = dict(lora_dirs or {})
         self.fast = fast or FastPath()
@@ -238,10 +238,8 @@ class FewStepAPI(ls.LitAPI):
     def batch(self, inputs: list[Job]) -> list[Job]:
         return inputs
 
-    def predict(self, jobs: list[Job] | Job) -> list[JobResult] | JobResult:
-        """A batch of jobs (or one, when LitServe batching is off: max_batch_size=1)."""
-        if isinstance(jobs, Job):
-            return self._run([jobs])[0]
+    def predict(self, jobs: list[Job]) -> list[JobResult]:
+        """A batch of jobs (a list even at ``--max-batch-size 1``: the loop is always ``ServingLoop``)."""
         return self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> list[JobResult]:

@@ -1,4 +1,4 @@
-"""The worker's batch forming (dmd2_serve/server/batching.py): every waiting request at once."""
+"""The worker's loop (dmd2_serve/server/loop.py): every waiting request at once, answers from a thread."""
 
 import pickle
 import queue
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError, collate_requests
 
-from dmd2_serve.server import batching
-from dmd2_serve.server.batching import GreedyBatchLoop
+from dmd2_serve.server import loop
+from dmd2_serve.server.loop import ServingLoop
 
 
 class SlowQueue(queue.Queue):
@@ -49,27 +49,27 @@ def test_every_waiting_request_is_taken_however_slow_the_queue():
     # The contrast first: LitServe's own collection stops when its 1 ms window closes.
     slow = SlowQueue(cost_s=0.0005)
     fill(slow, 16)
-    cut, _ = collate_requests(GreedyBatchLoop(), api(batch_timeout=0.001), slow, None)
+    cut, _ = collate_requests(ServingLoop(), api(batch_timeout=0.001), slow, None)
     assert len(cut) < 16
 
     slow = SlowQueue(cost_s=0.0005)
     fill(slow, 16)
-    taken, expired = GreedyBatchLoop().get_batch_requests(api(batch_timeout=0.001), slow, None)
+    taken, expired = ServingLoop().get_batch_requests(api(batch_timeout=0.001), slow, None)
     assert uids(taken) == [f"uid-{i}" for i in range(16)] and expired == []
 
 
 def test_a_lone_request_does_not_wait_for_company():
     q = SlowQueue()
     fill(q, 1)
-    taken, _ = GreedyBatchLoop().get_batch_requests(api(batch_timeout=0.0), q, None)
+    taken, _ = ServingLoop().get_batch_requests(api(batch_timeout=0.0), q, None)
     assert uids(taken) == ["uid-0"]
-    assert q.waits == [batching.IDLE_WAIT_S]  # only the wait for the first request blocked
+    assert q.waits == [loop.IDLE_WAIT_S]  # only the wait for the first request blocked
 
 
 def test_the_batch_stops_at_max_batch_size_and_the_rest_waits_for_the_next():
     q = SlowQueue()
     fill(q, 20)
-    loop = GreedyBatchLoop()
+    loop = ServingLoop()
     first, _ = loop.get_batch_requests(api(max_batch_size=16, batch_timeout=0.05), q, None)
     second, _ = loop.get_batch_requests(api(max_batch_size=16), q, None)
     assert uids(first) == [f"uid-{i}" for i in range(16)]
@@ -82,28 +82,60 @@ def test_batch_timeout_waits_for_requests_that_come_after_the_first():
     late = threading.Timer(0.05, lambda: q.put((0, "late", time.monotonic(), {})))
     late.start()
     try:
-        taken, _ = GreedyBatchLoop().get_batch_requests(api(batch_timeout=1.0, max_batch_size=2), q, None)
+        taken, _ = ServingLoop().get_batch_requests(api(batch_timeout=1.0, max_batch_size=2), q, None)
     finally:
         late.cancel()
     assert uids(taken) == ["uid-0", "late"]  # full at 2: the rest of the second is not waited for
 
 
 def test_an_idle_worker_comes_back_empty_and_a_stop_ends_the_loop(monkeypatch):
-    monkeypatch.setattr(batching, "IDLE_WAIT_S", 0.01)
+    monkeypatch.setattr(loop, "IDLE_WAIT_S", 0.01)
     q = SlowQueue()
-    assert GreedyBatchLoop().get_batch_requests(api(), q, None) == ([], [])
+    assert ServingLoop().get_batch_requests(api(), q, None) == ([], [])
     q.put(_SENTINEL_VALUE)
     with pytest.raises(_StopLoopError):
-        GreedyBatchLoop().get_batch_requests(api(), q, None)
+        ServingLoop().get_batch_requests(api(), q, None)
 
 
 def test_requests_past_the_request_timeout_are_answered_as_timed_out():
     q = SlowQueue()
     fill(q, 2, age_s=10.0)
     fill(q, 1)
-    taken, expired = GreedyBatchLoop().get_batch_requests(api(request_timeout=5.0), q, None)
+    taken, expired = ServingLoop().get_batch_requests(api(request_timeout=5.0), q, None)
     assert len(taken) == 1 and expired == [(0, "uid-0"), (0, "uid-1")]
 
 
 def test_the_loop_travels_to_a_spawned_worker():
-    assert isinstance(pickle.loads(pickle.dumps(GreedyBatchLoop())), GreedyBatchLoop)
+    assert isinstance(pickle.loads(pickle.dumps(ServingLoop())), ServingLoop)
+
+
+class SlowTransport:
+    """LitServe's response transport, each send taking ``cost_s`` (a Manager round trip with a big answer)."""
+
+    def __init__(self, cost_s: float, fail_on: str | None = None) -> None:
+        self.cost_s, self.fail_on = cost_s, fail_on
+        self.sent: list[str] = []
+
+    def send(self, item, consumer_id):
+        time.sleep(self.cost_s)
+        uid = item[0]
+        if uid == self.fail_on:
+            raise BrokenPipeError("the response queue is gone")
+        self.sent.append(uid)
+
+
+def test_answers_go_from_a_thread_in_order_while_the_worker_goes_on(capfd):
+    from litserve.utils import LitAPIStatus, LoopResponseType
+
+    transport = SlowTransport(cost_s=0.05, fail_on="b")
+    worker = ServingLoop()
+    t0 = time.perf_counter()
+    for uid in "abcd":
+        worker.put_response(transport, 0, uid, ("pixels",), LitAPIStatus.OK, LoopResponseType.REGULAR)
+    assert time.perf_counter() - t0 < 0.05  # four sends of 50 ms each did not hold the worker
+    deadline = time.monotonic() + 5
+    while len(transport.sent) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert transport.sent == ["a", "c", "d"]  # in order; the one that failed did not stop the rest
+    assert "an answer could not be sent (BrokenPipeError" in capfd.readouterr().err
+    assert pickle.loads(pickle.dumps(worker))._outbox is None  # the thread stays in the worker that made it
