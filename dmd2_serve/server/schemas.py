@@ -70,7 +70,10 @@ class GeneratedImage(BaseModel):
 class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     model: str
-    timings_ms: dict[str, float]
+    timings_ms: dict[str, float] = Field(..., description=(
+        "where the time went, in ms: queue (request parsed -> its batch starts), inference (the batch's pipeline:"
+        " prompt encoding, the steps, decoding), reply (the worker's answer -> the HTTP process), encode (making"
+        " the image files); batch_requests and group_requests: the requests in its batch and in its forward pass"))
 
 
 SIZE_PATTERN = re.compile(r"^(\d{1,4})x(\d{1,4})$")
