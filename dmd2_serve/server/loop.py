@@ -1,10 +1,9 @@
 """The inference worker's loop: a batch of every request already waiting, answers sent from a thread.
 
-**Batches.** 
-LitServe's batched loop gathers a batch for ``batch_timeout`` seconds from the moment it starts
-looking, one request at a time from its request queue, a ``multiprocessing.Manager`` queue: each
-``get`` is a round trip to the Manager process (~70 us on an idle machine, more while the HTTP
-process and the encoder threads are busy). With a short window the batch is cut when the window
+**Batches.** LitServe's batched loop gathers a batch for ``batch_timeout`` seconds from the
+moment it starts looking, one request at a time from its request queue, a
+``multiprocessing.Manager`` queue: each ``get`` is a round trip to the Manager process (~70 us
+on an idle machine, more under load). With a short window the batch is cut when the window
 closes, not when the waiting requests run out: on an H200 at 32 clients the batches averaged
 11.4 requests with 16 and more waiting (``served-sd15-nvidia-h200-2026-12-04.json``), so each
 pass of the bucket-16 graph carried a quarter padding. A longer window would fill them, but
@@ -21,7 +20,7 @@ the loop hands LitServe's ``collate_requests`` a view of the API with the window
 **Answers.** LitServe's loop sends a batch's answers one by one through its response queue,
 another Manager queue, before it takes the next batch, and each send waits while the Manager
 receives the whole answer: a 512x512 image's pixels (0.8 MB) cost ~1.1 ms, a 1024x1024 one's
-(3.1 MB) ~6 ms on our 2-core CPU, so 16 SDXL images kept the GPU idle ~100 ms per batch.
+(3.1 MB) ~6 ms on our 2-core CPU, so 16 SDXL images would keep the GPU idle ~100 ms a batch.
 :class:`ServingLoop` hands the answers to a sender thread of the worker instead, which sends
 them in order while the worker runs the next batch.
 """
@@ -55,8 +54,8 @@ class _Window:
 class _First:
     """A request queue with one request already taken from it put back in front."""
 
-    def __init__(self, first: Any, queue: Queue) -> None:
-        self._first, self._queue = [first], queue
+    def __init__(self, first: Any, rest: Queue) -> None:
+        self._first, self._queue = [first], rest
 
     def get_nowait(self) -> Any:
         return self._first.pop() if self._first else self._queue.get_nowait()
