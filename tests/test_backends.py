@@ -33,6 +33,10 @@ def pipeline(folder: Path) -> FewStepPipeline:
 
 @pytest.mark.parametrize("scope", ["full", "regional"])
 def test_compile_backend_gives_the_eager_images(sd15_teacher: Path, tmp_path: Path, scope: str) -> None:
+    # An earlier compile of the same graphs in this process would be served from Inductor's in-memory
+    # caches and leave this test's cache folder empty: start from none.
+    torch._dynamo.reset()
+    torch._inductor.utils.clear_caches()
     eager = pipeline(sd15_teacher)
     fast = pipeline(sd15_teacher)
     fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, compile_scope=scope))

@@ -110,18 +110,26 @@ def test_the_loop_travels_to_a_spawned_worker():
 
 
 class SlowTransport:
-    """LitServe's response transport, each send taking ``cost_s`` (a Manager round trip with a big answer)."""
+    """LitServe's response transport, each send taking ``cost_s`` (a Manager round trip with a big answer);
+    the first send for ``fail_on`` raises."""
 
     def __init__(self, cost_s: float, fail_on: str | None = None) -> None:
         self.cost_s, self.fail_on = cost_s, fail_on
-        self.sent: list[str] = []
+        self.sent: list[tuple[str, str]] = []  # (uid, status)
 
     def send(self, item, consumer_id):
         time.sleep(self.cost_s)
-        uid = item[0]
+        uid, (_, status, _, _) = item
         if uid == self.fail_on:
+            self.fail_on = None
             raise BrokenPipeError("the response queue is gone")
-        self.sent.append(uid)
+        self.sent.append((uid, status))
+
+
+def wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_answers_go_from_a_thread_in_order_while_the_worker_goes_on(capfd):
@@ -133,9 +141,40 @@ def test_answers_go_from_a_thread_in_order_while_the_worker_goes_on(capfd):
     for uid in "abcd":
         worker.put_response(transport, 0, uid, ("pixels",), LitAPIStatus.OK, LoopResponseType.REGULAR)
     assert time.perf_counter() - t0 < 0.05  # four sends of 50 ms each did not hold the worker
-    deadline = time.monotonic() + 5
-    while len(transport.sent) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert transport.sent == ["a", "c", "d"]  # in order; the one that failed did not stop the rest
+    wait_for(lambda: len(transport.sent) == 4)
+    # in order; the answer that could not go became an error answer (a 500), so its request does not hang
+    assert transport.sent == [("a", "OK"), ("b", "ERROR"), ("c", "OK"), ("d", "OK")]
     assert "an answer could not be sent (BrokenPipeError" in capfd.readouterr().err
     assert pickle.loads(pickle.dumps(worker))._outbox is None  # the thread stays in the worker that made it
+
+
+class EchoAPI:
+    """The LitAPI surface LitServe's batched loop calls."""
+
+    max_batch_size, batch_timeout, request_timeout, stream, spec = 3, 0.0, 30.0, False, None
+
+    def decode_request(self, x):
+        return x
+
+    def batch(self, x):
+        return x
+
+    def predict(self, x):
+        return x
+
+    def unbatch(self, x):
+        return x
+
+    def encode_response(self, y):
+        return y
+
+
+def test_a_stopping_loop_still_sends_the_answers_of_the_batches_it_ran():
+    from litserve.callbacks import CallbackRunner
+
+    q = SlowQueue()
+    fill(q, 3)
+    q.put(_SENTINEL_VALUE)
+    transport = SlowTransport(cost_s=0.1)
+    ServingLoop().run_batched_loop(EchoAPI(), q, transport, CallbackRunner())  # returns at the sentinel
+    assert transport.sent == [("uid-0", "OK"), ("uid-1", "OK"), ("uid-2", "OK")]  # sent before it returned

@@ -16,12 +16,15 @@ from dmd2_serve.model.backends import BackendError, FastPath, check_fast_path
 from dmd2_serve.model.pipeline import FewStepPipeline
 
 # aten ops that make the host wait for the device (a value read back, or a shape that depends on
-# values): any of them in the encoders would make a CUDA graph capture fail.
-HOST_WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero", "equal"}
+# values), or that bring host data in (a tensor made from Python numbers): any of them in the encoders
+# would make a CUDA graph capture fail or bake a stale value in.
+HOST_WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero", "equal",
+              "lift_fresh", "lift_fresh_copy"}
 
 
 class HostWaits(TorchDispatchMode):
-    """Records every op that would make the host wait for the device."""
+    """Records every op that would make the host wait for the device or copy host data in. (A move
+    between devices cannot show on a CPU-only machine: the GPU's capture is the check for that.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,9 +52,10 @@ def test_the_encoders_take_the_tokenizer_s_tensors_and_never_wait_for_the_device
     assert spy.seen == []
     want = backbone.encode_prompts(PROMPTS)
     assert torch.equal(cond.hidden, want.hidden) and cond.added.keys() == want.added.keys()
-    with HostWaits() as spy:  # the spy does see a read back
-        torch.ones(2).sum().item()
-    assert spy.seen
+    for host_trip in (lambda: torch.ones(2).sum().item(), lambda: torch.tensor([1.0, 2.0])):
+        with HostWaits() as spy:  # the spy does see each kind
+            host_trip()
+        assert spy.seen
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -100,6 +104,18 @@ def test_a_failed_capture_falls_back_to_encoding_before_the_graph(sd15_teacher: 
     assert captured == [torch.float32]  # the fallback graph: from the encoded prompts
     monkeypatch.setattr(pipe, "images_from_tokens", lambda *a, **k: pytest.fail("tried the encoders in the graph again"))
     torch.testing.assert_close(pipe(PROMPTS, SEEDS), want, atol=1e-6, rtol=0)  # no second warning either
+
+    # A full card is no reason to give the encoders up: out of memory goes to the caller as it is.
+    full = pipeline(sd15_teacher)
+    full.fast = FastPath(text_in_graph=True)
+
+    def out_of_memory(fn, inputs, pool=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline_module, "GraphedLoop", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        full(PROMPTS, SEEDS)
+    assert full._text_in_graph
 
 
 @pytest.mark.parametrize("fast, says", [

@@ -27,6 +27,10 @@ from .precision import quantize_fp8
 from .sampling import philox_sample, sdedit_start
 
 
+class CaptureFailed(RuntimeError):
+    """A loop with the prompt encoders in it could not be captured in a CUDA graph (the cause is chained)."""
+
+
 class FewStepPipeline:
     """The generator, its prompt encoder and its schedule, ready to sample.
 
@@ -139,6 +143,7 @@ class FewStepPipeline:
             if decoder is not None:
                 vae.decoder = decoder
         self.fast = fast
+        self._text_graph_failed = False  # a new backend: the encoders may capture now
         self.release_graphs()
 
     def use_lora(self, folder: str | Path | None, scale: float = 1.0) -> bool:
@@ -269,12 +274,12 @@ class FewStepPipeline:
 
         try:
             return self._loop("tokens", list(tokens), conditioning, seeds, timesteps, shape, init, start_step)
-        except RuntimeError as e:
-            if not self.graphed:
-                raise
+        except CaptureFailed as e:
             self._text_graph_failed = True
-            warnings.warn(f"the prompt encoder could not be captured in the loop's CUDA graph ({type(e).__name__}:"
-                          f" {str(e).splitlines()[0][:200]}); encoding prompts before the graph instead", stacklevel=2)
+            cause = e.__cause__
+            warnings.warn(f"the prompt encoder could not be captured in the loop's CUDA graph ({type(cause).__name__}:"
+                          f" {str(cause).splitlines()[0][:200]}); encoding prompts before the graph instead",
+                          stacklevel=2)
             self.release_graphs()  # a failed capture leaves its pool in an unknown state
             torch.cuda.synchronize()
             return self.images(conditioning(*tokens), seeds, timesteps, shape, init, start_step)
@@ -299,7 +304,14 @@ class FewStepPipeline:
         if key not in self._graphs:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            self._graphs[key] = GraphedLoop(loop, inputs, self._pool)
+            try:
+                self._graphs[key] = GraphedLoop(loop, inputs, self._pool)
+            except torch.OutOfMemoryError:
+                raise  # the card is full, whatever the graph holds
+            except RuntimeError as e:  # the warm-up or the capture (an op the capture does not allow)
+                if kind != "tokens":
+                    raise
+                raise CaptureFailed(str(e)) from e
         return self._graphs[key](*inputs)
 
     def release_graphs(self) -> None:

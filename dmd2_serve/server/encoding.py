@@ -109,7 +109,7 @@ def encode_image(image: np.ndarray | torch.Tensor, fmt: str, size: tuple[int, in
 
 @dataclass
 class EncodedImages:
-    """A request's answer as the worker sends it back: the image files, ready to send or to base64."""
+    """A request's answer as the HTTP process sends it: the image files, ready to send as they are or base64."""
 
     files: list[bytes]
     seeds: list[int]

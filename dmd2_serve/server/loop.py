@@ -22,7 +22,8 @@ another Manager queue, before it takes the next batch, and each send waits while
 receives the whole answer: a 512x512 image's pixels (0.8 MB) cost ~1.1 ms, a 1024x1024 one's
 (3.1 MB) ~6 ms on our 2-core CPU, so 16 SDXL images would keep the GPU idle ~100 ms a batch.
 :class:`ServingLoop` hands the answers to a sender thread of the worker instead, which sends
-them in order while the worker runs the next batch.
+them in order while the worker runs the next batch (and, when the loop stops, before it ends).
+An answer that cannot be sent is answered with a 500, so that its request does not wait forever.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Any
 
+from fastapi import HTTPException
 from litserve.loops.base import collate_requests
 from litserve.loops.simple_loops import BatchedLoop
-from litserve.utils import LitAPIStatus
+from litserve.utils import LitAPIStatus, dump_exception
 
 IDLE_WAIT_S = 0.5  # an idle worker blocks this long on the queue per look (LitServe's loop polls every 1 ms)
+FLUSH_S = 30.0  # a stopping loop waits at most this long for its queued answers to go
+_DONE = object()  # the end of the sender thread's queue
 
 
 @dataclass(frozen=True)
@@ -69,32 +73,67 @@ class ServingLoop(BatchedLoop):
 
     def __init__(self) -> None:
         super().__init__()
-        self._outbox: queue.SimpleQueue | None = None  # made in the worker, on the first answer
+        self._outbox: queue.SimpleQueue | None = None  # made in the worker, with the sender, on the first answer
+        self._sender: threading.Thread | None = None
+        self._sending = threading.Lock()  # one thread at a time on the transport (a ZMQ socket is not thread-safe)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_outbox": None}  # the loop travels to spawned workers; a thread cannot
+        state = {**self.__dict__, "_outbox": None, "_sender": None}  # the loop travels to spawned workers
+        del state["_sending"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._sending = threading.Lock()
+
+    def run_batched_loop(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().run_batched_loop(*args, **kwargs)
+        finally:
+            self.flush()  # a stopping loop still answers the batches it ran
 
     def put_response(self, transport: Any, response_queue_id: int, uid: str, response_data: Any, status: str,
                      response_type: Any) -> None:
         """Queue an answer for the sender thread (a start notice goes at once: it carries nothing)."""
         message = (transport, response_queue_id, uid, response_data, status, response_type)
         if status == LitAPIStatus.START:
-            super().put_response(*message)
+            self._put(message)
             return
-        if self._outbox is None:
+        if self._sender is None:
             self._outbox = queue.SimpleQueue()
-            threading.Thread(target=self._send, args=(self._outbox,), daemon=True, name="dmd2-answers").start()
+            self._sender = threading.Thread(target=self._send, args=(self._outbox,), daemon=True, name="dmd2-answers")
+            self._sender.start()
         self._outbox.put(message)
 
+    def flush(self, timeout: float = FLUSH_S) -> None:
+        """Send every answer still queued, then end the sender thread (waits at most ``timeout`` seconds)."""
+        if self._sender is not None:
+            self._outbox.put(_DONE)
+            self._sender.join(timeout)
+            self._outbox = self._sender = None
+
+    def _put(self, message: tuple) -> None:
+        with self._sending:
+            super().put_response(*message)
+
     def _send(self, outbox: queue.SimpleQueue) -> None:
-        """The sender thread: each queued answer through LitServe's response queue, in order."""
-        while True:
-            message = outbox.get()
+        """The sender thread: each queued answer through LitServe's response queue, in order, until ``_DONE``."""
+        while (message := outbox.get()) is not _DONE:
             try:
-                super().put_response(*message)
-            except Exception as e:  # noqa: BLE001 - one answer lost (its request times out); the rest still go
-                print(f"dmd2_serve: an answer could not be sent ({type(e).__name__}: {e})", file=sys.stderr,
-                      flush=True)
+                self._put(message)
+            except Exception as e:  # noqa: BLE001 - that request gets a 500 instead; the rest still go
+                self._answer_failure(message, e)
+
+    def _answer_failure(self, message: tuple, error: Exception) -> None:
+        """An answer that could not be sent: say so, and answer its request with a 500 so it does not wait forever."""
+        transport, response_queue_id, uid, _, _, response_type = message
+        print(f"dmd2_serve: an answer could not be sent ({type(error).__name__}: {error}); its request gets a 500",
+              file=sys.stderr, flush=True)
+        failure = HTTPException(500, "the inference worker could not send this answer back; see the server's log")
+        try:
+            self._put((transport, response_queue_id, uid, dump_exception(failure), LitAPIStatus.ERROR, response_type))
+        except Exception as e:  # noqa: BLE001 - the transport itself is gone: the server is stopping or broken
+            print(f"dmd2_serve: nor could its error ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
     def get_batch_requests(self, lit_api: Any, request_queue: Queue, transport: Any) -> tuple[list, list]:
         """(requests, timed-out requests) of the next batch; both empty when none came within ``IDLE_WAIT_S``."""
