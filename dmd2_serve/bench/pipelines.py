@@ -285,7 +285,6 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
 
 def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label: str) -> None:
     """Batch 1's parts, each in its own CUDA graph: one UNet evaluation and the VAE decode."""
-
     cond = conditioning(ARCHS[name], 1, device, pipe.dtype)
     x = torch.randn(1, *pipe.backbone.sample_shape, device=device, dtype=pipe.dtype)
     t = torch.full((1,), 999, device=device, dtype=torch.long)

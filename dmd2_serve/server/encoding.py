@@ -86,9 +86,8 @@ def encode_image(image: np.ndarray | torch.Tensor, fmt: str, size: tuple[int, in
     from PIL import ExifTags, Image
     from PIL.PngImagePlugin import PngInfo
 
-    if isinstance(image, torch.Tensor):
-        image = (image if image.dtype == torch.uint8 else to_pixels(image[None])[0]).cpu().numpy()
-    arr = image  # (H, W, C) uint8
+    arr = image if isinstance(image, np.ndarray) else \
+        (image if image.dtype == torch.uint8 else to_pixels(image[None])[0]).cpu().numpy()  # (H, W, C) uint8
     pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if pil.size != size:
         pil = pil.resize(size, Image.NEAREST)

@@ -29,7 +29,6 @@ An answer that cannot be sent is answered with a 500, so that its request does n
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 from dataclasses import dataclass
 from queue import Queue
@@ -39,6 +38,8 @@ from fastapi import HTTPException
 from litserve.loops.base import collate_requests
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, dump_exception
+
+from .lifecycle import say
 
 IDLE_WAIT_S = 0.5  # an idle worker blocks this long on the queue per look (LitServe's loop polls every 1 ms)
 FLUSH_S = 30.0  # a stopping loop waits at most this long for its queued answers to go
@@ -127,13 +128,12 @@ class ServingLoop(BatchedLoop):
     def _answer_failure(self, message: tuple, error: Exception) -> None:
         """An answer that could not be sent: say so, and answer its request with a 500 so it does not wait forever."""
         transport, response_queue_id, uid, _, _, response_type = message
-        print(f"dmd2_serve: an answer could not be sent ({type(error).__name__}: {error}); its request gets a 500",
-              file=sys.stderr, flush=True)
+        say(f"an answer could not be sent ({type(error).__name__}: {error}); its request gets a 500")
         failure = HTTPException(500, "the inference worker could not send this answer back; see the server's log")
         try:
             self._put((transport, response_queue_id, uid, dump_exception(failure), LitAPIStatus.ERROR, response_type))
         except Exception as e:  # noqa: BLE001 - the transport itself is gone: the server is stopping or broken
-            print(f"dmd2_serve: nor could its error ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            say(f"nor could its error ({type(e).__name__}: {e})")
 
     def get_batch_requests(self, lit_api: Any, request_queue: Queue, transport: Any) -> tuple[list, list]:
         """(requests, timed-out requests) of the next batch; both empty when none came within ``IDLE_WAIT_S``."""
