@@ -77,21 +77,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=_sizes, default=(8,), metavar="N[,N...]",
                    help="images per forward pass, padded: one size (a seed's pixels never depend on its batch)"
                         " or several, e.g. 1,4,16 (lower latency for small batches; equal within float rounding)")
-    p.add_argument("--backend", default="eager", choices=["eager", "compile", "tensorrt"],
-                   help="how the UNet and VAE decoder run: eager PyTorch, torch.compile, or TensorRT engines")
+    p.add_argument("--backend", default="eager", choices=["eager", "compile", "aoti", "tensorrt"],
+                   help="how the UNet and VAE decoder run: eager PyTorch, torch.compile, the same code compiled ahead"
+                        " of time by AOTInductor (a restart loads it without tracing: faster warm starts), or"
+                        " TensorRT engines")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels")
     p.add_argument("--compile-cache", type=Path, default=None,
-                   help="folder for compiled artefacts and TensorRT engines (default: $DMD2_CACHE_DIR or"
-                        " ~/.cache/dmd2-fast)")
+                   help="folder for compiled artefacts (Inductor's caches, AOTInductor packages) and TensorRT"
+                        " engines (default: $DMD2_CACHE_DIR or ~/.cache/dmd2-fast)")
     p.add_argument("--compile-scope", default="full", choices=["full", "regional"],
                    help="with --backend compile: the whole UNet and decoder, or only their repeated blocks"
                         " (much faster to compile)")
     p.add_argument("--compile-tuning", default="default", choices=["default", "decoder", "all"],
-                   help="with --backend compile: Inductor's max-autotune for the VAE decoder, or for the UNet too"
-                        " (faster kernels, minutes more compiling; cached like the rest)")
+                   help="with --backend compile or aoti: Inductor's max-autotune for the VAE decoder, or for the UNet"
+                        " too (faster kernels, minutes more compiling; cached like the rest)")
     p.add_argument("--compile-text-encoder", action="store_true",
-                   help="with --backend compile: compile the prompt encoder(s) too (fewer launches per request;"
-                        " seconds more at start)")
+                   help="with --backend compile or aoti: torch.compile the prompt encoder(s) too (fewer launches per"
+                        " request; seconds more at start)")
     p.add_argument("--graph-text-encoder", action="store_true",
                    help="run the prompt encoder(s) inside each batch's CUDA graph, from the token ids (SD and SDXL"
                         " families; one replay instead of a launch per op; falls back with a warning if a capture"

@@ -95,14 +95,15 @@ def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:
         check_fast_path(FastPath(backend="tensorrt"))
     with pytest.raises(BackendError, match=r"dmd2-fast\[xformers\]"):
         check_fast_path(FastPath(attention="xformers"))
-    with pytest.raises(BackendError, match="choose one of eager, compile, tensorrt"):
+    with pytest.raises(BackendError, match="choose one of eager, compile, aoti, tensorrt"):
         check_fast_path(FastPath(backend="onnx"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("flags, says", [
     (["--backend", "tensorrt"], "error: --backend tensorrt needs torch-tensorrt"),
     (["--precision", "fp8"], "error: --precision fp8 needs a CUDA GPU with float8 tensor cores"),
-    (["--compile-text-encoder"], "error: compiling the text encoder needs --backend compile, not eager"),
+    (["--compile-text-encoder"], "error: compiling the text encoder needs --backend compile or aoti, not eager"),
+    (["--backend", "aoti", "--compile-scope", "regional"], "error: --backend aoti exports whole modules"),
     (["--graph-text-encoder", "--no-cuda-graphs"], "error: the text encoder in the CUDA graph needs the loop's"),
 ])
 def test_cli_refuses_what_cannot_run_at_start_with_one_line(flags: list[str], says: str) -> None:

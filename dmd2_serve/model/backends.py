@@ -1,4 +1,4 @@
-"""How the generator runs: ``eager``, ``compile`` (torch.compile + CUDA graphs) or ``tensorrt``.
+"""How the generator runs: ``eager``, ``compile`` (torch.compile + CUDA graphs), ``aoti`` or ``tensorrt``.
 
 A backend prepares the two heavy modules of a pipeline, the UNet and the VAE decoder, in place;
 the sampling loop and the fused re-noise kernel stay the same for all three. On CUDA the whole
@@ -10,6 +10,8 @@ batch-1 request costs one graph launch instead of a thousand kernel launches.
   and of the VAE decoder, compiled artefacts kept in ``cache_dir`` so a restart skips the work.
   The batch dimension is marked dynamic for batches of 2 and more, so every bucket size shares
   one compiled graph (batch 1 gets its own, specialised: diffusers branches on a batch of one).
+* ``aoti``: the same modules prepared the same way, compiled ahead of time by AOTInductor into
+  packages without the weights (``aot.py``), so a restart loads them instead of tracing again.
 * ``precision="fp8"``: the UNet's attention-block linear layers in float8 through torchao
   (``precision.py``), the rest in bfloat16; Hopper / Ada GPUs only.
 * ``tensorrt``: engines built through ``torch_tensorrt`` (dynamo IR) for the UNet and the VAE
@@ -31,13 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Conditioning, unet_prediction
+from .aot import aot_compile_in_place
 from .errors import BackendError
 from .precision import Precision, check_precision
 
-Backend = Literal["eager", "compile", "tensorrt"]
+Backend = Literal["eager", "compile", "aoti", "tensorrt"]
 Attention = Literal["sdpa", "xformers"]
 Tuning = Literal["default", "decoder", "all"]
-BACKENDS: tuple[str, ...] = ("eager", "compile", "tensorrt")
+BACKENDS: tuple[str, ...] = ("eager", "compile", "aoti", "tensorrt")
+INDUCTOR_BACKENDS = ("compile", "aoti")  # the two that compile through Inductor
 ATTENTIONS: tuple[str, ...] = ("sdpa", "xformers")
 TUNINGS: tuple[str, ...] = ("default", "decoder", "all")
 
@@ -53,7 +57,7 @@ class FastPath:
     """The serving fast-path options (``--backend``, ``--attention``, ``--compile-cache``).
 
     Attributes:
-        backend: eager | compile | tensorrt.
+        backend: eager | compile | aoti | tensorrt.
         attention: sdpa | xformers.
         cache_dir: where compiled artefacts and TensorRT engines are kept across restarts.
         cuda_graphs: capture the whole loop per batch shape in a CUDA graph (CUDA only).
@@ -110,8 +114,11 @@ def check_fast_path(fast: FastPath) -> None:
     if fast.tuning not in TUNINGS:
         raise BackendError(f"unknown compile tuning '{fast.tuning}'; choose one of {', '.join(TUNINGS)}")
     check_precision(fast.precision, fast.backend)
-    if fast.text_encoder and fast.backend != "compile":
-        raise BackendError(f"compiling the text encoder needs --backend compile, not {fast.backend}")
+    if fast.text_encoder and fast.backend not in INDUCTOR_BACKENDS:
+        raise BackendError(f"compiling the text encoder needs --backend compile or aoti, not {fast.backend}")
+    if fast.backend == "aoti" and fast.compile_scope != "full":
+        raise BackendError("--backend aoti exports whole modules: use --compile-scope full, or --backend compile for"
+                           " the regional scope")
     if fast.text_in_graph and (fast.backend == "tensorrt" or not fast.cuda_graphs):
         why = "TensorRT runs its own engines" if fast.backend == "tensorrt" else "CUDA graphs are off"
         raise BackendError(f"the text encoder in the CUDA graph needs the loop's CUDA graphs ({why}): use --backend"
@@ -156,15 +163,16 @@ def configure_compile_cache(cache_dir: Path) -> Path:
 
 
 def fuse_qkv(unet: nn.Module, fast: FastPath) -> None:
-    """One matmul for q, k and v in self-attention (compile backend with SDPA; before fp8, so the
-    fused weight is the one quantised)."""
-    if fast.backend == "compile" and fast.attention == "sdpa" and hasattr(unet, "fuse_qkv_projections"):
+    """One matmul for q, k and v in self-attention (compile and aoti backends with SDPA; before fp8, so
+    the fused weight is the one quantised)."""
+    if fast.backend in INDUCTOR_BACKENDS and fast.attention == "sdpa" and hasattr(unet, "fuse_qkv_projections"):
         unet.fuse_qkv_projections()
 
 
 def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, text: Sequence[nn.Module] = ()) -> None:
-    """``compile`` backend: channels-last, then ``torch.compile`` of UNet and decoder in place (and of
-    the ``text`` encoders with ``fast.text_encoder``)."""
+    """``compile`` and ``aoti`` backends: channels-last, then ``torch.compile`` of UNet and decoder in
+    place, or their AOTInductor packages (and ``torch.compile`` of the ``text`` encoders with
+    ``fast.text_encoder``)."""
     configure_compile_cache(fast.resolved_cache_dir())
     on_cuda = next(unet.parameters()).device.type == "cuda"
     if on_cuda:
@@ -182,7 +190,11 @@ def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, text
         targets = [(name, block) for name, module in targets for block in module.modules()
                    if type(block).__name__ in REGIONAL_BLOCKS]
     for name, module in targets:
-        compile_in_place(module, autotune=name in tuned and on_cuda, dynamic_batch=fast.dynamic_batch)
+        if fast.backend == "aoti":
+            aot_compile_in_place(module, fast.resolved_cache_dir(), autotune=name in tuned and on_cuda,
+                                 dynamic_batch=fast.dynamic_batch)
+        else:
+            compile_in_place(module, autotune=name in tuned and on_cuda, dynamic_batch=fast.dynamic_batch)
     for module in text if fast.text_encoder else ():
         # transformers installs its hidden-state hooks under a lock on the first call: a graph break
         compile_in_place(module, dynamic_batch=fast.dynamic_batch, fullgraph=False)

@@ -15,6 +15,7 @@ from .backends import (
     BackendError,
     Denoiser,
     FastPath,
+    INDUCTOR_BACKENDS,
     GraphedLoop,
     check_fast_path,
     compile_modules,
@@ -134,7 +135,7 @@ class FewStepPipeline:
         if fast.precision == "fp8":
             quantize_fp8(self.unet)
             self.dtype = torch.bfloat16
-        if fast.backend == "compile":
+        if fast.backend in INDUCTOR_BACKENDS:
             compile_modules(self.unet, vae, fast, self.backbone.text_encoders())
         elif fast.backend == "tensorrt":
             cond = (example or self.backbone.encode_prompts([""])).to(self.device, self.dtype)

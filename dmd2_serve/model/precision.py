@@ -31,8 +31,9 @@ def check_precision(precision: str, backend: str) -> None:
         raise BackendError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp8":
         return
-    if backend == "tensorrt":
-        raise BackendError("--precision fp8 runs through torchao in PyTorch; use it with --backend compile (or eager)")
+    if backend in ("tensorrt", "aoti"):
+        raise BackendError(f"--precision fp8 runs through torchao's float8 tensors, which {backend} does not take;"
+                           " use it with --backend compile (or eager)")
     if importlib.util.find_spec("torchao") is None:
         raise BackendError("--precision fp8 needs torchao, which is not installed: pip install 'dmd2-fast[fp8]'")
     if not torch.cuda.is_available():
