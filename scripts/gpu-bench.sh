@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
 #
 #   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
-#                             [served-graph-text]
+#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -23,6 +23,11 @@
 #           every served part also measures the batches formed of every waiting request and the
 #           image files made in the HTTP process (both the default now): compare `served` with
 #           docs/bench/served-sd15-nvidia-h200-2026-12-04.json
+#   aoti, aoti-sdxl, served-aoti
+#           --backend aoti (torch.export + AOTInductor packages without the weights, loaded by a
+#           restart without tracing; added 2026-12-05, CPU only so far): SD1.5's rows at 16, 4, 1 and
+#           a second process's warm start; SDXL's batch 1 and its warm start (the target's SDXL half,
+#           never measured); the served path on the SD1.5 packages (run after `aoti`)
 #
 # Seen on an H100 on 2026-11-27 (plan the 15 minutes with these): start + wheels ~40 s; SD1.5
 # full compile with the dynamic batch at 16: 95 s (4 then reuses it: 1 s), batch 1: 36-60 s;
@@ -67,11 +72,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 day=$(date +%Y-%m-%d)
 # served NAME BUCKETS [SERVER ARGS...]: the served-path benchmark with one server configuration
+# (the server's --backend: $SERVED_BACKEND, default compile)
 served() {
   local name=$1 bucket=$2 budget=${SERVED_BUDGET_S:-$SERVED_DEFAULT_S}
   shift 2
   timeout $(( budget + 30 )) python3 -m dmd2_serve.bench.served --bucket "$bucket" --seconds 8 --budget-s "$budget" \
-    --cache-dir "$cache" --out "$out/$name-$card-$day.json" ${1:+--} "$@"
+    --backend "${SERVED_BACKEND:-compile}" --cache-dir "$cache" --out "$out/$name-$card-$day.json" ${1:+--} "$@"
 }
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train sd15 served sdxl)
@@ -97,12 +103,22 @@ for part in "${parts[@]}"; do
         || status=1 ;;
     served-2w)  # the same buckets and two workers on the card: one tokenizes and copies while the other runs
       SERVED_DEFAULT_S=200 served served-sd15-2w 1,2,4,6,8,10,12,14,16 --workers-per-device 2 || status=1 ;;
+    aoti)  # --backend aoti on SD1.5: packages at 16 (4 reuses it) and 1, then a second process's warm start
+      timeout $(( ${AOTI_BUDGET_S:-330} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,4,1 --scopes full \
+        --variants aoti --backends compile --no-preflight --no-kernel \
+        --budget-s "${AOTI_BUDGET_S:-330}" --cache-dir "$cache" --out "$out/serve-sd15-aoti-$card-$day.json" || status=1 ;;
+    aoti-sdxl)  # SDXL's warm start, never measured: the batch-1 package, then a second process's start from it
+      timeout $(( ${AOTI_BUDGET_S:-330} + 60 )) python3 -m dmd2_serve.bench --archs sdxl --batches 1 --scopes full \
+        --variants aoti --backends compile --no-preflight --no-kernel \
+        --budget-s "${AOTI_BUDGET_S:-330}" --cache-dir "$cache" --out "$out/serve-sdxl-aoti-$card-$day.json" || status=1 ;;
+    served-aoti)  # the served path with --backend aoti (its packages from the aoti part: the start is a warm one)
+      SERVED_BACKEND=aoti SERVED_DEFAULT_S=200 served served-sd15-aoti 1,4,16 || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
         --budget-s "${SDXL_BUDGET_S:-220}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
     *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
-         "served-graph-text sdxl"; exit 2 ;;
+         "served-graph-text sdxl aoti aoti-sdxl served-aoti"; exit 2 ;;
   esac
 done
 exit $status

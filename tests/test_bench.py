@@ -49,22 +49,24 @@ def test_training_bench_runs_at_toy_size(tmp_path: Path) -> None:
 
 def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     """The compile levers run one at a time; batch 1's breakdown is reported; fp8 fails alone, with its reason;
-    a second process starts from the warm cache and says where its seconds went."""
+    a second process starts from the warm cache and says where its seconds went, for compile and for aoti."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
-         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2", "--no-preflight", "--no-kernel",
+         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1", "--no-preflight", "--no-kernel",
          "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = {(r["batch"], r["backend"]): r for r in result["rows"]}
-    assert {(2, "compile full"), (1, "compile full"), (1, "compile full, static")} <= set(rows)
-    assert all(rows[k]["psnr_db"] > 60 for k in [(2, "compile full"), (1, "compile full, static")])
+    assert {(2, "compile full"), (1, "compile full"), (1, "compile full, static"), (1, "aoti full")} <= set(rows)
+    assert all(rows[k]["psnr_db"] > 60 for k in [(2, "compile full"), (1, "compile full, static"), (1, "aoti full")])
     parts = [r for r in result["rows"] if r.get("kind") == "part"]
-    assert {r["backend"] for r in parts} == {"compile full: one UNet evaluation", "compile full: VAE decode"}
+    assert {r["backend"] for r in parts} == {f"{b} full: {p}" for b in ("compile", "aoti")
+                                             for p in ("one UNet evaluation", "VAE decode")}
     assert any("fp8 failed" in n and "compute capability 8.9" in n for n in result["notes"])
     assert "Traceback" in run.stderr  # a failed lever's whole error is in the log, not only the note's start
-    cold = next(n for n in result["notes"] if n.startswith("cold start, sd15 compile full, warm cache"))
-    seconds = dict(re.findall(r"(imports|models|first image) ([\d.]+) s", cold))
-    assert set(seconds) == {"imports", "models", "first image"} and all(float(v) > 0 for v in seconds.values())
+    for backend in ("compile", "aoti"):
+        cold = next(n for n in result["notes"] if n.startswith(f"cold start, sd15 {backend} full, warm cache"))
+        seconds = dict(re.findall(r"(imports|models|first image) ([\d.]+) s", cold))
+        assert set(seconds) == {"imports", "models", "first image"} and all(float(v) > 0 for v in seconds.values())

@@ -51,6 +51,19 @@ def _list(text: str) -> list[str]:
     return [p for p in text.split(",") if p]
 
 
+def cold_start_note(report: Report, budget: Budget, name: str, backend: str, scope: str, cache_dir: Path,
+                    tiny: bool) -> None:
+    """Time a second process's start to its first batch-1 image with the warm ``cache_dir``; note it."""
+    budget.require(40 if not tiny else 30, f"cold start, {backend}")
+    cmd = [sys.executable, "-m", "dmd2_serve.bench", "--cold-start", name, "--cold-backend", backend, "--scope", scope,
+           "--cache-dir", str(cache_dir), "--launched", str(time.time())] + (["--tiny"] if tiny else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, budget.left()), check=True)
+    phases = json.loads(out.stdout.strip().splitlines()[-1])["cold_start_s"]
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "total")
+    report.note(f"cold start, {name} {backend} {scope}, warm cache: {phases['total']:.1f} s from interpreter start to"
+                f" the first batch-1 image (random weights made on the GPU): {parts}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the stages in priority order within the budget; print the tables."""
     p = argparse.ArgumentParser(prog="python -m dmd2_serve.bench", description=__doc__.split("\n")[0])
@@ -80,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-kernel", dest="kernel", action="store_false", help="skip the re-noise kernel rows")
     p.add_argument("--cold-start", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scope", default="full", help=argparse.SUPPRESS)
+    p.add_argument("--cold-backend", default="compile", help=argparse.SUPPRESS)
     p.add_argument("--launched", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="dmd2-bench-cache-"))
     if args.cold_start:
-        phases = cold_start(args.cold_start, args.scope, cache_dir, args.tiny, args.launched or time.time())
+        phases = cold_start(args.cold_start, args.scope, cache_dir, args.tiny, args.launched or time.time(),
+                            args.cold_backend)
         print(json.dumps({"cold_start_s": phases}))
         return 0
 
@@ -119,18 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         stages.append((name, lambda n=name: bench_arch(report, n, args.batches, scopes_for(n, False), device, budget,
                                                         cache_dir, args.tiny, args.backends, variants=args.variants,
                                                         attention_rows=args.attention_rows)))
+        # a second process's start with the cache the rows above left, for each backend they used
+        colds = [b for b, used in (("compile", any(v.name != "aoti" for v in args.variants)),
+                                   ("aoti", any(v.name == "aoti" for v in args.variants))) if used]
         if name == args.archs[0] and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
-            def cold(n: str = name) -> None:
-                budget.require(40 if not args.tiny else 30, "cold start")
-                cmd = [sys.executable, "-m", "dmd2_serve.bench", "--cold-start", n, "--scope", scopes_for(n, False)[0],
-                       "--cache-dir", str(cache_dir), "--launched", str(time.time())] + (["--tiny"] if args.tiny else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, budget.left()), check=True)
-                phases = json.loads(out.stdout.strip().splitlines()[-1])["cold_start_s"]
-                parts = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "total")
-                report.note(f"cold start, {n} compile {scopes_for(n, False)[0]}, warm cache: {phases['total']:.1f} s"
-                            " from interpreter start to the first batch-1 image (random weights made on the GPU):"
-                            f" {parts}")
-            stages.append(("cold start", cold))
+            for backend in colds:
+                stages.append((f"cold start, {backend}", lambda n=name, b=backend: cold_start_note(
+                    report, budget, n, b, scopes_for(n, False)[0], cache_dir, args.tiny)))
     for name in args.archs:
         if "compile" in args.backends and scopes_for(name, True):
             stages.append((f"{name} second scope", lambda n=name: bench_arch(

@@ -126,6 +126,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "decoder": {"tuning": "decoder"},  # max-autotune for the VAE decoder
     "all": {"tuning": "all"},  # max-autotune for the UNet too
     "fp8": {"precision": "fp8"},  # float8 attention-block linears (torchao), bfloat16 elsewhere
+    "aoti": {"backend": "aoti"},  # the same Inductor code compiled ahead of time (AOTInductor packages)
 }
 # SDPA backends compared on the eager + graph path (the compiled graphs call the same kernels).
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
@@ -265,8 +266,9 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
     uncompile(pipe.unet)
     uncompile(pipe.backbone.vae)
     torch._dynamo.reset()
-    pipe.accelerate(FastPath(backend="compile", compile_scope=scope, cache_dir=cache_dir, **variant.options))
-    label = f"compile {scope}" + ("" if variant.name == "default" else f", {variant.name}")
+    fast = FastPath(**{"backend": "compile", "compile_scope": scope, "cache_dir": cache_dir, **variant.options})
+    pipe.accelerate(fast)
+    label = f"{fast.backend} {scope}" + ("" if variant.name in ("default", fast.backend) else f", {variant.name}")
     for batch in sizes:
         budget.require(5 if tiny else 30, f"{label} b{batch}")
         cond = conditioning(arch, batch, device, pipe.dtype)
@@ -277,7 +279,7 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
         row(label + (" + graph" if pipe.graphed else ""), batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare,
             compare=True, variant=variant.name,
             **({"precision": "fp8 attention linears, bf16 UNet, bf16 VAE"} if variant.name == "fp8" else {}))
-        if batch == 1 and variant.name in ("default", "decoder", "fp8"):
+        if batch == 1 and variant.name in ("default", "decoder", "fp8", "aoti"):
             breakdown(report, pipe, name, device, label)
         release(pipe)
     return pipe
@@ -295,11 +297,12 @@ def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label:
         report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=ms, kind="part")
 
 
-def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float) -> dict[str, float]:
+def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float,
+               backend: str = "compile") -> dict[str, float]:
     """Child process: seconds from its launch (``launched``, the parent's clock) to the first
-    batch-1 image of the compile path (``total``), and where they went: interpreter start and
-    imports, building the models, the first call (compiled graphs loaded from the cache, traced,
-    CUDA graph captured) and the image."""
+    batch-1 image of ``backend`` (compile or aoti; ``total``), and where they went: interpreter
+    start and imports, building the models, the first call (compiled graphs loaded from the cache,
+    traced with ``compile``; packages loaded with ``aoti``; CUDA graph captured) and the image."""
     from ..model.backends import FastPath
 
     phases = {"imports": time.time() - launched}
@@ -307,7 +310,7 @@ def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: flo
     arch = ARCHS[name]
     t0 = time.time()
     pipe = build(arch, device, tiny)
-    pipe.accelerate(FastPath(backend="compile", compile_scope=scope, cache_dir=cache_dir))
+    pipe.accelerate(FastPath(backend=backend, compile_scope=scope, cache_dir=cache_dir))
     if device.type == "cuda":
         torch.cuda.synchronize()
     phases["models"] = time.time() - t0

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=15.0, help="per scenario (1 and 32 clients, PNG and JPEG)")
     p.add_argument("--bucket", type=_sizes, default=(1, 4, 16), metavar="N[,N...]",
                    help="the server's --bucket; its --max-batch-size is the largest")
-    p.add_argument("--backend", default="compile", choices=["eager", "compile", "tensorrt"],
+    p.add_argument("--backend", default="compile", choices=["eager", "compile", "aoti", "tensorrt"],
                    help="the server's --backend")
     p.add_argument("--compile-scope", default="full", choices=["full", "regional"], help="the server's --compile-scope")
     p.add_argument("--cache-dir", type=Path, default=None,
