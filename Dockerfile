@@ -2,7 +2,8 @@
 #   docker build -t dmd2-fast .
 #   docker run --gpus all -p 8000:8000 -v /models/my-generator:/models/generator:ro -v dmd2-cache:/cache \
 #       dmd2-fast --model /models/generator --backend compile
-# /cache keeps compiled artefacts and TensorRT engines, so the second start skips compilation.
+# /cache keeps compiled artefacts (Inductor's caches, --backend aoti's packages) and TensorRT
+# engines, so the second start skips compilation.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -14,8 +15,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# g++ and the Python headers: Triton builds its launcher with a C compiler at run time, and
+# --backend aoti compiles its packages' C++ wrapper (torch.compile and aoti fail without them).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ curl \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
