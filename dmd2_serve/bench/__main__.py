@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         scopes = ARCHS[name].compile_scopes
         return list(scopes[1:]) if extra else list(scopes[:1])
 
+    # a second process's start with the cache the rows left, for each backend they used
+    colds = [b for b, used in (("compile", any(v.name != "aoti" for v in args.variants)),
+                               ("aoti", any(v.name == "aoti" for v in args.variants))) if used]
     for name in args.archs:
         stages.append((name, lambda n=name: bench_arch(report, n, args.batches, scopes_for(n, False), device, budget,
                                                         cache_dir, args.tiny, args.backends, variants=args.variants,
                                                         attention_rows=args.attention_rows)))
-        # a second process's start with the cache the rows above left, for each backend they used
-        colds = [b for b, used in (("compile", any(v.name != "aoti" for v in args.variants)),
-                                   ("aoti", any(v.name == "aoti" for v in args.variants))) if used]
         if name == args.archs[0] and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
             for backend in colds:
                 stages.append((f"cold start, {backend}", lambda n=name, b=backend: cold_start_note(

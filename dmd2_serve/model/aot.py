@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .errors import BackendError
@@ -65,7 +65,7 @@ class AOTCompiled:
         self.built: list[Path] = []  # packages this process compiled (the rest were loaded)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        batch = _batch(args, kwargs)
+        batch = batch_inputs(args, kwargs)[0]
         dynamic = self.dynamic_batch and batch > 1
         signature = _signature(args, kwargs, batch if dynamic else None)
         if signature not in self.packages:
@@ -131,11 +131,9 @@ def _export(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dy
     every batch-sized tensor input symbolic when ``dynamic``; refuses a batch that came out fixed."""
     shapes = None
     if dynamic:
-        batch = _batch(args, kwargs)
         collection = torch.export.ShapesCollection()
-        for x in pytree.tree_leaves((args, kwargs)):
-            if torch.is_tensor(x) and x.ndim and x.shape[0] == batch:
-                collection[x] = {0: torch.export.Dim.DYNAMIC}
+        for x in batch_inputs(args, kwargs)[1]:
+            collection[x] = {0: torch.export.Dim.DYNAMIC}
         shapes = collection.dynamic_shapes(module, args, kwargs)
     wrapper, module._compiled_call_impl = module._compiled_call_impl, None
     try:
@@ -210,17 +208,24 @@ def load_package(path: Path, module: nn.Module) -> Callable[..., Any]:
     return compiled
 
 
-def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """The leading dimension of the first tensor input (1 without one)."""
-    return next((x.shape[0] for x in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(x) and x.ndim), 1)
+def batch_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, list[Tensor]]:
+    """A call's batch size, the leading dimension of its first tensor input (1 without one), and every
+    tensor input (nested ones too) with that leading dimension."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(x) and x.ndim]
+    batch = tensors[0].shape[0] if tensors else 1
+    return batch, [x for x in tensors if x.shape[0] == batch]
 
 
 def _leaf(x: Any, batch: int | None) -> Any:
     if not torch.is_tensor(x):
         return repr(x)
     shape = tuple("B" if i == 0 and batch is not None and n == batch else n for i, n in enumerate(x.shape))
-    layout = "channels_last" if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last) else "contiguous" if x.is_contiguous() else str(x.stride())
+    if x.is_contiguous():
+        layout = "contiguous"
+    elif x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        layout = "channels_last"
+    else:
+        layout = str(x.stride())
     return (shape, str(x.dtype), x.device.type, layout)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Conditioning, unet_prediction
-from .aot import aot_compile_in_place
+from .aot import aot_compile_in_place, batch_inputs
 from .errors import BackendError
 from .precision import Precision, check_precision
 
@@ -222,10 +222,8 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
     def call(*args: Any, **kwargs: Any) -> Any:
         if static:
             return static[0](*args, **kwargs)
-        inputs = [*args, *kwargs.values()]
-        batch = next((x.shape[0] for x in inputs if torch.is_tensor(x) and x.ndim), 1)
-        marked = [x for x in inputs + [v for d in inputs if isinstance(d, dict) for v in d.values()]
-                  if batch > 1 and torch.is_tensor(x) and x.ndim and x.shape[0] == batch]
+        batch, sized = batch_inputs(args, kwargs)
+        marked = sized if batch > 1 else []
         for x in marked:
             torch._dynamo.maybe_mark_dynamic(x, 0)
         try:
