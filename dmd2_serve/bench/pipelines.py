@@ -127,6 +127,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "all": {"tuning": "all"},  # max-autotune for the UNet too
     "fp8": {"precision": "fp8"},  # float8 attention-block linears (torchao), bfloat16 elsewhere
     "aoti": {"backend": "aoti"},  # the same Inductor code compiled ahead of time (AOTInductor packages)
+    "freeze": {"freeze": True},  # Inductor's freezing: the weights compiled in as constants
 }
 # SDPA backends compared on the eager + graph path (the compiled graphs call the same kernels).
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
@@ -279,7 +280,7 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
         row(label + (" + graph" if pipe.graphed else ""), batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare,
             compare=True, variant=variant.name,
             **({"precision": "fp8 attention linears, bf16 UNet, bf16 VAE"} if variant.name == "fp8" else {}))
-        if batch == 1 and variant.name in ("default", "decoder", "fp8", "aoti"):
+        if batch == 1 and variant.name in ("default", "decoder", "fp8", "aoti", "freeze"):
             breakdown(report, pipe, name, device, label)
         release(pipe)
     return pipe

@@ -12,6 +12,9 @@ batch-1 request costs one graph launch instead of a thousand kernel launches.
   one compiled graph (batch 1 gets its own, specialised: diffusers branches on a batch of one).
 * ``aoti``: the same modules prepared the same way, compiled ahead of time by AOTInductor into
   packages without the weights (``aot.py``), so a restart loads them instead of tracing again.
+* ``freeze`` (with ``compile``): Inductor's freezing: the weights become constants of the compiled
+  graphs, folded and laid out once (on the CPU, oneDNN's packed weights); weights changed after
+  the first call are not seen.
 * ``precision="fp8"``: the UNet's attention-block linear layers in float8 through torchao
   (``precision.py``), the rest in bfloat16; Hopper / Ada GPUs only.
 * ``tensorrt``: engines built through ``torch_tensorrt`` (dynamo IR) for the UNet and the VAE
@@ -79,6 +82,10 @@ class FastPath:
             the token ids (only the tokenizer stays on the host); for adapters that split
             prompt encoding that way (SD, SDXL). Where a capture fails, that pipeline goes back
             to encoding prompts before the graph, with a warning.
+        freeze: with the compile backend, Inductor's freezing (``torch._inductor.config.freezing``):
+            the weights are compile-time constants, so Inductor folds and lays them out once (on
+            the CPU it packs them for oneDNN: the UNet runs twice as fast there, but such graphs
+            cannot be cached, so every start compiles again).
     """
 
     backend: Backend = "eager"
@@ -91,6 +98,7 @@ class FastPath:
     precision: Precision = "default"
     text_encoder: bool = False
     text_in_graph: bool = False
+    freeze: bool = False
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir()
@@ -113,6 +121,13 @@ def check_fast_path(fast: FastPath) -> None:
         raise BackendError(f"unknown attention '{fast.attention}'; choose one of {', '.join(ATTENTIONS)}")
     if fast.tuning not in TUNINGS:
         raise BackendError(f"unknown compile tuning '{fast.tuning}'; choose one of {', '.join(TUNINGS)}")
+    if fast.freeze and fast.backend != "compile":
+        why = (" (aoti packages take the module's weights when they load; freezing would bake them in)"
+               if fast.backend == "aoti" else "")
+        raise BackendError(f"--compile-freeze needs --backend compile, not {fast.backend}{why}")
+    if fast.freeze and fast.precision != "default":
+        raise BackendError(f"--compile-freeze with --precision {fast.precision} has not been tried (torchao's weight"
+                           " tensors as frozen constants): use one of the two")
     check_precision(fast.precision, fast.backend)
     if fast.text_encoder and fast.backend not in INDUCTOR_BACKENDS:
         raise BackendError(f"compiling the text encoder needs --backend compile or aoti, not {fast.backend}")
@@ -194,14 +209,15 @@ def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, text
             aot_compile_in_place(module, fast.resolved_cache_dir(), autotune=name in tuned and on_cuda,
                                  dynamic_batch=fast.dynamic_batch)
         else:
-            compile_in_place(module, autotune=name in tuned and on_cuda, dynamic_batch=fast.dynamic_batch)
+            compile_in_place(module, autotune=name in tuned and on_cuda, dynamic_batch=fast.dynamic_batch,
+                             freeze=fast.freeze)
     for module in text if fast.text_encoder else ():
         # transformers installs its hidden-state hooks under a lock on the first call: a graph break
-        compile_in_place(module, dynamic_batch=fast.dynamic_batch, fullgraph=False)
+        compile_in_place(module, dynamic_batch=fast.dynamic_batch, fullgraph=False, freeze=fast.freeze)
 
 
 def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: bool = True,
-                     fullgraph: bool = True) -> None:
+                     fullgraph: bool = True, freeze: bool = False) -> None:
     """``module.compile(fullgraph=fullgraph)``, and with ``dynamic_batch`` the leading dimension of its
     tensor inputs marked dynamic when it is 2 or more, so that later batch sizes reuse the graph.
 
@@ -210,10 +226,13 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
     left static: diffusers specialises on it (``timesteps.expand``), and a dynamic graph would be
     recompiled for it anyway. Where Dynamo cannot trace the module with a symbolic batch (seen
     once: SDXL's VAE decoder at batch 16 on an H200), the module falls back to a graph per batch
-    size, with a warning, instead of failing the start.
+    size, with a warning, instead of failing the start. ``freeze``: Inductor's freezing (the weights
+    as constants; it applies to calls without gradients, as the pipeline's are).
     """
-    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else None
-    compiled = torch.compile(module._call_impl, fullgraph=fullgraph, options=options)
+    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else {}
+    if freeze:
+        options["freezing"] = True
+    compiled = torch.compile(module._call_impl, fullgraph=fullgraph, options=options or None)
     if not dynamic_batch:
         module._compiled_call_impl = compiled
         return
@@ -235,15 +254,23 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
                 raise
             for x in marked:  # the marks stay on the tensors (CUDA-graph buffers are reused)
                 x._dynamo_weak_dynamic_indices.discard(0)
-            per_size = torch.compile(module._call_impl, fullgraph=fullgraph, dynamic=False, options=options)
+            per_size = torch.compile(module._call_impl, fullgraph=fullgraph, dynamic=False, options=options or None)
             out = per_size(*args, **kwargs)  # fails as well: not the batch's doing, and that error is raised
             warnings.warn(f"torch.compile could not trace {type(module).__name__} with a dynamic batch"
-                          f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}); compiling it once per batch"
-                          " size instead", stacklevel=2)
+                          f" ({type(e).__name__}: {_trace_failure(e)}); compiling it once per batch size instead",
+                          stacklevel=2)
             static.append(per_size)
             return out
 
     module._compiled_call_impl = call
+
+
+def _trace_failure(e: BaseException) -> str:
+    """What made Dynamo give up, in one line: for a failed fake-tensor run, the op's own error (the
+    part after "got", which a first line of "RuntimeError when making fake tensor call" leaves out)."""
+    text = " ".join(str(e).split())
+    at = text.find("): got ")
+    return (text[at + len("): got "):] if at >= 0 else text)[:400]
 
 
 def tensorrt_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, sample_shape: Sequence[int],
