@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --backend compile: Inductor's freezing, the weights compiled in as constants (folded"
                         " and laid out once; on the CPU the UNet runs about twice as fast, but every start compiles"
                         " again)")
+    p.add_argument("--vae-slicing", action="store_true",
+                   help="decode a batch one image at a time: one batch-1 decoder graph serves every bucket (compile,"
+                        " aoti) and the decode needs one image's memory")
     p.add_argument("--compile-text-encoder", action="store_true",
                    help="with --backend compile or aoti: torch.compile the prompt encoder(s) too (fewer launches per"
                         " request; seconds more at start)")
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope,
                         tuning=args.compile_tuning, precision=args.precision,
                         text_encoder=args.compile_text_encoder, text_in_graph=args.graph_text_encoder,
-                        freeze=args.compile_freeze)
+                        freeze=args.compile_freeze, vae_slicing=args.vae_slicing)
         check_fast_path(fast)  # a missing optional install fails here, before any worker starts
         for name in ("max_batch_size", "workers_per_device", "max_queue"):
             if getattr(args, name) < 1:

@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
 #
 #   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
-#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [freeze]
+#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [levers]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -13,8 +13,10 @@
 #           breakdown, warm-cache cold start (~5 min)
 #   served  python -m dmd2_serve.bench.served: the HTTP server with --backend compile on a random
 #           SD1.5 folder, load test at 1 and 32 clients, PNG and JPEG (~3 min; reuses sd15's cache)
-#   sdxl    python -m dmd2_serve.bench on SDXL: eager rows, full compile at 1 then 16, cold start
-#           (~4 min; a second call on the same warm card)
+#   sdxl    python -m dmd2_serve.bench on SDXL: eager rows, full compile at 1, then at 16 with the
+#           decode one image at a time (--vae-slicing: batch 1's decoder graph; the batch-symbolic
+#           trace of SDXL's decoder failed on the H200 and its per-size fallback needs ~150 s more),
+#           cold start (~7 min; a call of its own)
 #   served-buckets, served-2w, served-text, served-graph-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
 #           those buckets with two workers on the card; served's buckets with the prompt encoder
@@ -42,7 +44,7 @@
 # served-2w, served-text, train.
 #
 # Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
-# SDXL_BUDGET_S, AOTI_BUDGET_S, FREEZE_BUDGET_S), prints its table and writes its JSON under $OUT
+# SDXL_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
 # (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
@@ -113,17 +115,17 @@ for part in "${parts[@]}"; do
         --budget-s "${AOTI_BUDGET_S:-330}" --cache-dir "$cache" --out "$out/serve-sdxl-aoti-$card-$day.json" || status=1 ;;
     served-aoti)  # the served path with --backend aoti (its packages from the aoti part: the start is a warm one)
       SERVED_BACKEND=aoti SERVED_DEFAULT_S=200 served served-sd15-aoti 1,4,16 || status=1 ;;
-    freeze)  # the issue's "freezing" lever, one at a time against the default compile
-      timeout $(( ${FREEZE_BUDGET_S:-420} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,1 --scopes full \
-        --variants default,freeze --backends compile --no-preflight --no-kernel --skip-cold-start \
-        --budget-s "${FREEZE_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sd15-freeze-$card-$day.json" \
+    levers)  # the issue's "freezing" lever and the sliced decode, one at a time against the default compile
+      timeout $(( ${LEVERS_BUDGET_S:-480} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,1 --scopes full \
+        --variants default,freeze,sliced:16 --backends compile --no-preflight --no-kernel --skip-cold-start \
+        --budget-s "${LEVERS_BUDGET_S:-480}" --cache-dir "$cache" --out "$out/serve-sd15-levers-$card-$day.json" \
         || status=1 ;;
     sdxl)
-      timeout $(( ${SDXL_BUDGET_S:-220} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
-        --variants default:1,default:16 --backends compile --no-preflight --no-kernel \
-        --budget-s "${SDXL_BUDGET_S:-220}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
+      timeout $(( ${SDXL_BUDGET_S:-420} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
+        --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel \
+        --budget-s "${SDXL_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
     *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
-         "served-graph-text sdxl aoti aoti-sdxl served-aoti freeze"; exit 2 ;;
+         "served-graph-text sdxl aoti aoti-sdxl served-aoti levers"; exit 2 ;;
   esac
 done
 exit $status

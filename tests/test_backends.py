@@ -83,6 +83,23 @@ def test_frozen_compile_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pat
         check_fast_path(FastPath(backend="compile", freeze=True, precision="fp8"))
 
 
+def test_sliced_decode_gives_the_eager_images_with_one_batch_1_decoder_graph(sd15_teacher: Path,
+                                                                             tmp_path: Path) -> None:
+    eager, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
+    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, vae_slicing=True))
+    decoder = fast.backbone.vae.decoder
+    compiled, seen = decoder._compiled_call_impl, []
+    decoder._compiled_call_impl = lambda x, *a, **k: seen.append(x.shape[0]) or compiled(x, *a, **k)
+    want = eager(PROMPTS, SEEDS)
+    torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
+    torch.testing.assert_close(fast(PROMPTS[:2], SEEDS[:2]), want[:2], atol=CPU_TOLERANCE, rtol=0)
+    assert seen == [1] * 5  # three images, then two: the compiled decoder never saw a batch
+    fast.accelerate(FastPath(backend="eager"))  # and the option goes with the backend that set it
+    assert not fast.backbone.vae.use_slicing
+    with pytest.raises(BackendError, match="--vae-slicing with --backend tensorrt has not been tried"):
+        check_fast_path(FastPath(backend="tensorrt", vae_slicing=True))
+
+
 def test_fp8_is_refused_with_the_fix_where_it_cannot_run(sd15_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(BackendError, match="compute capability 8.9"):  # this machine has no GPU
         check_fast_path(FastPath(backend="compile", precision="fp8"))
@@ -125,6 +142,7 @@ def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:
     (["--backend", "aoti", "--compile-scope", "regional"], "error: --backend aoti exports whole modules"),
     (["--graph-text-encoder", "--no-cuda-graphs"], "error: the text encoder in the CUDA graph needs the loop's"),
     (["--compile-freeze"], "error: --compile-freeze needs --backend compile, not eager"),
+    (["--vae-slicing", "--backend", "tensorrt"], "error: --vae-slicing with --backend tensorrt has not been tried"),
 ])
 def test_cli_refuses_what_cannot_run_at_start_with_one_line(flags: list[str], says: str) -> None:
     out = subprocess.run([sys.executable, "-m", "dmd2_serve", *flags, "--port", "1"],

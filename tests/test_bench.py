@@ -53,13 +53,14 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
-         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1,freeze:1", "--no-preflight", "--no-kernel",
+         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1,freeze:1,sliced:2", "--no-preflight", "--no-kernel",
          "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = {(r["batch"], r["backend"]): r for r in result["rows"]}
-    compiled = [(2, "compile full"), (1, "compile full, static"), (1, "aoti full"), (1, "compile full, freeze")]
+    compiled = [(2, "compile full"), (1, "compile full, static"), (1, "aoti full"), (1, "compile full, freeze"),
+                (2, "compile full, sliced")]
     assert {(1, "compile full"), *compiled} <= set(rows)
     assert all(rows[k]["psnr_db"] > 60 for k in compiled)
     parts = [r for r in result["rows"] if r.get("kind") == "part"]

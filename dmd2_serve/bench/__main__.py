@@ -14,10 +14,10 @@ excluded), for:
 * ``compile``: torch.compile (``full`` and/or ``regional`` scope) + the CUDA graph; its first
   call (compilation + capture) is reported as ``prepare s``, and its images are compared with
   the eager path's (max difference and PSNR). ``--variants`` adds the levers one at a time
-  (static batch, max-autotune for the decoder or everything, fp8, aoti, freezing), each run largest
-  batch first so the dynamic-batch graph of the first serves the rest; batch 1 of ``default``,
-  ``decoder``, ``fp8``, ``aoti`` and ``freeze`` is broken down into one UNet evaluation and the
-  decode, each in its own graph;
+  (static batch, max-autotune for the decoder or everything, fp8, aoti, freezing, sliced decode),
+  each run largest batch first so the dynamic-batch graph of the first serves the rest; batch 1
+  of ``default``, ``decoder``, ``fp8``, ``aoti`` and ``freeze`` is broken down into one UNet
+  evaluation and the decode, each in its own graph;
 * ``--attention-rows``: the eager + graph loop with each SDPA backend forced;
 * ``tensorrt`` and xformers attention where those packages are installed (said otherwise);
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled configurations to time, each against the first: default (dynamic batch),"
                         " static (a graph per batch size), decoder / all (max-autotune for the VAE decoder / the UNet"
                         " too), fp8 (torchao float8 attention linears), aoti (AOTInductor packages), freeze (Inductor's"
-                        " freezing); ':16+1' limits one to those batches")
+                        " freezing), sliced (the decode one image at a time); ':16+1' limits one to those batches")
     p.add_argument("--attention-rows", action="store_true",
                    help="time the eager + graph loop with each SDPA backend forced (flash, cuDNN, efficient)")
     p.add_argument("--no-preflight", dest="preflight", action="store_false",

@@ -128,6 +128,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8": {"precision": "fp8"},  # float8 attention-block linears (torchao), bfloat16 elsewhere
     "aoti": {"backend": "aoti"},  # the same Inductor code compiled ahead of time (AOTInductor packages)
     "freeze": {"freeze": True},  # Inductor's freezing: the weights compiled in as constants
+    "sliced": {"vae_slicing": True},  # the decode one image at a time: the batch-1 decoder graph for every batch
 }
 # SDPA backends compared on the eager + graph path (the compiled graphs call the same kernels).
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")

@@ -15,6 +15,8 @@ batch-1 request costs one graph launch instead of a thousand kernel launches.
 * ``freeze`` (with ``compile``): Inductor's freezing: the weights become constants of the compiled
   graphs, folded and laid out once (on the CPU, oneDNN's packed weights); weights changed after
   the first call are not seen.
+* ``vae_slicing``: the VAE decodes a batch one image at a time (diffusers' slicing), so one
+  batch-1 decoder graph serves every bucket and the decode's activations are one image's.
 * ``precision="fp8"``: the UNet's attention-block linear layers in float8 through torchao
   (``precision.py``), the rest in bfloat16; Hopper / Ada GPUs only.
 * ``tensorrt``: engines built through ``torch_tensorrt`` (dynamo IR) for the UNet and the VAE
@@ -86,6 +88,10 @@ class FastPath:
             the weights are compile-time constants, so Inductor folds and lays them out once (on
             the CPU it packs them for oneDNN: the UNet runs twice as fast there, but such graphs
             cannot be cached, so every start compiles again).
+        vae_slicing: decode a batch one image at a time (``vae.enable_slicing()``): the decoder
+            only ever sees a batch of one, so compile and aoti need one decoder graph for every
+            bucket (no batch-symbolic trace of it: the one that failed for SDXL's decoder), and
+            the decode's peak memory is one image's. At 1024x1024 one image fills the GPU.
     """
 
     backend: Backend = "eager"
@@ -99,6 +105,7 @@ class FastPath:
     text_encoder: bool = False
     text_in_graph: bool = False
     freeze: bool = False
+    vae_slicing: bool = False
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir or default_cache_dir()
@@ -128,6 +135,9 @@ def check_fast_path(fast: FastPath) -> None:
     if fast.freeze and fast.precision != "default":
         raise BackendError(f"--compile-freeze with --precision {fast.precision} has not been tried (torchao's weight"
                            " tensors as frozen constants): use one of the two")
+    if fast.vae_slicing and fast.backend == "tensorrt":
+        raise BackendError("--vae-slicing with --backend tensorrt has not been tried (the decoder engine's shape"
+                           " profile is the buckets'): use it with eager, compile or aoti")
     check_precision(fast.precision, fast.backend)
     if fast.text_encoder and fast.backend not in INDUCTOR_BACKENDS:
         raise BackendError(f"compiling the text encoder needs --backend compile or aoti, not {fast.backend}")

@@ -131,6 +131,12 @@ class FewStepPipeline:
         for module in (self.unet, vae):
             if module is not None:
                 set_attention(module, fast.attention)
+        if vae is not None and fast.vae_slicing:
+            if not hasattr(vae, "use_slicing"):  # diffusers VAEs that implement slicing have it
+                raise BackendError(f"--vae-slicing: this model's VAE ({type(vae).__name__}) cannot decode in slices")
+            vae.enable_slicing()
+        elif vae is not None and hasattr(vae, "use_slicing"):
+            vae.disable_slicing()
         fuse_qkv(self.unet, fast)
         if fast.precision == "fp8":
             quantize_fp8(self.unet)
