@@ -16,7 +16,7 @@
 #   sdxl    python -m dmd2_serve.bench on SDXL: eager rows, full compile at 1, then at 16 with the
 #           decode one image at a time (--vae-slicing: batch 1's decoder graph; the batch-symbolic
 #           trace of SDXL's decoder failed on the H200 and its per-size fallback needs ~150 s more),
-#           cold start (~7 min; a call of its own)
+#           cold start (~7 min; a call of its own; its eager rows are known from 2026-12-04: not timed)
 #   served-buckets, served-2w, served-text, served-graph-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
 #           those buckets with two workers on the card; served's buckets with the prompt encoder
@@ -122,7 +122,7 @@ for part in "${parts[@]}"; do
         || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-420} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
-        --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel \
+        --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel --no-eager-rows \
         --budget-s "${SDXL_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
     *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
          "served-graph-text sdxl aoti aoti-sdxl served-aoti levers"; exit 2 ;;

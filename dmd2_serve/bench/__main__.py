@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--tiny", action="store_true", help="small models (CPU tests of this script)")
     p.add_argument("--skip-cold-start", action="store_true", help="do not time a second process's start")
+    p.add_argument("--no-eager-rows", dest="eager_rows", action="store_false",
+                   help="time no plain / eager rows (the eager images are still made, as the compiled rows' reference):"
+                        " saves a lent card's minutes once those rows are known")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="turn cuDNN's algorithm search on for every row (measured on an H100: no gain in the"
                         " graphed rows, slower eager rows)")
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.archs:
         stages.append((name, lambda n=name: bench_arch(report, n, args.batches, scopes_for(n, False), device, budget,
                                                         cache_dir, args.tiny, args.backends, variants=args.variants,
+                                                        eager_rows=args.eager_rows,
                                                         attention_rows=args.attention_rows)))
         if name == args.archs[0] and "compile" in args.backends and scopes_for(name, False) and not args.skip_cold_start:
             for backend in colds:
