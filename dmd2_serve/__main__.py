@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         " and laid out once; on the CPU the UNet runs about twice as fast, but every start compiles"
                         " again)")
     p.add_argument("--vae-slicing", action="store_true",
-                   help="decode a batch one image at a time: one batch-1 decoder graph serves every bucket (compile,"
-                        " aoti) and the decode needs one image's memory")
+                   help="decode a batch one image at a time (image to image's encode too): one batch-1 decoder graph"
+                        " serves every bucket (compile, aoti) and the decode needs one image's memory")
     p.add_argument("--compile-text-encoder", action="store_true",
                    help="with --backend compile or aoti: torch.compile the prompt encoder(s) too (fewer launches per"
                         " request; seconds more at start)")

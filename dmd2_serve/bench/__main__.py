@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-backend", default="compile", help=argparse.SUPPRESS)
     p.add_argument("--launched", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.attention_rows and not args.eager_rows:
+        p.error("--attention-rows times eager rows: drop --no-eager-rows")
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="dmd2-bench-cache-"))
     if args.cold_start:
         phases = cold_start(args.cold_start, args.scope, cache_dir, args.tiny, args.launched or time.time(),

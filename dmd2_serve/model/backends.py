@@ -87,7 +87,8 @@ class FastPath:
         freeze: with the compile backend, Inductor's freezing (``torch._inductor.config.freezing``):
             the weights are compile-time constants, so Inductor folds and lays them out once (on
             the CPU it packs them for oneDNN: the UNet runs twice as fast there, but such graphs
-            cannot be cached, so every start compiles again).
+            cannot be cached, so every start compiles again; AOTAutograd's cache is skipped on
+            every device). Full compile scope only (frozen weights are guarded by identity).
         vae_slicing: decode a batch one image at a time (``vae.enable_slicing()``): the decoder
             only ever sees a batch of one, so compile and aoti need one decoder graph for every
             bucket (no batch-symbolic trace of it: the one that failed for SDXL's decoder), and
@@ -132,6 +133,9 @@ def check_fast_path(fast: FastPath) -> None:
         why = (" (aoti packages take the module's weights when they load; freezing would bake them in)"
                if fast.backend == "aoti" else "")
         raise BackendError(f"--compile-freeze needs --backend compile, not {fast.backend}{why}")
+    if fast.freeze and fast.compile_scope != "full":
+        raise BackendError("--compile-freeze needs --compile-scope full: frozen weights are guarded by identity, so"
+                           " every block of the regional scope would compile a graph of its own")
     if fast.freeze and fast.precision != "default":
         raise BackendError(f"--compile-freeze with --precision {fast.precision} has not been tried (torchao's weight"
                            " tensors as frozen constants): use one of the two")
@@ -237,12 +241,16 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
     recompiled for it anyway. Where Dynamo cannot trace the module with a symbolic batch (seen
     once: SDXL's VAE decoder at batch 16 on an H200), the module falls back to a graph per batch
     size, with a warning, instead of failing the start. ``freeze``: Inductor's freezing (the weights
-    as constants; it applies to calls without gradients, as the pipeline's are).
+    as constants; it applies to calls without gradients, as the pipeline's are), switched on around
+    every call, since Dynamo reads it while tracing (see :func:`_frozen`).
     """
-    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else {}
-    if freeze:
-        options["freezing"] = True
-    compiled = torch.compile(module._call_impl, fullgraph=fullgraph, options=options or None)
+    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else None
+
+    def make(**settings: Any) -> Callable[..., Any]:
+        fn = torch.compile(module._call_impl, fullgraph=fullgraph, options=options, **settings)
+        return _frozen(fn) if freeze else fn
+
+    compiled = make()
     if not dynamic_batch:
         module._compiled_call_impl = compiled
         return
@@ -264,7 +272,7 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
                 raise
             for x in marked:  # the marks stay on the tensors (CUDA-graph buffers are reused)
                 x._dynamo_weak_dynamic_indices.discard(0)
-            per_size = torch.compile(module._call_impl, fullgraph=fullgraph, dynamic=False, options=options or None)
+            per_size = make(dynamic=False)
             out = per_size(*args, **kwargs)  # fails as well: not the batch's doing, and that error is raised
             warnings.warn(f"torch.compile could not trace {type(module).__name__} with a dynamic batch"
                           f" ({type(e).__name__}: {_trace_failure(e)}); compiling it once per batch size instead",
@@ -275,12 +283,30 @@ def compile_in_place(module: nn.Module, autotune: bool = False, dynamic_batch: b
     module._compiled_call_impl = call
 
 
+def _frozen(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled`` run with Inductor's freezing on. Dynamo reads the setting while it traces (the
+    weights become graph constants, guarded by identity, instead of graph inputs), so it has to be
+    on around the call that traces: in ``torch.compile``'s options it reaches Inductor only, which
+    then has no weights left to freeze."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 def _trace_failure(e: BaseException) -> str:
     """What made Dynamo give up, in one line: for a failed fake-tensor run, the op's own error (the
-    part after "got", which a first line of "RuntimeError when making fake tensor call" leaves out)."""
+    part after "got", which a first line of "RuntimeError when making fake tensor call" leaves out),
+    without the hints and debug context Dynamo appends."""
     text = " ".join(str(e).split())
     at = text.find("): got ")
-    return (text[at + len("): got "):] if at >= 0 else text)[:400]
+    if at >= 0:
+        text = text[at + len("): got "):]
+    for tail in (" Hint:", " Developer debug context:"):
+        text = text.split(tail)[0]
+    return text[:400]
 
 
 def tensorrt_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, sample_shape: Sequence[int],

@@ -128,13 +128,13 @@ class FewStepPipeline:
             raise BackendError(f"the {fast.backend} backend cannot run LoRA adapters beside the weights; load the"
                                " folder with fuse_lora=True (or serve the merged generator)")
         vae = getattr(self.backbone, "vae", None)
+        if fast.vae_slicing and vae is not None and not hasattr(vae, "use_slicing"):  # diffusers' VAEs with slicing
+            raise BackendError(f"--vae-slicing: this model's VAE ({type(vae).__name__}) cannot decode in slices")
         for module in (self.unet, vae):
             if module is not None:
                 set_attention(module, fast.attention)
         if vae is not None and fast.vae_slicing:
-            if not hasattr(vae, "use_slicing"):  # diffusers VAEs that implement slicing have it
-                raise BackendError(f"--vae-slicing: this model's VAE ({type(vae).__name__}) cannot decode in slices")
-            vae.enable_slicing()
+            vae.enable_slicing()  # decode (and image to image's encode) one image at a time
         elif vae is not None and hasattr(vae, "use_slicing"):
             vae.disable_slicing()
         fuse_qkv(self.unet, fast)
