@@ -66,7 +66,7 @@ def test_compile_backend_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pa
 
 def test_frozen_compile_gives_the_eager_images(sd15_teacher: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch._inductor.freezing as freezing
+    from torch._inductor import freezing
 
     frozen = []  # per graph Inductor's freezing pass ran on: how many of its inputs became constants
     freeze = freezing.freeze
@@ -77,6 +77,7 @@ def test_frozen_compile_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pat
         return out
 
     monkeypatch.setattr(freezing, "freeze", spy)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)  # Dynamo's default (a regional test may raise it)
     eager, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
     fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, freeze=True))
     want = eager(PROMPTS, SEEDS)
@@ -85,6 +86,7 @@ def test_frozen_compile_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pat
     # UNet and decoder, at batch 3 (dynamic) and at batch 1; each with its weights as constants (given to
     # Inductor only through torch.compile's options, the pass ran but found no weights to freeze)
     assert len(frozen) == 4 and min(frozen) > 10, frozen
+    assert torch._dynamo.config.cache_size_limit >= 64  # room for a graph pair per generator (identity guards)
     with pytest.raises(BackendError, match="needs --backend compile, not aoti .aoti packages take the module's"):
         check_fast_path(FastPath(backend="aoti", freeze=True))
     with pytest.raises(BackendError, match="--compile-freeze needs --compile-scope full"):

@@ -53,8 +53,8 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
-         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1,freeze:1,sliced:2", "--no-preflight",
-         "--no-kernel", "--no-eager-rows",
+         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1,freeze:1,sliced:2",
+         "--no-preflight", "--no-kernel", "--no-eager-rows",
          "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert run.returncode == 0, run.stderr[-2000:]

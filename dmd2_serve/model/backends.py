@@ -213,9 +213,12 @@ def compile_modules(unet: nn.Module, vae: nn.Module | None, fast: FastPath, text
             vae.to(memory_format=torch.channels_last)
     tuned = {"all": {"unet", "decoder"}, "decoder": {"decoder"}}.get(fast.tuning, set())
     targets = [("unet", unet)] + ([("decoder", vae.decoder)] if vae is not None else [])
-    if fast.compile_scope == "regional":
-        # Every block of a repeated kind shares one compiled graph per input signature.
+    if fast.compile_scope == "regional" or fast.freeze:
+        # Regional: the blocks of a repeated kind share one code object (a graph per input signature).
+        # Freezing: weights are guarded by identity, so every generator of one architecture in this
+        # process adds its own UNet graphs; past the limit Dynamo would run the rest eagerly.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if fast.compile_scope == "regional":
         targets = [(name, block) for name, module in targets for block in module.modules()
                    if type(block).__name__ in REGIONAL_BLOCKS]
     for name, module in targets:
