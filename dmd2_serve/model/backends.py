@@ -14,7 +14,7 @@ batch-1 request costs one graph launch instead of a thousand kernel launches.
   packages without the weights (``aot.py``), so a restart loads them instead of tracing again.
 * ``freeze`` (with ``compile``): Inductor's freezing: the weights become constants of the compiled
   graphs, folded and laid out once (on the CPU, oneDNN's packed weights); weights changed after
-  the first call are not seen.
+  the first call reach the frozen graphs only in part, so they must stay as loaded.
 * ``vae_slicing``: the VAE decodes a batch one image at a time (diffusers' slicing), so one
   batch-1 decoder graph serves every bucket and the decode's activations are one image's.
 * ``precision="fp8"``: the UNet's attention-block linear layers in float8 through torchao

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 
 from .adapters import META_FILE, Backbone, Conditioning, ModelFolderError, load_backbone, load_unet, read_card, unet_eps
 from .backends import (
+    INDUCTOR_BACKENDS,
     BackendError,
     Denoiser,
     FastPath,
-    INDUCTOR_BACKENDS,
     GraphedLoop,
     check_fast_path,
     compile_modules,
@@ -128,15 +128,14 @@ class FewStepPipeline:
             raise BackendError(f"the {fast.backend} backend cannot run LoRA adapters beside the weights; load the"
                                " folder with fuse_lora=True (or serve the merged generator)")
         vae = getattr(self.backbone, "vae", None)
-        if fast.vae_slicing and vae is not None and not hasattr(vae, "use_slicing"):  # diffusers' VAEs with slicing
+        slices = hasattr(vae, "use_slicing")  # diffusers' VAEs that can decode in slices (False: no VAE)
+        if fast.vae_slicing and vae is not None and not slices:
             raise BackendError(f"--vae-slicing: this model's VAE ({type(vae).__name__}) cannot decode in slices")
         for module in (self.unet, vae):
             if module is not None:
                 set_attention(module, fast.attention)
-        if vae is not None and fast.vae_slicing:
-            vae.enable_slicing()  # decode (and image to image's encode) one image at a time
-        elif vae is not None and hasattr(vae, "use_slicing"):
-            vae.disable_slicing()
+        if slices:  # what enable_slicing() / disable_slicing() set: decode (and encode) one image at a time or not
+            vae.use_slicing = fast.vae_slicing
         fuse_qkv(self.unet, fast)
         if fast.precision == "fp8":
             quantize_fp8(self.unet)
