@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
 #
 #   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
-#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [levers]
+#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [levers] [sdxl-fp8]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -17,6 +17,11 @@
 #           decode one image at a time (--vae-slicing: batch 1's decoder graph; the batch-symbolic
 #           trace of SDXL's decoder failed on the H200 and its per-size fallback needs ~150 s more),
 #           cold start (~7 min; a call of its own; its eager rows are known from 2026-12-04: not timed)
+#   sdxl-fp8
+#           SDXL batch 1 with --precision fp8 (torchao float8 transformer-block linears) against the
+#           default compile in the same run, PSNR against eager fp16: the lever for the 100 ms target
+#           (108.2 ms on 2026-12-04) if the UNet's matmuls are a large share (each breakdown now
+#           profiles its parts by class of kernel); ~6 min on a fresh card, less after `sdxl`
 #   served-buckets, served-2w, served-text, served-graph-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
 #           those buckets with two workers on the card; served's buckets with the prompt encoder
@@ -44,7 +49,7 @@
 # served-2w, served-text, train.
 #
 # Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
-# SDXL_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
+# SDXL_BUDGET_S, SDXL_FP8_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
 # (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
@@ -120,12 +125,17 @@ for part in "${parts[@]}"; do
         --variants default,freeze,sliced:16 --backends compile --no-preflight --no-kernel --skip-cold-start \
         --budget-s "${LEVERS_BUDGET_S:-480}" --cache-dir "$cache" --out "$out/serve-sd15-levers-$card-$day.json" \
         || status=1 ;;
+    sdxl-fp8)  # float8 matmuls on SDXL's batch 1, the default compile beside it (same card, same run)
+      timeout $(( ${SDXL_FP8_BUDGET_S:-400} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 1 --scopes full \
+        --variants default,fp8 --backends compile --no-preflight --no-kernel --no-eager-rows --skip-cold-start \
+        --budget-s "${SDXL_FP8_BUDGET_S:-400}" --cache-dir "$cache" --out "$out/serve-sdxl-fp8-$card-$day.json" \
+        || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-420} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel --no-eager-rows \
         --budget-s "${SDXL_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
     *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
-         "served-graph-text sdxl aoti aoti-sdxl served-aoti levers"; exit 2 ;;
+         "served-graph-text sdxl sdxl-fp8 aoti aoti-sdxl served-aoti levers"; exit 2 ;;
   esac
 done
 exit $status

@@ -59,7 +59,7 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    rows = {(r["batch"], r["backend"]): r for r in result["rows"]}
+    rows = {(r["batch"], r["backend"]): r for r in result["rows"] if r.get("kind") != "profile"}
     compiled = [(2, "compile full"), (1, "compile full, static"), (1, "aoti full"), (1, "compile full, freeze"),
                 (2, "compile full, sliced")]
     assert {(1, "compile full"), *compiled} <= set(rows)
@@ -68,6 +68,15 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     parts = [r for r in result["rows"] if r.get("kind") == "part"]
     assert {r["backend"] for r in parts} == {f"{b}: {p}" for b in ("compile full", "aoti full", "compile full, freeze")
                                              for p in ("one UNet evaluation", "VAE decode")}
+    # each part's time by class of op (on the CPU: ATen ops; the UNet's convolutions and matmuls)
+    profile = [r for r in result["rows"] if r.get("kind") == "profile"]
+    assert {r["part"] for r in profile} == {r["backend"] for r in parts}
+    for part in {r["part"] for r in profile}:
+        shares = [r["share"] for r in profile if r["part"] == part]
+        assert sum(shares) == pytest.approx(1.0) and all(r["ms"] > 0 and r["largest"] for r in profile if r["part"] == part)
+    eager_unet = {r["class"] for r in profile if r["part"] == "compile full: one UNet evaluation"}
+    assert eager_unet  # with Inductor's CPU kernels folded into "other"; the classes themselves: test_profile
+    assert "| sd15 | compile full: VAE decode |" in run.stdout
     assert any("fp8 failed" in n and "compute capability 8.9" in n for n in result["notes"])
     assert "Traceback" in run.stderr  # a failed lever's whole error is in the log, not only the note's start
     for backend in ("compile", "aoti"):

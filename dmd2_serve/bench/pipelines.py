@@ -16,6 +16,7 @@ from dmd2_kernels.timing import graph_us, timed
 from torch import Tensor, nn
 
 from ..model.adapters import ADAPTERS, ReferenceArch
+from .profile import device_time_by_class
 from .report import Budget, OutOfTime, Report
 
 TIMESTEPS = (999, 749, 499, 249)
@@ -288,15 +289,24 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
 
 
 def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label: str) -> None:
-    """Batch 1's parts, each in its own CUDA graph: one UNet evaluation and the VAE decode."""
+    """Batch 1's parts, each in its own CUDA graph: one UNet evaluation and the VAE decode; then
+    what each part's device time goes to, by class of kernel (:mod:`.profile`)."""
     cond = conditioning(ARCHS[name], 1, device, pipe.dtype)
     x = torch.randn(1, *pipe.backbone.sample_shape, device=device, dtype=pipe.dtype)
     t = torch.full((1,), 999, device=device, dtype=torch.long)
+    parts = {"one UNet evaluation": (lambda: pipe.denoise(x, t, cond), 4), "VAE decode": (lambda: pipe.backbone.decode(x), 2)}
     with torch.no_grad():
-        unet_ms = graph_us(lambda: pipe.denoise(x, t, cond), device, calls=4) / 1000
-        decode_ms = graph_us(lambda: pipe.backbone.decode(x), device, calls=2) / 1000
-    for part, ms in (("one UNet evaluation", unet_ms), ("VAE decode", decode_ms)):
-        report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=ms, kind="part")
+        for part, (fn, calls) in parts.items():
+            report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=graph_us(fn, device, calls=calls) / 1000,
+                       kind="part")
+        for part, (fn, _) in parts.items():
+            try:
+                classes = device_time_by_class(fn, device)
+            except Exception as e:  # the profiler (CUPTI) is an extra: its failure must not cost the rows after it
+                report.note(f"{label}: {part}: not profiled: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            for cls, entry in classes.items():
+                report.add(kind="profile", arch=name, part=f"{label}: {part}", **{"class": cls}, **entry)
 
 
 def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: float,

@@ -11,6 +11,8 @@ from typing import Any
 
 from dmd2_kernels.renoise_bench import renoise_table
 
+from .profile import profile_table
+
 
 class OutOfTime(Exception):
     """Raised by the watchdog when the budget is spent."""
@@ -39,12 +41,12 @@ class Report:
             self.out.write_text(json.dumps({"rows": self.rows, "notes": self.notes}, indent=1))
 
     def table(self) -> str:
-        """The end-to-end and kernel rows as two markdown tables."""
+        """The end-to-end rows, batch 1's device time by class of kernel and the kernel rows as markdown tables."""
         lines = ["| arch | batch | backend | ms / batch | ms / image | images / s | vs plain | prepare s | peak GiB | check |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         plain = {(r["arch"], r["batch"]): r["ms"] for r in self.rows if r.get("backend") == "plain"}
         for r in self.rows:
-            if "arch" not in r:
+            if "arch" not in r or r.get("kind") == "profile":
                 continue
             base = plain.get((r["arch"], r["batch"])) if r.get("kind") != "part" else None
             speed = f"{base / r['ms']:.2f}x" if base and r.get("ms") else ""
@@ -52,7 +54,9 @@ class Report:
                          f"{_f(r['ms'] / r['batch'] if r.get('ms') else None)} | {_f(r.get('images_per_s'), 1)} | {speed} | "
                          f"{_f(r.get('prepare_s'), 1)} | "
                          f"{_f(r.get('peak_gib'), 1)} | {r.get('check', '')} |")
-        lines += ["", renoise_table(self.rows)]
+        kernel = any(r.get("kind", "").startswith("renoise") for r in self.rows)
+        lines += [part for table in (profile_table(self.rows), renoise_table(self.rows) if kernel else "") if table
+                  for part in ("", table)]
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
