@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of the project, in parts that fit a lent card's minutes:
 #
 #   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
-#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [levers] [sdxl-fp8]
+#                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [levers] [sdxl-levers]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -17,11 +17,12 @@
 #           decode one image at a time (--vae-slicing: batch 1's decoder graph; the batch-symbolic
 #           trace of SDXL's decoder failed on the H200 and its per-size fallback needs ~150 s more),
 #           cold start (~7 min; a call of its own; its eager rows are known from 2026-12-04: not timed)
-#   sdxl-fp8
-#           SDXL batch 1 with --precision fp8 (torchao float8 transformer-block linears) against the
-#           default compile in the same run, PSNR against eager fp16: the lever for the 100 ms target
-#           (108.2 ms on 2026-12-04) if the UNet's matmuls are a large share (each breakdown now
-#           profiles its parts by class of kernel); ~6 min on a fresh card, less after `sdxl`
+#   sdxl-levers
+#           SDXL batch 1 (the 100 ms target; 108.2 ms on 2026-12-04, its decode 36.1 ms) with the
+#           default compile, --precision fp8 (torchao float8 transformer-block linears; PSNR against
+#           eager fp16) and --subpixel-upsample (the upsamplers as transposed convolutions: 27% of the
+#           decoder's multiply-adds at 4/9), each breakdown with its device time by class of kernel;
+#           ~8 min on a fresh card, less after `sdxl` (its cache)
 #   served-buckets, served-2w, served-text, served-graph-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
 #           those buckets with two workers on the card; served's buckets with the prompt encoder
@@ -49,7 +50,7 @@
 # served-2w, served-text, train.
 #
 # Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
-# SDXL_BUDGET_S, SDXL_FP8_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
+# SDXL_BUDGET_S, SDXL_LEVERS_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
 # (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
@@ -120,22 +121,23 @@ for part in "${parts[@]}"; do
         --budget-s "${AOTI_BUDGET_S:-330}" --cache-dir "$cache" --out "$out/serve-sdxl-aoti-$card-$day.json" || status=1 ;;
     served-aoti)  # the served path with --backend aoti (its packages from the aoti part: the start is a warm one)
       SERVED_BACKEND=aoti SERVED_DEFAULT_S=200 served served-sd15-aoti 1,4,16 || status=1 ;;
-    levers)  # the issue's "freezing" lever and the sliced decode, one at a time against the default compile
+    levers)  # sub-pixel upsampling, the issue's "freezing" lever and the sliced decode, one at a time against
+             # the default compile (what the budget leaves out is named in the notes)
       timeout $(( ${LEVERS_BUDGET_S:-480} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,1 --scopes full \
-        --variants default,freeze,sliced:16 --backends compile --no-preflight --no-kernel --skip-cold-start \
+        --variants default,subpixel,freeze,sliced:16 --backends compile --no-preflight --no-kernel --skip-cold-start \
         --budget-s "${LEVERS_BUDGET_S:-480}" --cache-dir "$cache" --out "$out/serve-sd15-levers-$card-$day.json" \
         || status=1 ;;
-    sdxl-fp8)  # float8 matmuls on SDXL's batch 1, the default compile beside it (same card, same run)
-      timeout $(( ${SDXL_FP8_BUDGET_S:-400} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 1 --scopes full \
-        --variants default,fp8 --backends compile --no-preflight --no-kernel --no-eager-rows --skip-cold-start \
-        --budget-s "${SDXL_FP8_BUDGET_S:-400}" --cache-dir "$cache" --out "$out/serve-sdxl-fp8-$card-$day.json" \
-        || status=1 ;;
+    sdxl-levers)  # SDXL's batch 1: default compile, float8 matmuls, sub-pixel upsampling (same card, same run)
+      timeout $(( ${SDXL_LEVERS_BUDGET_S:-480} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 1 \
+        --scopes full --variants default,subpixel,fp8 --backends compile --no-preflight --no-kernel --no-eager-rows \
+        --skip-cold-start --budget-s "${SDXL_LEVERS_BUDGET_S:-480}" --cache-dir "$cache" \
+        --out "$out/serve-sdxl-levers-$card-$day.json" || status=1 ;;
     sdxl)
       timeout $(( ${SDXL_BUDGET_S:-420} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel --no-eager-rows \
         --budget-s "${SDXL_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
     *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
-         "served-graph-text sdxl sdxl-fp8 aoti aoti-sdxl served-aoti levers"; exit 2 ;;
+         "served-graph-text sdxl sdxl-levers aoti aoti-sdxl served-aoti levers"; exit 2 ;;
   esac
 done
 exit $status

@@ -18,6 +18,7 @@ from dmd2_serve.model.adapters import load_backbone, load_unet
 from dmd2_serve.model.backends import BackendError, FastPath, check_fast_path, compile_in_place
 from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_serve.model.precision import is_attention_linear, quantize_fp8
+from dmd2_serve.model.upsample import SubpixelUpsample
 
 find_spec = importlib.util.find_spec
 PROMPTS, SEEDS = ["a red cube", "a small dog", "a city at night"], [3, 1, 2**32 - 1]
@@ -110,6 +111,20 @@ def test_sliced_decode_gives_the_eager_images_with_one_batch_1_decoder_graph(sd1
     assert not fast.backbone.vae.use_slicing
     with pytest.raises(BackendError, match="--vae-slicing with --backend tensorrt has not been tried"):
         check_fast_path(FastPath(backend="tensorrt", vae_slicing=True))
+
+
+def test_subpixel_upsample_compiled_gives_the_eager_images(sd15_teacher: Path, tmp_path: Path) -> None:
+    eager, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
+    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, subpixel_upsample=True))
+    folded = [m for m in [*fast.unet.modules(), *fast.backbone.vae.decoder.modules()] if isinstance(m, SubpixelUpsample)]
+    assert len(folded) == 2  # the tiny UNet's one upsampler and the decoder's one
+    want = eager(PROMPTS, SEEDS)
+    torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
+    fast.accelerate(FastPath(backend="eager"))  # the option goes with the backend that set it
+    assert not any(isinstance(m, SubpixelUpsample) for m in [*fast.unet.modules(), *fast.backbone.vae.modules()])
+    torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
+    with pytest.raises(BackendError, match="--subpixel-upsample with --backend tensorrt has not been tried"):
+        check_fast_path(FastPath(backend="tensorrt", subpixel_upsample=True))
 
 
 def test_fp8_is_refused_with_the_fix_where_it_cannot_run(sd15_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,7 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
-         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1,freeze:1,sliced:2",
+         "compile", "--scopes", "full", "--variants", "default,static:1,fp8:2,aoti:1,freeze:1,sliced:2,subpixel:1",
          "--no-preflight", "--no-kernel", "--no-eager-rows",
          "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
@@ -61,12 +61,13 @@ def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {(r["batch"], r["backend"]): r for r in result["rows"] if r.get("kind") != "profile"}
     compiled = [(2, "compile full"), (1, "compile full, static"), (1, "aoti full"), (1, "compile full, freeze"),
-                (2, "compile full, sliced")]
+                (2, "compile full, sliced"), (1, "compile full, subpixel")]
     assert {(1, "compile full"), *compiled} <= set(rows)
     assert not {"plain", "eager"} & {backend for _, backend in rows}  # --no-eager-rows: only their images, as reference
     assert all(rows[k]["psnr_db"] > 60 for k in compiled)
     parts = [r for r in result["rows"] if r.get("kind") == "part"]
-    assert {r["backend"] for r in parts} == {f"{b}: {p}" for b in ("compile full", "aoti full", "compile full, freeze")
+    assert {r["backend"] for r in parts} == {f"{b}: {p}" for b in ("compile full", "aoti full", "compile full, freeze",
+                                                                   "compile full, subpixel")
                                              for p in ("one UNet evaluation", "VAE decode")}
     # each part's time by class of op (on the CPU: ATen ops; the UNet's convolutions and matmuls)
     profile = [r for r in result["rows"] if r.get("kind") == "profile"]

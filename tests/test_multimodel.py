@@ -274,6 +274,15 @@ def test_pipeline_switches_adapters_beside_the_weights(made: Made, pipes: dict[s
     own.use_lora(made.b)
     torch.testing.assert_close(own.generate_padded(prompts, seeds, bucket=BUCKET),
                                pipes["B"].generate_padded(prompts, seeds, bucket=BUCKET), atol=1e-5, rtol=0)
+    # folded upsamplers would leave an adapter on their convolutions out: refused either way round
+    from dmd2_serve.model.backends import BackendError, FastPath
+
+    with pytest.raises(BackendError, match="serve LoRA adapters without --subpixel-upsample"):
+        own.accelerate(FastPath(subpixel_upsample=True))
+    folded = FewStepPipeline.from_folder(made.base)
+    folded.accelerate(FastPath(subpixel_upsample=True))
+    with pytest.raises(BackendError, match="serve LoRA adapters without --subpixel-upsample"):
+        folded.use_lora(made.a)
 
 
 def test_adapter_that_fails_in_the_worker_fails_its_own_requests_only(made: Made, pipes: dict[str, FewStepPipeline]):
@@ -304,6 +313,8 @@ def test_lora_dirs_are_checked_at_start(made: Made, tmp_path: Path):
     for kwargs, words in [({"lora_dirs": {"sd": made.loras}, "fast": FastPath(backend="compile")}, "--backend eager"),
                           ({"lora_dirs": {"other": made.loras}}, "not served"),
                           ({"lora_dirs": {"sd": tmp_path / "missing"}}, "is not a folder"),
+                          ({"lora_dirs": {"sd": made.loras}, "fast": FastPath(subpixel_upsample=True)},
+                           "--subpixel-upsample folds the upsamplers' weights once"),
                           ({"lora_cache": 0}, "at least 1")]:
         with pytest.raises(ValueError, match=words):
             FewStepAPI({"sd": made.base}, **kwargs)

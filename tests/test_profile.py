@@ -35,7 +35,8 @@ def test_kernel_class(name: str, cls: str) -> None:
 
 def test_device_time_by_class_adds_up() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.Flatten(), nn.Linear(32 * 16 * 16, 64))
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.Flatten(),
+                          nn.Linear(32 * 16 * 16, 64))
     x = torch.randn(4, 8, 16, 16)
     with torch.no_grad():
         model(x)
@@ -44,4 +45,4 @@ def test_device_time_by_class_adds_up() -> None:
     assert sum(c["share"] for c in classes.values()) == pytest.approx(1.0)
     assert all(0 < len(c["largest"]) <= 2 and c["ms"] >= c["largest"][0][1] > 0 for c in classes.values())
     assert list(classes) == sorted(classes, key=lambda c: -classes[c]["ms"])  # largest first
-    assert any(name == "aten::mkldnn_convolution" or "convolution" in name for name, _ in classes["convolution"]["largest"])
+    assert any("convolution" in name for name, _ in classes["convolution"]["largest"])

@@ -14,7 +14,8 @@ excluded), for:
 * ``compile``: torch.compile (``full`` and/or ``regional`` scope) + the CUDA graph; its first
   call (compilation + capture) is reported as ``prepare s``, and its images are compared with
   the eager path's (max difference and PSNR). ``--variants`` adds the levers one at a time
-  (static batch, max-autotune for the decoder or everything, fp8, aoti, freezing, sliced decode),
+  (static batch, max-autotune for the decoder or everything, fp8, aoti, freezing, sub-pixel upsampling,
+  sliced decode),
   each run largest batch first so the dynamic-batch graph of the first serves the rest; batch 1
   of ``default``, ``decoder``, ``fp8``, ``aoti`` and ``freeze`` is broken down into one UNet
   evaluation and the decode, each in its own graph;
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled configurations to time, each against the first: default (dynamic batch),"
                         " static (a graph per batch size), decoder / all (max-autotune for the VAE decoder / the UNet"
                         " too), fp8 (torchao float8 attention linears), aoti (AOTInductor packages), freeze (Inductor's"
-                        " freezing), sliced (the decode one image at a time); ':16+1' limits one to those batches")
+                        " freezing), subpixel (the upsamplers as transposed convolutions), sliced (the decode one"
+                        " image at a time); ':16+1' limits one to those batches")
     p.add_argument("--attention-rows", action="store_true",
                    help="time the eager + graph loop with each SDPA backend forced (flash, cuDNN, efficient)")
     p.add_argument("--no-preflight", dest="preflight", action="store_false",

@@ -129,6 +129,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8": {"precision": "fp8"},  # float8 attention-block linears (torchao), bfloat16 elsewhere
     "aoti": {"backend": "aoti"},  # the same Inductor code compiled ahead of time (AOTInductor packages)
     "freeze": {"freeze": True},  # Inductor's freezing: the weights compiled in as constants
+    "subpixel": {"subpixel_upsample": True},  # the upsamplers as transposed convolutions (4/9 the work)
     "sliced": {"vae_slicing": True},  # the decode one image at a time: the batch-1 decoder graph for every batch
 }
 # SDPA backends compared on the eager + graph path (the compiled graphs call the same kernels).
@@ -282,7 +283,7 @@ def compiled_rows(report: Report, pipe: Any, name: str, scope: str, variant: Var
         row(label + (" + graph" if pipe.graphed else ""), batch, lambda: pipe.images(cond, seeds, TIMESTEPS), prepare,
             compare=True, variant=variant.name,
             **({"precision": "fp8 attention linears, bf16 UNet, bf16 VAE"} if variant.name == "fp8" else {}))
-        if batch == 1 and variant.name in ("default", "decoder", "fp8", "aoti", "freeze"):
+        if batch == 1 and variant.name in ("default", "decoder", "fp8", "aoti", "freeze", "subpixel"):
             breakdown(report, pipe, name, device, label)
         release(pipe)
     return pipe
@@ -294,7 +295,8 @@ def breakdown(report: Report, pipe: Any, name: str, device: torch.device, label:
     cond = conditioning(ARCHS[name], 1, device, pipe.dtype)
     x = torch.randn(1, *pipe.backbone.sample_shape, device=device, dtype=pipe.dtype)
     t = torch.full((1,), 999, device=device, dtype=torch.long)
-    parts = {"one UNet evaluation": (lambda: pipe.denoise(x, t, cond), 4), "VAE decode": (lambda: pipe.backbone.decode(x), 2)}
+    parts = {"one UNet evaluation": (lambda: pipe.denoise(x, t, cond), 4),
+             "VAE decode": (lambda: pipe.backbone.decode(x), 2)}
     with torch.no_grad():
         for part, (fn, calls) in parts.items():
             report.add(arch=name, batch=1, backend=f"{label}: {part}", ms=graph_us(fn, device, calls=calls) / 1000,

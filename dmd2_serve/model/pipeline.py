@@ -26,6 +26,7 @@ from .backends import (
 from .lora import LoraAdapters, fused_lora_unet, lora_base
 from .precision import quantize_fp8
 from .sampling import philox_sample, sdedit_start
+from .upsample import SUBPIXEL_LORA, set_subpixel_upsample
 
 
 class CaptureFailed(RuntimeError):
@@ -127,6 +128,8 @@ class FewStepPipeline:
         if fast.backend != "eager" and self.loras.loaded:
             raise BackendError(f"the {fast.backend} backend cannot run LoRA adapters beside the weights; load the"
                                " folder with fuse_lora=True (or serve the merged generator)")
+        if fast.subpixel_upsample and self.loras.loaded:
+            raise BackendError(SUBPIXEL_LORA)
         vae = getattr(self.backbone, "vae", None)
         slices = hasattr(vae, "use_slicing")  # diffusers' VAEs that can decode in slices (False: no VAE)
         if fast.vae_slicing and vae is not None and not slices:
@@ -136,6 +139,9 @@ class FewStepPipeline:
                 set_attention(module, fast.attention)
         if slices:  # what enable_slicing() / disable_slicing() set: decode (and encode) one image at a time or not
             vae.use_slicing = fast.vae_slicing
+        for module in (self.unet, vae):  # swapped in or back, as this backend asks
+            if module is not None:
+                set_subpixel_upsample(module, fast.subpixel_upsample)
         fuse_qkv(self.unet, fast)
         if fast.precision == "fp8":
             quantize_fp8(self.unet)
@@ -165,6 +171,8 @@ class FewStepPipeline:
         if folder is not None and self.fast.backend != "eager":
             raise BackendError(f"a LoRA adapter needs the eager backend, not {self.fast.backend}: compiled graphs and"
                                " TensorRT engines bake the UNet's modules in; serve the merged generator instead")
+        if folder is not None and self.fast.subpixel_upsample:
+            raise BackendError(SUBPIXEL_LORA)
         return self.loras.activate(None if folder is None else Path(folder), scale)
 
     @property
