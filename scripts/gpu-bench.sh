@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu-bench.sh [train] [sd15] [served] [sdxl] [served-buckets] [served-2w] [served-text]
 #                             [served-graph-text] [aoti] [aoti-sdxl] [served-aoti] [levers] [sdxl-levers]
+#                             [subpixel]
 #                                   (no argument: the first four, ~15 min: more than one lease holds)
 #
 #   train   python -m dmd2_train.bench: the SD1.5 MFU row and the SDXL batch-2 memory row (never
@@ -22,7 +23,11 @@
 #           default compile, --precision fp8 (torchao float8 transformer-block linears; PSNR against
 #           eager fp16) and --subpixel-upsample (the upsamplers as transposed convolutions: 27% of the
 #           decoder's multiply-adds at 4/9), each breakdown with its device time by class of kernel;
-#           ~8 min on a fresh card, less after `sdxl` (its cache)
+#           run it after `sdxl` on the same warm card: with the default's graphs cached (~1 min
+#           instead of ~2.5) all three fit its 480 s; on a fresh card fp8, last, is cut
+#   subpixel
+#           SD1.5 at 16 and 1, default compile against --subpixel-upsample (the 18 ms and 90 images/s
+#           targets; the decode is 7.4 of batch 1's 24.8 ms); ~4 min after `sd15`, ~6 fresh
 #   served-buckets, served-2w, served-text, served-graph-text
 #           the served path's levers, one at a time: a bucket per even batch size (1,2,4,...,16), then
 #           those buckets with two workers on the card; served's buckets with the prompt encoder
@@ -50,7 +55,7 @@
 # served-2w, served-text, train.
 #
 # Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
-# SDXL_BUDGET_S, SDXL_LEVERS_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
+# SDXL_BUDGET_S, SDXL_LEVERS_BUDGET_S, SUBPIXEL_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
 # (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
@@ -121,12 +126,16 @@ for part in "${parts[@]}"; do
         --budget-s "${AOTI_BUDGET_S:-330}" --cache-dir "$cache" --out "$out/serve-sdxl-aoti-$card-$day.json" || status=1 ;;
     served-aoti)  # the served path with --backend aoti (its packages from the aoti part: the start is a warm one)
       SERVED_BACKEND=aoti SERVED_DEFAULT_S=200 served served-sd15-aoti 1,4,16 || status=1 ;;
-    levers)  # sub-pixel upsampling, the issue's "freezing" lever and the sliced decode, one at a time against
-             # the default compile (what the budget leaves out is named in the notes)
+    levers)  # the issue's "freezing" lever and the sliced decode, one at a time against the default compile
       timeout $(( ${LEVERS_BUDGET_S:-480} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,1 --scopes full \
-        --variants default,subpixel,freeze,sliced:16 --backends compile --no-preflight --no-kernel --skip-cold-start \
+        --variants default,freeze,sliced:16 --backends compile --no-preflight --no-kernel --skip-cold-start \
         --budget-s "${LEVERS_BUDGET_S:-480}" --cache-dir "$cache" --out "$out/serve-sd15-levers-$card-$day.json" \
         || status=1 ;;
+    subpixel)  # SD1.5 at 16 and 1 with the upsamplers as transposed convolutions, against the default compile
+      timeout $(( ${SUBPIXEL_BUDGET_S:-400} + 60 )) python3 -m dmd2_serve.bench --archs sd15 --batches 16,1 \
+        --scopes full --variants default,subpixel --backends compile --no-preflight --no-kernel --skip-cold-start \
+        --no-eager-rows --budget-s "${SUBPIXEL_BUDGET_S:-400}" --cache-dir "$cache" \
+        --out "$out/serve-sd15-subpixel-$card-$day.json" || status=1 ;;
     sdxl-levers)  # SDXL's batch 1: default compile, float8 matmuls, sub-pixel upsampling (same card, same run)
       timeout $(( ${SDXL_LEVERS_BUDGET_S:-480} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 1 \
         --scopes full --variants default,subpixel,fp8 --backends compile --no-preflight --no-kernel --no-eager-rows \
@@ -137,7 +146,7 @@ for part in "${parts[@]}"; do
         --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel --no-eager-rows \
         --budget-s "${SDXL_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
     *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
-         "served-graph-text sdxl sdxl-levers aoti aoti-sdxl served-aoti levers"; exit 2 ;;
+         "served-graph-text sdxl sdxl-levers subpixel aoti aoti-sdxl served-aoti levers"; exit 2 ;;
   esac
 done
 exit $status

@@ -1,4 +1,4 @@
-"""--subpixel-upsample: diffusers' upsamplers as one 2x2 convolution at the low resolution give their numbers."""
+"""--subpixel-upsample: diffusers' upsamplers as one stride-2 transposed convolution give their numbers."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ products only, max-autotune the convolutions and matrix products, freezing the l
 
 On a GPU the classes come from the kernels' own names (cuDNN's ``..._fprop_implicit_gemm...``,
 cuBLAS's ``nvjet...`` / ``..._gemm...``, ``flash``/``fmha`` attention, Inductor's ``triton_...``),
-each kernel's time as the device ran it (launch gaps not counted: replayed from a CUDA graph there
-are none). On the CPU the classes come from the ATen ops' names, each op's own time; the kernels
+each kernel's time as the device ran it (the profiled calls launch kernel by kernel, outside the
+CUDA graph; their gaps are not counted, so the classes add up to about the graph's time). On the CPU the classes come from the ATen ops' names, each op's own time; the kernels
 Inductor generates for the CPU are not seen one by one and count as "other".
 """
 
@@ -26,14 +26,18 @@ import torch
 # templates ("triton_tem_...", max-autotune's matrix products and convolutions) apart.
 TRITON_TEMPLATE = "Triton templates (matmul, conv)"
 TRITON_FUSED = "Triton (Inductor's fused)"
-# Every other kernel by (class, pattern), first match wins: cuDNN's convolution kernels have
-# "gemm" (and "nhwc") in their names too.
+# Every other kernel by (class, pattern), first match wins. Order matters: cuDNN's convolution
+# kernels have "gemm" and "nhwc" in their names, CUTLASS's matmuls "Copy_Atom" in their template
+# arguments, a transposed convolution "transpose"; cuDNN's own NCHW <-> NHWC transforms (a layout
+# the convolution did not take as it came) are layout, not convolution.
+LAYOUT = "copies and layout"
 CLASSES: tuple[tuple[str, str], ...] = (
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    # cuDNN's own NCHW <-> NHWC transforms (a layout the convolution did not take as it came)
-    ("copies and layout", r"nchwToNhwc|nhwcToNchw|copy|memcpy|memset|transpose|permute|contiguous|clone|\bcat\b"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit|cudnn"),
+    (LAYOUT, r"nchwToNhwc|nhwcToNchw"),
+    ("convolution", r"convolution|conv[_\d]|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn"),
     ("matmul", r"gemm|gemv|nvjet|cutlass|cublas|scaled_mm|\b(aten::)?(addmm|mm|bmm|matmul|linear)\b"),
+    (LAYOUT, r"direct_copy|copy_kernel|CatArray|Memcpy|Memset|upsample_nearest|aten::(copy_|_to_copy|cat|clone|"
+             r"contiguous|transpose|permute)\b"),
 )
 OTHER = "other"
 
@@ -66,19 +70,29 @@ def device_time_by_class(fn: Callable[[], Any], device: torch.device, calls: int
             torch.cuda.synchronize()
     by_kernel: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        if cuda and event.device_type == DeviceType.CUDA:
-            by_kernel[event.name] += event.device_time_total
+        # Inductor marks each compiled graph's call ("## Call CompiledFxGraph ... ##"), and the profiler
+        # files that mark as a device event spanning its kernels: it is not a kernel
+        if cuda and event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
+            by_kernel[_short(event.name)] += event.device_time_total
         elif not cuda and event.device_type == DeviceType.CPU:
             by_kernel[event.name] += event.self_cpu_time_total
-    total_us = sum(by_kernel.values()) or 1.0
+    if not by_kernel:
+        raise RuntimeError(f"the profiler recorded no {'kernels' if cuda else 'ops'} (CUPTI unavailable?)")
+    total_us = sum(by_kernel.values())
     classes: dict[str, dict[str, Any]] = {}
     for kernel, us in sorted(by_kernel.items(), key=lambda kv: -kv[1]):
         entry = classes.setdefault(kernel_class(kernel), {"ms": 0.0, "share": 0.0, "largest": []})
         entry["ms"] += us / 1000 / calls
         entry["share"] += us / total_us
         if len(entry["largest"]) < top:
-            entry["largest"].append((kernel[:90], us / 1000 / calls))
+            entry["largest"].append((kernel[:120], us / 1000 / calls))
     return dict(sorted(classes.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def _short(kernel: str) -> str:
+    """A kernel's name without C++'s ``void`` and ``at::native::`` noise (its template arguments kept:
+    they tell CUTLASS's and PyTorch's generic kernels apart)."""
+    return re.sub(r"^void |at::native::|\(anonymous namespace\)::", "", kernel)
 
 
 def profile_table(rows: list[dict[str, Any]]) -> str:

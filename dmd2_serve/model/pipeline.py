@@ -139,13 +139,13 @@ class FewStepPipeline:
                 set_attention(module, fast.attention)
         if slices:  # what enable_slicing() / disable_slicing() set: decode (and encode) one image at a time or not
             vae.use_slicing = fast.vae_slicing
-        for module in (self.unet, vae):  # swapped in or back, as this backend asks
-            if module is not None:
-                set_subpixel_upsample(module, fast.subpixel_upsample)
         fuse_qkv(self.unet, fast)
         if fast.precision == "fp8":
             quantize_fp8(self.unet)
             self.dtype = torch.bfloat16
+        for module in (self.unet, vae):  # swapped in or back, as this backend asks (folded from the final dtype)
+            if module is not None:
+                set_subpixel_upsample(module, fast.subpixel_upsample)
         if fast.backend in INDUCTOR_BACKENDS:
             compile_modules(self.unet, vae, fast, self.backbone.text_encoders())
         elif fast.backend == "tensorrt":
