@@ -55,8 +55,8 @@
 # served-2w, served-text, train.
 #
 # Each part has its own time budget (env: TRAIN_BUDGET_S, SD15_BUDGET_S, SERVED_BUDGET_S,
-# SDXL_BUDGET_S, SDXL_LEVERS_BUDGET_S, SUBPIXEL_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its table and writes its JSON under $OUT
-# (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
+# SDXL_BUDGET_S, SDXL_LEVERS_BUDGET_S, SUBPIXEL_BUDGET_S, AOTI_BUDGET_S, LEVERS_BUDGET_S), prints its
+# table and writes its JSON under $OUT (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
 # .whl/ (git-ignored). Made here, in the repository root, with:

@@ -14,11 +14,12 @@ excluded), for:
 * ``compile``: torch.compile (``full`` and/or ``regional`` scope) + the CUDA graph; its first
   call (compilation + capture) is reported as ``prepare s``, and its images are compared with
   the eager path's (max difference and PSNR). ``--variants`` adds the levers one at a time
-  (static batch, max-autotune for the decoder or everything, fp8, aoti, freezing, sub-pixel upsampling,
-  sliced decode),
-  each run largest batch first so the dynamic-batch graph of the first serves the rest; batch 1
-  of ``default``, ``decoder``, ``fp8``, ``aoti`` and ``freeze`` is broken down into one UNet
-  evaluation and the decode, each in its own graph;
+  (static batch, max-autotune for the decoder or everything, fp8, aoti, freezing, sub-pixel
+  upsampling, sliced decode), each run largest batch first so the dynamic-batch graph of the
+  first serves the rest; batch 1
+  of ``default``, ``decoder``, ``fp8``, ``aoti``, ``freeze`` and ``subpixel`` is broken down into
+  one UNet evaluation and the decode, each in its own graph, with their device time by class of
+  kernel;
 * ``--attention-rows``: the eager + graph loop with each SDPA backend forced;
 * ``tensorrt`` and xformers attention where those packages are installed (said otherwise);
 

@@ -8,8 +8,9 @@ products only, max-autotune the convolutions and matrix products, freezing the l
 On a GPU the classes come from the kernels' own names (cuDNN's ``..._fprop_implicit_gemm...``,
 cuBLAS's ``nvjet...`` / ``..._gemm...``, ``flash``/``fmha`` attention, Inductor's ``triton_...``),
 each kernel's time as the device ran it (the profiled calls launch kernel by kernel, outside the
-CUDA graph; their gaps are not counted, so the classes add up to about the graph's time). On the CPU the classes come from the ATen ops' names, each op's own time; the kernels
-Inductor generates for the CPU are not seen one by one and count as "other".
+CUDA graph; their gaps are not counted, so the classes add up to about the graph's time). On the
+CPU the classes come from the ATen ops' names, each op's own time; the kernels Inductor generates
+for the CPU are not seen one by one and count as "other".
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ CLASSES: tuple[tuple[str, str], ...] = (
     (LAYOUT, r"nchwToNhwc|nhwcToNchw"),
     ("convolution", r"convolution|conv[_\d]|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn"),
     ("matmul", r"gemm|gemv|nvjet|cutlass|cublas|scaled_mm|\b(aten::)?(addmm|mm|bmm|matmul|linear)\b"),
-    (LAYOUT, r"direct_copy|copy_kernel|CatArray|Memcpy|Memset|upsample_nearest|aten::(copy_|_to_copy|cat|clone|"
-             r"contiguous|transpose|permute)\b"),
+    (LAYOUT, (r"direct_copy|copy_kernel|CatArray|Memcpy|Memset|upsample_nearest|aten::(copy_|_to_copy|cat|clone|"
+              r"contiguous|transpose|permute)\b")),
 )
 OTHER = "other"
 

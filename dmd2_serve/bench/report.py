@@ -55,8 +55,9 @@ class Report:
                          f"{_f(r.get('prepare_s'), 1)} | "
                          f"{_f(r.get('peak_gib'), 1)} | {r.get('check', '')} |")
         kernel = any(r.get("kind", "").startswith("renoise") for r in self.rows)
-        lines += [part for table in (profile_table(self.rows), renoise_table(self.rows) if kernel else "") if table
-                  for part in ("", table)]
+        for table in (profile_table(self.rows), renoise_table(self.rows) if kernel else ""):
+            if table:
+                lines += ["", table]
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 

@@ -13,9 +13,9 @@ and likewise along the columns. That is a transposed convolution with stride 2, 
 4x4 kernel ``K`` (output row ``p`` takes ``x`` row ``m`` through ``K[p - 2m + 1]``): per axis
 ``K = Q W`` with the 4x3 tap matrix ``Q`` below (``K[3] = W[0]``, ``K[1] = W[1] + W[2]``,
 ``K[2] = W[0] + W[1]``, ``K[0] = W[2]``). The same sums, with ``W``'s taps added once (in float64
-from the weights in their final dtype, rounded once to it): each output pixel reads 2x2 input pixels instead of 3x3
-(16 multiply-adds per low-resolution pixel and channel pair instead of 36), and the
-four-times-larger repeated image is never written. The output comes out interleaved, as it
+from the weights in their final dtype, rounded once to it): each output pixel reads 2x2 input
+pixels instead of 3x3 (16 multiply-adds per low-resolution pixel and channel pair instead of 36),
+and the four-times-larger repeated image is never written. The output comes out interleaved, as it
 should be: no phases to reassemble. Upsampling convolutions are about a quarter of a VAE
 decoder's multiply-adds (SD's decoder at 1024x1024: 2.8 of 10.3 TFLOP), a few percent of a UNet's.
 """
