@@ -279,6 +279,8 @@ def test_pipeline_switches_adapters_beside_the_weights(made: Made, pipes: dict[s
 
     with pytest.raises(BackendError, match="serve LoRA adapters without --subpixel-upsample"):
         own.accelerate(FastPath(subpixel_upsample=True))
+    with pytest.raises(BackendError, match="holds LoRA adapters: --backend compile bakes .* --backend eager"):
+        own.accelerate(FastPath(backend="compile"))
     folded = FewStepPipeline.from_folder(made.base)
     folded.accelerate(FastPath(subpixel_upsample=True))
     with pytest.raises(BackendError, match="serve LoRA adapters without --subpixel-upsample"):

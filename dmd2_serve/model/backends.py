@@ -173,6 +173,25 @@ def check_fast_path(fast: FastPath) -> None:
             " (a build matching your torch), or use --attention sdpa")
 
 
+def adapter_conflict(fast: FastPath) -> str | None:
+    """Why ``fast`` cannot run a LoRA adapter beside the UNet's weights (None: it can).
+
+    The one answer for every place an adapter meets a fast path: the server's start check, the
+    pipeline's :meth:`accelerate` with adapters loaded, and :meth:`use_lora` on an accelerated
+    pipeline. The fix is the same in each: the eager backend without folded upsamplers, or the
+    merged generator.
+    """
+    if fast.backend != "eager":
+        return (f"--backend {fast.backend} bakes the UNet's modules and weights in (and fuses its attention"
+                " projections), so an adapter added beside the weights would not act: serve LoRA adapters with"
+                " --backend eager, or serve the merged generator")
+    if fast.subpixel_upsample:
+        return ("--subpixel-upsample folds the upsamplers' weights once, so a LoRA adapter (added beside the"
+                " weights) would miss them: serve LoRA adapters without --subpixel-upsample, or serve the merged"
+                " generator")
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Module preparation
 # --------------------------------------------------------------------------------------------

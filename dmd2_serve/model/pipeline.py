@@ -17,6 +17,7 @@ from .backends import (
     Denoiser,
     FastPath,
     GraphedLoop,
+    adapter_conflict,
     check_fast_path,
     compile_modules,
     fuse_qkv,
@@ -26,7 +27,7 @@ from .backends import (
 from .lora import LoraAdapters, fused_lora_unet, lora_base
 from .precision import quantize_fp8
 from .sampling import philox_sample, sdedit_start
-from .upsample import SUBPIXEL_LORA, set_subpixel_upsample
+from .upsample import set_subpixel_upsample
 
 
 class CaptureFailed(RuntimeError):
@@ -125,11 +126,8 @@ class FewStepPipeline:
         conditioning of the right shapes (default: the encoded empty prompt).
         """
         check_fast_path(fast)
-        if fast.backend != "eager" and self.loras.loaded:
-            raise BackendError(f"the {fast.backend} backend cannot run LoRA adapters beside the weights; load the"
-                               " folder with fuse_lora=True (or serve the merged generator)")
-        if fast.subpixel_upsample and self.loras.loaded:
-            raise BackendError(SUBPIXEL_LORA)
+        if self.loras.loaded and (why := adapter_conflict(fast)):
+            raise BackendError(f"this pipeline holds LoRA adapters: {why} (or load the folder with fuse_lora=True)")
         vae = getattr(self.backbone, "vae", None)
         slices = hasattr(vae, "use_slicing")  # diffusers' VAEs that can decode in slices (False: no VAE)
         if fast.vae_slicing and vae is not None and not slices:
@@ -168,11 +166,8 @@ class FewStepPipeline:
         a scale is a constant in them. Compiled and TensorRT backends bake the modules in, so
         they refuse adapters.
         """
-        if folder is not None and self.fast.backend != "eager":
-            raise BackendError(f"a LoRA adapter needs the eager backend, not {self.fast.backend}: compiled graphs and"
-                               " TensorRT engines bake the UNet's modules in; serve the merged generator instead")
-        if folder is not None and self.fast.subpixel_upsample:
-            raise BackendError(SUBPIXEL_LORA)
+        if folder is not None and (why := adapter_conflict(self.fast)):
+            raise BackendError(f"cannot add the LoRA adapter in '{folder}': {why}")
         return self.loras.activate(None if folder is None else Path(folder), scale)
 
     @property

@@ -28,11 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Said where a LoRA adapter would meet folded upsamplers (an adapter on their convolution would be left out).
-SUBPIXEL_LORA = ("--subpixel-upsample folds the upsamplers' weights once, so a LoRA adapter (added beside the"
-                 " weights) would miss them: serve LoRA adapters without --subpixel-upsample, or serve the merged"
-                 " generator")
-
 # Q[r][k]: the taps of W (k) that land on row r of the transposed convolution's kernel (see above).
 TAPS = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float64)
 

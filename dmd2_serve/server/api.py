@@ -36,10 +36,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.adapters import ModelFolderError, adapter
-from ..model.backends import FastPath
+from ..model.backends import FastPath, adapter_conflict
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
-from ..model.upsample import SUBPIXEL_LORA
 from . import metrics
 from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format, to_pixels
 from .images import BadImage, from_base64, load_image
@@ -351,12 +350,8 @@ def _check_models(models: Mapping[str, Path], lora_dirs: Mapping[str, Path], lor
         if not Path(folder).is_dir():
             raise ValueError(f"--lora-dir '{folder}' is not a folder; give the folder that holds the exported LoRA"
                              " folders (each with pytorch_lora_weights.safetensors and dmd2.json)")
-    if lora_dirs and fast.backend != "eager":
-        raise ValueError(f"--lora-dir needs --backend eager: {fast.backend} bakes the UNet's modules and weights in"
-                         " (and fuses its attention projections), so an adapter added per request would not act;"
-                         " serve the merged generator of each adapter instead")
-    if lora_dirs and fast.subpixel_upsample:
-        raise ValueError(SUBPIXEL_LORA)
+    if lora_dirs and (why := adapter_conflict(fast)):
+        raise ValueError(f"--lora-dir: {why}")
     if lora_cache < 1:
         raise ValueError("--lora-cache must be at least 1")
 
