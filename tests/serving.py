@@ -23,9 +23,10 @@ class Server(LocalServer):
 
 
 def start_server(*args: str, port: int | None = None) -> Server:
-    """The server with its own metrics folder and a log file (shown when it fails to start)."""
+    """The server with a log file (shown when it fails to start). Its metrics folder is the one its CLI
+    makes, as for an operator: this process's (set when a test imported the metrics) is not passed on."""
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-    env = {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="dmd2-test-metrics-")}
+    env = {"PROMETHEUS_MULTIPROC_DIR": None}
     try:
         s = launch(*args, log=log, env=env, port=port)
     except RuntimeError as e:

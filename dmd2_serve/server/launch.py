@@ -54,12 +54,21 @@ def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
     process.wait()
 
 
-def launch(*args: str, log: IO | int = subprocess.DEVNULL, env: dict | None = None,
+def _environment(env: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with ``env`` applied (a None value removes that variable)."""
+    merged = {**os.environ, **(env or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def launch(*args: str, log: IO | int = subprocess.DEVNULL, env: dict[str, str | None] | None = None,
            ready_timeout: float = 180, port: int | None = None) -> LocalServer:
-    """Start the server with ``args`` on ``port`` (default: a free one); return once ``/health`` answers 200."""
+    """Start the server with ``args`` on ``port`` (default: a free one); return once ``/health`` answers 200.
+
+    ``env``: variables to set for it (None: unset one this process has).
+    """
     port = port or free_port()
     process = subprocess.Popen([sys.executable, "-m", "dmd2_serve", "--port", str(port), *args], stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+                               stderr=subprocess.STDOUT, env=_environment(env), start_new_session=True)
     server = LocalServer(f"http://127.0.0.1:{port}", process)
     deadline = time.time() + ready_timeout
     while time.time() < deadline:

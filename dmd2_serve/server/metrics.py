@@ -2,16 +2,16 @@
 
 LitServe runs the model in worker processes, so the metrics use prometheus-client's
 multiprocess mode: every process writes to files under ``PROMETHEUS_MULTIPROC_DIR`` and
-``GET /metrics`` sums them. ``ensure_multiprocess_dir`` must run before this module is imported
-in the parent process (the CLI does it), so that the workers inherit the setting.
+``GET /metrics`` sums them. prometheus-client decides where values live (memory or those files)
+when it is first imported, so this module points it at a folder before importing it; the HTTP
+process (forked) and the inference workers (spawned) inherit the variable.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 def ensure_multiprocess_dir() -> str:
@@ -23,6 +23,19 @@ def ensure_multiprocess_dir() -> str:
     os.makedirs(path, exist_ok=True)
     return path
 
+
+if "prometheus_client" not in sys.modules:  # imported earlier without the folder: this process counts in memory
+    ensure_multiprocess_dir()
+
+# after the folder is set (see the module docstring)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 REQUESTS = Counter("dmd2_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 LATENCY = Histogram(
