@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 503")
     p.add_argument("--max-body-mb", type=float, default=8.0,
                    help="largest request body in MiB (an input image, base64 or uploaded, is most of it); larger: 413")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds an admitted request's body may pause before 408 (a stalled upload gives its queue"
+                        " place back)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait before 504")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM or SIGINT: stop admitting (503, /health 503) and give the requests already"
@@ -168,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--port must be between 1 and 65535")
         if not args.grace >= 0:
             raise ValueError("--grace must be a number of seconds, 0 or more")
+        if not args.body_timeout > 0:
+            raise ValueError("--body-timeout must be a positive number of seconds")
         devices = args.devices if args.devices == "auto" else int(args.devices)
         server = build_server(
             models, lora_dirs=lora_dirs, lora_cache=args.lora_cache, max_batch_size=args.max_batch_size,
             batch_timeout=args.batch_timeout, bucket=args.bucket,
             api_key=args.api_key, devices=devices, workers_per_device=args.workers_per_device,
             accelerator=args.accelerator, max_queue=args.max_queue, timeout=args.timeout,
-            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_body_bytes=int(args.max_body_mb * 2**20), body_timeout_s=args.body_timeout,
             threads=default_threads(args.workers_per_device) if args.accelerator != "cuda" else None, fast=fast,
             metadata=args.metadata,
         )

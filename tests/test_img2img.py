@@ -254,13 +254,14 @@ def test_bad_images_are_422_naming_the_field(server: Server, body, field, words)
     assert errors and words in errors[0]["msg"], r.text
 
 
-def test_image_over_the_body_limit_is_413_naming_the_field(server: Server):
+def test_image_over_the_body_limit_is_413_naming_the_limit(server: Server):
     big = b64(b"\0" * (7 * 2**20))  # 9.3 MiB of base64, over the default 8 MiB
     r = generate(server, prompt="a 1", image=big)
-    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body", "image"] and "--max-body-mb" in r.text
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body"] and "--max-body-mb" in r.text
+    assert "an input image is most of a body" in r.text
     r = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "a 1"},
                    files={"image": ("big.png", b"\0" * (9 * 2**20), "image/png")}, timeout=60)
-    assert r.status_code == 413 and r.json()["error"]["param"] == "image"
+    assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
     assert server.process.poll() is None and httpx.get(f"{server.url}/health").status_code == 200
 
 

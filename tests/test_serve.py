@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
-from serving import Server, held_request, metric, queue_depth, start_server, stop_server, wait_for
+from serving import Server, held_request, metric, queue_depth, raw_post, start_server, stop_server, wait_for
 
 
 def generate(server: Server, timeout: float = 60, headers: dict | None = None, **body) -> httpx.Response:
@@ -100,6 +101,9 @@ def test_formats_sizes_and_raw_image(server: Server):
     ({"prompt": "a 1", "size": "12x12"}, "size"),
     ({"prompt": "a 1", "size": "huge"}, "size"),
     ({"prompt": "a 1", "colour": "red"}, "colour"),
+    ({"prompt": "a 1", "seed": "42"}, "seed"),  # JSON's types as sent: no string for a number, no bool for an int
+    ({"prompt": "a 1", "num_images": True}, "num_images"),
+    ({"prompt": "a 1", "num_images": 2.0}, "num_images"),
     ({}, "prompt"),
 ])
 def test_bad_requests_are_422_naming_the_field(server: Server, body, field):
@@ -142,6 +146,31 @@ def test_openai_client_unchanged(server: Server):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a 4", size="1024x1000")
     assert e.value.param == "size"
+
+
+def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    same = [client.images.generate(prompt="a 4", extra_body={"seed": 5}).data[0].b64_json for _ in range(2)]
+    other = client.images.generate(prompt="a 4", extra_body={"seed": 6}).data[0].b64_json
+    assert same[0] == same[1] != other  # seed, as on /generate (image i uses seed + i)
+    url = f"{server.url}/v1/images"
+    cases = [  # (route, request, words in the message)
+        ("generations", {"content": b'{"prompt":', "headers": {"content-type": "application/json"}},
+         "the body is not valid JSON"),
+        ("generations", {"json": ["a 4"]}, "the body must be a JSON object"),
+        ("generations", {"json": {"prompt": "a 4", "seed": "5"}}, "seed: Input should be a valid integer"),
+        ("edits", {"json": {"prompt": "a 4"}}, "takes multipart/form-data"),
+        ("edits", {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
+         "the request body could not be read: Missing boundary"),
+        ("generations", {"content": b'{"prompt": "\xff"}', "headers": {"content-type": "application/json"}},
+         "could not be read"),
+    ]
+    for route, request, words in cases:
+        r = httpx.post(f"{url}/{route}", timeout=30, **request)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (route, request, r.text)
+        assert r.json()["error"]["param"] in (None, "seed") and "detail" not in r.json()
 
 
 def test_metrics(server: Server):
@@ -241,6 +270,33 @@ def test_full_queue_is_503_with_retry_after(cramped: Server):
     wait_for(lambda: queue_depth(cramped) == 0, 10, "the queue empty once they were answered")
     assert generate(cramped, prompt="a 3", seed=3).status_code == 200  # and the next request is admitted
     assert cramped.process.poll() is None
+
+
+@pytest.fixture(scope="module")
+def hasty():
+    s = start_server("--body-timeout", "1", "--max-queue", "1", "--max-body-mb", "1")
+    yield s
+    stop_server(s)
+
+
+def test_a_stalled_upload_gets_408_and_gives_its_place_back(hasty: Server):
+    """A client that stops sending its body (slowloris, a dead uplink) cannot hold a queue place for ever."""
+    taken: list[int] = []
+
+    def while_stalled() -> None:
+        wait_for(lambda: queue_depth(hasty) == 1, 10, "the stalled request admitted (--max-queue 1)")
+        taken.append(generate(hasty, prompt="a 1", timeout=10).status_code)
+
+    status, body = raw_post(hasty, "/generate", b'{"prompt":', content_length=100, opened=while_stalled)
+    assert taken == [503] and status == 408 and b"--body-timeout" in body, (taken, status, body)
+    wait_for(lambda: queue_depth(hasty) == 0, 5, "its place given back")
+    assert generate(hasty, prompt="a 1").status_code == 200
+    status, body = raw_post(hasty, "/v1/images/generations", b'{"prompt":', content_length=100)
+    assert status == 408 and json.loads(body)["error"]["message"].startswith("the request body stopped arriving")
+    # a body declared over --max-body-mb is refused at once, before any of it is read
+    status, body = raw_post(hasty, "/generate", b"{", content_length=100 * 2**20, timeout=5)
+    assert status == 413 and json.loads(body)["detail"][0]["loc"] == ["body"] and b"--max-body-mb" in body
+    assert hasty.process.poll() is None and queue_depth(hasty) == 0
 
 
 @pytest.fixture(scope="module")

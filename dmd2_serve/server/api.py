@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -44,7 +44,7 @@ from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters,
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
 from .loop import ServingLoop
-from .middleware import ServingMiddleware, openai_error
+from .middleware import ServingMiddleware, openai_error, too_large_body
 from .models import ModelFacts, RequestProblem, UnknownModel
 from .schemas import (
     DEFAULT_STRENGTH,
@@ -360,7 +360,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
                  lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.0,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
                  workers_per_device: int = 1, accelerator: str = "auto", max_queue: int = 64, timeout: float = 30.0,
-                 max_body_bytes: int = 8 * 2**20, threads: int | None = None,
+                 max_body_bytes: int = 8 * 2**20, body_timeout_s: float = 30.0, threads: int | None = None,
                  fast: FastPath | None = None, metadata: bool = True) -> SupervisedServer:
     """The LitServer with every route, limit and metric wired in; run it with ``serve``.
 
@@ -378,7 +378,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         max_payload_size=max_body_bytes, state=state,
         middlewares=[(ServingMiddleware, dict(generation_paths=(GENERATE_PATH, OPENAI_PATH, OPENAI_EDITS_PATH),
                                               known_paths=("/", "/health", "/metrics", MODELS_PATH),
-                                              max_queue=max_queue, state=state))],
+                                              max_queue=max_queue, state=state, max_body_bytes=max_body_bytes,
+                                              body_timeout_s=body_timeout_s))],
         model_metadata={"model": api.default_model, "family": api.facts.family, "models": [
             {"name": m.name, "family": m.family, "steps": m.steps, "image_size": m.native,
              "loras": m.loras is not None} for m in api.models.values()]},
@@ -449,8 +450,9 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     async def openai_images(body: OpenAIImagesRequest) -> JSONResponse:
         """The OpenAI Images API: ``client.images.generate(...)`` works unchanged."""
         return await openai_answer(GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size,
-                                                   output_format=body.output_format or "png", model=body.model,
-                                                   lora=body.lora, lora_scale=body.lora_scale), body.response_format)
+                                                   seed=body.seed, output_format=body.output_format or "png",
+                                                   model=body.model, lora=body.lora, lora_scale=body.lora_scale),
+                                   body.response_format)
 
     @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
               dependencies=[Depends(api.authorize)])
@@ -466,8 +468,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
                        " (image to image; strength sets how far)")
             return JSONResponse(openai_error(message, "mask"), 400)
         request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
-                                  output_format=body.output_format or "png", model=body.model, lora=body.lora,
-                                  lora_scale=body.lora_scale)
+                                  seed=body.seed, output_format=body.output_format or "png", model=body.model,
+                                  lora=body.lora, lora_scale=body.lora_scale)
         return await openai_answer(request, body.response_format, await image.read())
 
     def listed(facts: ModelFacts) -> OpenAIModel:
@@ -508,24 +510,41 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code != 413:
-            return await http_exception_handler(request, exc)
-        message = (f"the request body is over this server's limit of {max_body_bytes:,} bytes (--max-body-mb):"
-                   " send a smaller image")
-        if request.url.path.startswith("/v1/"):
-            return JSONResponse(openai_error(message, "image"), 413)
-        return JSONResponse({"detail": [{"loc": ["body", "image"], "msg": message, "type": "too_large"}]}, 413)
+        """413 in the endpoint's shape; on the OpenAI routes every error in OpenAI's."""
+        path = request.url.path
+        if exc.status_code == 413:
+            return JSONResponse(too_large_body(path, max_body_bytes), 413)
+        if path.startswith("/v1/"):  # 400: a body the parsers could not read (bad UTF-8, a multipart without boundary)
+            message = f"the request body could not be read: {exc.detail}" if exc.status_code == 400 else exc.detail
+            return JSONResponse(openai_error(str(message)), exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if request.url.path.startswith("/v1/"):
-            first = errors[0] if errors else {}
-            param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-            return JSONResponse(openai_error(f"{param}: {first.get('msg', 'invalid request')}", param), 400)
+            message, param = openai_validation_message(request, errors)
+            return JSONResponse(openai_error(message, param), 400)
         return JSONResponse({"detail": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]}, 422)
 
     return server
+
+
+def openai_validation_message(request: Request, errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """The first problem of a request to an OpenAI route, as OpenAI's error message and parameter."""
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))[1:]  # after "body"
+    content_type = request.headers.get("content-type", "")
+    if request.url.path == OPENAI_EDITS_PATH and not content_type.startswith("multipart/form-data"):
+        return (f"{OPENAI_EDITS_PATH} takes multipart/form-data (the image as a file, the other parameters as form"
+                f" fields), as OpenAI's client sends it, not '{content_type or 'no content type'}'"), None
+    if first.get("type") == "json_invalid":
+        where = f" at character {loc[0]}" if loc else ""
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}{where}", None
+    if not loc:  # the body as a whole: absent, or not an object
+        return f"the body must be a JSON object with at least a prompt: {first.get('msg', 'invalid')}", None
+    param = ".".join(str(p) for p in loc)
+    return f"{param}: {first.get('msg', 'invalid request')}", param
 
 
 def default_threads(workers: int) -> int:

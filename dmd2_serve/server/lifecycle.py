@@ -10,7 +10,8 @@ spot, and the children, which nothing ties to it, keep the port and go on answer
 
 1. SIGTERM or SIGINT: stop admitting (generation requests get 503 with ``Retry-After``,
    ``/health`` 503 "draining"), wait until the admitted requests are answered or ``grace_s``
-   passes, then let LitServe stop its processes. A second signal ends the wait.
+   passes (those left are answered 503 by the HTTP process), then let LitServe stop its
+   processes. A second signal ends the wait.
 2. A child that dies (an inference worker or the HTTP process): ``/health`` 503 naming it, the
    same stop, exit status 1. The server is not repaired in place: the process manager (systemd,
    Kubernetes, Docker's restart policy) starts a fresh one, the state the tests cover.
@@ -36,6 +37,8 @@ from multiprocessing.process import BaseProcess
 
 import litserve as ls
 
+from .middleware import POLL_S
+
 HTTP_STOP_S = 3.0  # uvicorn's own graceful shutdown, after our drain: only idle connections are left
 LIFESPAN_STOP_S = 2.0  # then LitServe's lifespan shutdown, before LitServe kills the HTTP process
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -53,6 +56,7 @@ class ServingState:
         ctx = multiprocessing.get_context("fork")  # LitServe forks its HTTP processes
         self._in_flight = ctx.Value("i", 0)
         self._reason = ctx.Array("c", 256, lock=False)  # guarded by the counter's lock
+        self._abandoned = ctx.Value("b", 0, lock=False)  # set once, by the main process
 
     @property
     def in_flight(self) -> int:
@@ -75,6 +79,14 @@ class ServingState:
     def release(self) -> None:
         with self._in_flight.get_lock():
             self._in_flight.value -= 1
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether the drain gave up: the requests still in flight are answered 503 now."""
+        return bool(self._abandoned.value)
+
+    def abandon(self) -> None:
+        self._abandoned.value = 1
 
     def stop_admitting(self, reason: str) -> None:
         """From now on refuse new requests, saying ``reason``; the first reason given stands."""
@@ -211,7 +223,7 @@ class SupervisedServer(ls.LitServer):
             else:
                 self.state.stop_admitting(f"draining: {self._signal} received, the server is shutting down")
                 can_finish = True
-            self._drained = self._drain() if can_finish else self.state.in_flight == 0
+            self._drained = self._drain() if can_finish else self._abandon()
         finally:
             self._shutdown_event.set()  # LitServe's run() now stops the HTTP processes, workers and Manager
 
@@ -222,9 +234,18 @@ class SupervisedServer(ls.LitServer):
             say(f"draining: waiting up to {self.grace_s:g} s for {self.state.in_flight} request(s) in flight")
         while self.state.in_flight and time.monotonic() < deadline and not self._hurry.is_set():
             self._hurry.wait(0.05)
-        if self.state.in_flight:
-            say(f"{self.state.in_flight} request(s) still in flight: stopping without them")
-        return self.state.in_flight == 0
+        return self._abandon()
+
+    def _abandon(self) -> bool:
+        """Have the HTTP process answer the requests still in flight 503; whether there were none."""
+        if not self.state.in_flight:
+            return True
+        say(f"{self.state.in_flight} request(s) still in flight: answering them 503 and stopping")
+        self.state.abandon()
+        settle = time.monotonic() + 4 * POLL_S  # the HTTP process answers them within one poll
+        while self.state.in_flight and time.monotonic() < settle:
+            time.sleep(0.01)
+        return False
 
     def _stop_children(self) -> list[BaseProcess]:
         """Stop any child LitServe left running; those that had to be killed (by LitServe or here)."""

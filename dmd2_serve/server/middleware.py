@@ -4,6 +4,11 @@
   gets 503 with ``Retry-After`` at once instead of waiting in an ever-growing queue.
 - Draining: once the main process stops admitting (a SIGTERM, a dead worker; see ``lifecycle``),
   generation requests get 503 with ``Retry-After`` and ``/health`` 503 saying why.
+- Request bodies: one declared (Content-Length) over ``max_body_bytes`` gets 413 before it is
+  read; an admitted request whose body stops arriving for ``body_timeout_s`` gets 408 and gives
+  its place back (a stalled upload cannot hold a queue place for ever).
+- An expired drain: once the main process gives up waiting (``--grace``), a generation request
+  not yet answered gets 503 in the endpoint's error shape, not a cancelled task's bare 500.
 - Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
 
 Answers pass through as the app sends them; the raw-image answers of ``Accept: image/png`` are
@@ -12,6 +17,8 @@ made by the route itself (see ``encoding``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +33,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
+POLL_S = 0.25  # how often a waiting request looks at its body's clock and at the drain
+
 
 def openai_error(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
     """The OpenAI API's error body."""
@@ -35,6 +44,24 @@ def openai_error(message: str, param: str | None = None, kind: str = "invalid_re
 def error_body(path: str, message: str) -> dict[str, Any]:
     """An error body in the shape the endpoint's clients expect."""
     return openai_error(message, kind="server_error") if path.startswith("/v1/") else {"detail": message}
+
+
+def too_large_body(path: str, limit: int) -> dict[str, Any]:
+    """The 413 body for a request over ``limit`` bytes, in the endpoint's error shape."""
+    message = (f"the request body is over this server's limit of {limit:,} bytes (--max-body-mb); an input image"
+               " is most of a body: send a smaller one")
+    if path.startswith("/v1/"):
+        return openai_error(message)
+    return {"detail": [{"loc": ["body"], "msg": message, "type": "too_large"}]}
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length header, if it has a valid one."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
 
 
 async def _respond(send: Callable, status: int, raw: bytes, content_type: bytes, headers: list | None = None) -> None:
@@ -55,7 +82,8 @@ class ServingMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, generation_paths: tuple[str, ...], known_paths: tuple[str, ...],
-                 max_queue: int, state: ServingState, health_path: str = "/health", retry_after_s: int = 1) -> None:
+                 max_queue: int, state: ServingState, health_path: str = "/health", retry_after_s: int = 1,
+                 max_body_bytes: int | None = None, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.generation_paths = set(generation_paths)
         self.known_paths = set(known_paths) | self.generation_paths
@@ -63,6 +91,8 @@ class ServingMiddleware:
         self.state = state
         self.health_path = health_path
         self.retry_after_s = retry_after_s
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -78,8 +108,11 @@ class ServingMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        declared = _declared_length(scope)
         try:
-            if path in self.generation_paths and scope["method"] == "POST":
+            if self.max_body_bytes is not None and declared is not None and declared > self.max_body_bytes:
+                await _json_response(tracked_send, 413, too_large_body(path, self.max_body_bytes))
+            elif path in self.generation_paths and scope["method"] == "POST":
                 await self._generation(scope, receive, tracked_send, path)
             elif path == self.health_path and (reason := self.state.stop_reason):
                 await _respond(tracked_send, 503, reason.encode(), b"text/plain; charset=utf-8")
@@ -100,7 +133,55 @@ class ServingMiddleware:
             return
         metrics.QUEUE_DEPTH.inc()
         try:
-            await self.app(scope, receive, send)
+            await self._answer_in_time(scope, receive, send, path)
         finally:
             self.state.release()
             metrics.QUEUE_DEPTH.dec()
+
+    async def _answer_in_time(self, scope: Scope, receive: Callable, send: Callable, path: str) -> None:
+        """Run the app, watched: before it has begun its answer, a body that stopped arriving for
+        ``body_timeout_s`` gets 408, and a request the main process's drain gave up on gets 503.
+
+        Without the first, a stalled upload holds its queue place for ever; without the second,
+        the HTTP process's own stop cancels the request and its client gets a bare 500.
+        """
+        started = whole = False
+        last_part = time.monotonic()
+
+        async def timed_receive() -> Message:
+            nonlocal whole, last_part
+            message = await receive()
+            if not whole:
+                last_part = time.monotonic()
+                whole = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        app = asyncio.ensure_future(self.app(scope, timed_receive, tracked_send))
+        try:
+            while not (await asyncio.wait({app}, timeout=POLL_S))[0]:
+                if started:
+                    continue
+                if self.state.abandoned:
+                    status, body = 503, error_body(path, f"{self.state.stop_reason or 'the server is shutting down'};"
+                                                   " it stopped before this request was answered (the drain's"
+                                                   " --grace ran out): retry")
+                elif not whole and time.monotonic() - last_part > self.body_timeout_s:
+                    message = (f"the request body stopped arriving: nothing came for {self.body_timeout_s:g} s"
+                               " (--body-timeout); send it again, whole")
+                    status, body = 408, openai_error(message) if path.startswith("/v1/") else {"detail": message}
+                else:
+                    continue
+                app.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app
+                await _json_response(send, status, body, [(b"retry-after", str(self.retry_after_s).encode())]
+                                     if status == 503 else None)
+                return
+        finally:
+            app.cancel()  # a no-op once it is done; else this request was cancelled from outside
+        app.result()

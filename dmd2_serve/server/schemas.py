@@ -32,6 +32,10 @@ def _lora_scale_field() -> Any:
     return Field(None, ge=0, le=MAX_LORA_SCALE, description=LORA_SCALE_HELP)
 
 
+def _seed_field(note: str = "") -> Any:
+    return Field(None, ge=0, le=MAX_SEED, description=f"{note}image i uses seed + i; picked when absent")
+
+
 def _non_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must contain text, not only spaces")
@@ -41,10 +45,10 @@ def _non_blank(value: str) -> str:
 class GenerateRequest(BaseModel):
     """``POST /generate``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON's types as they are: no "42" for 42
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; picked when absent")
+    seed: int | None = _seed_field()
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     output_format: ImageFormat = "png"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="at most the trained schedule's length")
@@ -80,9 +84,10 @@ SIZE_PATTERN = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 
 
 class OpenAIImagesRequest(BaseModel):
-    """``POST /v1/images/generations``: the OpenAI Images API request."""
+    """``POST /v1/images/generations``: the OpenAI Images API request (OpenAI's parameters that do not
+    apply here, such as ``quality`` or ``background``, are accepted and ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=256, description=MODEL_HELP)
@@ -93,6 +98,7 @@ class OpenAIImagesRequest(BaseModel):
     quality: str | None = Field(None, max_length=32)
     style: str | None = Field(None, max_length=32)
     user: str | None = Field(None, max_length=256)
+    seed: int | None = _seed_field("not in OpenAI's API (extra_body={'seed': ...}): ")
     lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
     lora_scale: float | None = _lora_scale_field()
 
@@ -114,6 +120,7 @@ class OpenAIEditRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, description="not in OpenAI's API: how far to move from the"
                                    f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
     user: str | None = Field(None, max_length=256)
+    seed: int | None = _seed_field("not in OpenAI's API: ")
     lora: str | None = _lora_field()  # not in OpenAI's API
     lora_scale: float | None = _lora_scale_field()
 
