@@ -58,20 +58,21 @@ def held_request(server: Server, body: dict, release: threading.Event) -> httpx.
 
 
 def raw_post(server: Server, path: str, head_body: bytes, *, content_length: int, timeout: float = 20,
-             opened: Callable[[], None] | None = None) -> tuple[int, bytes]:
+             opened: Callable[[], None] | None = None) -> tuple[int, bytes, bytes]:
     """POST ``head_body`` (maybe less than ``content_length`` bytes: a stalled upload) on a plain socket;
-    the answer's status and body. ``opened`` runs once the request is sent, before the answer is read."""
+    the answer's status, head and body, read until the server closes the connection. ``opened`` runs once
+    the request is sent, before the answer is read."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {content_length}\r\nConnection: close\r\n\r\n".encode() + head_body)
+                     f"Content-Length: {content_length}\r\n\r\n".encode() + head_body)
         if opened is not None:
             opened()
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    return int(head.split()[1]), head.lower(), body
 
 
 def metric(server: Server, name: str) -> float:

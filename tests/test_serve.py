@@ -160,6 +160,7 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
         ("generations", {"content": b'{"prompt":', "headers": {"content-type": "application/json"}},
          "the body is not valid JSON"),
         ("generations", {"json": ["a 4"]}, "the body must be a JSON object"),
+        ("generations", {"data": {"prompt": "a 4"}}, "takes a JSON body (Content-Type: application/json)"),
         ("generations", {"json": {"prompt": "a 4", "seed": "5"}}, "seed: Input should be a valid integer"),
         ("edits", {"json": {"prompt": "a 4"}}, "takes multipart/form-data"),
         ("edits", {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
@@ -287,15 +288,17 @@ def test_a_stalled_upload_gets_408_and_gives_its_place_back(hasty: Server):
         wait_for(lambda: queue_depth(hasty) == 1, 10, "the stalled request admitted (--max-queue 1)")
         taken.append(generate(hasty, prompt="a 1", timeout=10).status_code)
 
-    status, body = raw_post(hasty, "/generate", b'{"prompt":', content_length=100, opened=while_stalled)
+    status, head, body = raw_post(hasty, "/generate", b'{"prompt":', content_length=100, opened=while_stalled)
     assert taken == [503] and status == 408 and b"--body-timeout" in body, (taken, status, body)
+    assert b"connection: close" in head  # the body's rest must not be read as the connection's next request
     wait_for(lambda: queue_depth(hasty) == 0, 5, "its place given back")
     assert generate(hasty, prompt="a 1").status_code == 200
-    status, body = raw_post(hasty, "/v1/images/generations", b'{"prompt":', content_length=100)
+    status, _, body = raw_post(hasty, "/v1/images/generations", b'{"prompt":', content_length=100)
     assert status == 408 and json.loads(body)["error"]["message"].startswith("the request body stopped arriving")
     # a body declared over --max-body-mb is refused at once, before any of it is read
-    status, body = raw_post(hasty, "/generate", b"{", content_length=100 * 2**20, timeout=5)
+    status, head, body = raw_post(hasty, "/generate", b"{", content_length=100 * 2**20, timeout=10)
     assert status == 413 and json.loads(body)["detail"][0]["loc"] == ["body"] and b"--max-body-mb" in body
+    assert b"connection: close" in head
     assert hasty.process.poll() is None and queue_depth(hasty) == 0
 
 

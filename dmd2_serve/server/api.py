@@ -541,6 +541,8 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
     if first.get("type") == "json_invalid":
         where = f" at character {loc[0]}" if loc else ""
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}{where}", None
+    if not loc and "json" not in content_type:
+        return f"{request.url.path} takes a JSON body (Content-Type: application/json), not '{content_type}'", None
     if not loc:  # the body as a whole: absent, or not an object
         return f"the body must be a JSON object with at least a prompt: {first.get('msg', 'invalid')}", None
     param = ".".join(str(p) for p in loc)

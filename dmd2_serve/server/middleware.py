@@ -34,6 +34,8 @@ Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 POLL_S = 0.25  # how often a waiting request looks at its body's clock and at the drain
+# On answers sent before the body was read whole: the connection's next bytes would be the body's rest.
+CLOSE = (b"connection", b"close")
 
 
 def openai_error(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
@@ -111,7 +113,7 @@ class ServingMiddleware:
         declared = _declared_length(scope)
         try:
             if self.max_body_bytes is not None and declared is not None and declared > self.max_body_bytes:
-                await _json_response(tracked_send, 413, too_large_body(path, self.max_body_bytes))
+                await _json_response(tracked_send, 413, too_large_body(path, self.max_body_bytes), [CLOSE])
             elif path in self.generation_paths and scope["method"] == "POST":
                 await self._generation(scope, receive, tracked_send, path)
             elif path == self.health_path and (reason := self.state.stop_reason):
@@ -180,7 +182,7 @@ class ServingMiddleware:
                 with contextlib.suppress(asyncio.CancelledError):
                     await app
                 await _json_response(send, status, body, [(b"retry-after", str(self.retry_after_s).encode())]
-                                     if status == 503 else None)
+                                     if status == 503 else [CLOSE])
                 return
         finally:
             app.cancel()  # a no-op once it is done; else this request was cancelled from outside
