@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 COMMANDS = ("distill", "teacher", "eval", "table", "encode-latents")
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # a config key=value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teacher", help="train the bundled digits teacher")
     t.add_argument("--preset", default="digits", help="digits")
     t.add_argument("--out", type=Path, help="teacher folder to write (default: the bundled one)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("--steps", type=int, help="training steps")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="any teacher config key, e.g. batch_size=64")
     e = sub.add_parser("eval", help="score a generator or a teacher: the digits protocol, or FID / CLIP"
                                      " score at real scale when --captions is given")
     e.add_argument("--generator", type=Path, help="an exported generator folder")
@@ -175,12 +177,34 @@ def _encode_latents(args: argparse.Namespace) -> None:
     print(report.line(rank, world))
 
 
+def _saved(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves to continue from."""
+    if args.command == "encode-latents":
+        return "the shards written so far are kept; the same command goes on from there"
+    if args.command != "distill":
+        return "stopped"
+    if args.out is None:  # the run folder came from --config
+        return "the last checkpoint, if one was written, is saved; continue with --resume"
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(args.out)
+    return (f"the checkpoint at step {found[-1][0]} is saved; continue with --resume" if found
+            else "before the first checkpoint, so the run starts over next time")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:  # distill is the default command, --help included
         argv.insert(0, "distill")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides may sit between the flags (argparse takes only those given together)
+    loose = [a for a in rest if OVERRIDE.match(a)] if hasattr(args, "overrides") else []
+    if unknown := [a for a in rest if a not in loose]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see python -m dmd2_train {args.command} --help)")
+    if loose:
+        args.overrides = [*args.overrides, *loose]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing on the default path downloads
     # Growable allocator segments: far less fragmentation between the two networks' very different
     # passes (reserved memory stays near allocated). Set before CUDA starts; a user's value wins.
@@ -203,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is saved; continue with --resume", file=sys.stderr)
+        print(f"interrupted: {_saved(args)}", file=sys.stderr)
         return 130
     return 0
 

@@ -130,10 +130,17 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load_into(path: Path, state: dict[str, Any]) -> None:
     """Fill ``state`` (a template from :func:`training_state`) in place from ``path`` (collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except CheckpointException as e:  # a BaseException wrapping each rank's error: raise the first one's
+            failure = next((f[0] if isinstance(f, tuple) else f for f in e.failures.values()), None)
+            if isinstance(failure, Exception):
+                raise failure from None
+            raise
 
 
 def apply_training_state(models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],

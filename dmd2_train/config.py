@@ -187,16 +187,22 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{pair}' is not key=value (for example ratio=5)")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
+        if not value.strip():
+            raise ConfigError(f"override '{pair}' has no value: write {key}=VALUE, or leave the key out for its"
+                              " default")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML config file as a dict, with a clear error for a missing or malformed file."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"config file '{path}' is a folder: give the YAML file itself" if path.is_dir()
+                          else f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}): give a YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -126,8 +126,14 @@ def digits_data() -> TrainingData:
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one a line) or JSON lines (``text``, ``prompt`` or ``caption``)."""
     if not path.is_file():
-        raise DataError(f"prompt file '{path}' does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise DataError(f"prompt file '{path}' is a folder: give the file itself" if path.is_dir()
+                        else f"prompt file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompt file '{path}' is not UTF-8 text (byte {e.start}): give a .txt of prompts, one a"
+                        " line, or a .jsonl with a 'text' field") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     prompts = []

@@ -44,6 +44,16 @@ from .lora import LoraSpec
 LORA_FOLDER = "lora"  # the adapter's sub-folder of a generator folder
 
 
+def permissions_by_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and all it holds) the modes a plain ``open`` would: safetensors
+    writes its files 0600, which a server running as another user (a read-only model mount) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def folder_written_atomically(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` by renames.
@@ -55,6 +65,7 @@ def folder_written_atomically(out: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
+    permissions_by_umask(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

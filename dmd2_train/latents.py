@@ -47,6 +47,7 @@ from .datasets import (
     latent_facts,
     try_read,
 )
+from .export import permissions_by_umask
 
 SETTINGS = ("format", "sample_shape", "image_size", "samples", "shard_size", "shards")  # must match on a rerun
 
@@ -106,6 +107,7 @@ def _write_atomic(path: Path, write: Any, tag: str = "") -> None:
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    permissions_by_umask(tmp)
     os.replace(tmp, path)
 
 

@@ -11,6 +11,8 @@ one makes; checkpoints are distributed and load on any number of processes.
 
 from __future__ import annotations
 
+import json
+import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +32,16 @@ from .export import export_generator
 from .init_from import read_initial_weights
 from .memory import out_of_memory_message
 from .previews import save_grid
-from .run import PromptEncoder, RunBatches, RunError, check_output_folder, make_accelerator, make_data, stream_plan
+from .run import (
+    PromptEncoder,
+    RunBatches,
+    RunError,
+    check_new_run,
+    check_output_folder,
+    make_accelerator,
+    make_data,
+    stream_plan,
+)
 from .single_file import teacher_folder
 from .trainer import Trainer
 
@@ -80,6 +91,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     # 1. Set-up: devices, precision, folders.
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
+        if not resume:
+            check_new_run(cfg.out)
         check_output_folder(cfg.out)
     accelerator.wait_for_everyone()
     device = accelerator.device
@@ -97,6 +110,15 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
         else:
             try:
                 start = trainer.load(found[1])
+            except (EOFError, OSError, pickle.UnpicklingError, json.JSONDecodeError) as e:
+                before = [p for step, p in ckpt.list_checkpoints(cfg.out) if step < found[0]]
+                then = f"from {before[-1].name}" if before else "from the teacher (it is the only one)"
+                raise RunError(
+                    f"the checkpoint {found[1]} cannot be read ({type(e).__name__}{': ' if str(e) else ''}"
+                    f"{str(e)[:200]}): it is damaged or"
+                    f" was cut off while being written; move it out of {ckpt.checkpoint_dir(cfg.out)} and --resume"
+                    f" again to continue {then}"
+                ) from None
             except (RuntimeError, ValueError, KeyError) as e:
                 raise RunError(
                     f"the checkpoint {found[1]} does not fit this configuration (teacher, gan, ... changed?):"

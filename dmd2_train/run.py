@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmd2_serve.model.adapters import Backbone, Conditioning
+from dmd2_serve.model.adapters import META_FILE, Backbone, Conditioning
 
 from .config import DistillConfig
 from .data import CaptionedImages, TrainingData, digits_data, read_prompts
@@ -37,6 +37,27 @@ def check_output_folder(out: Path) -> None:
         raise RunError(f"cannot write to the output folder '{out}' ({e.strerror}); pass --out DIR with a writable folder") from None
 
 
+def check_new_run(out: Path) -> None:
+    """Refuse to start a fresh run in a folder that holds one: its checkpoints would be mixed with the
+    new run's and its exported generator replaced."""
+    from . import checkpoint as ckpt
+
+    found = ckpt.list_checkpoints(out)
+    if found or (out / "generator").exists():
+        held = f"a checkpoint at step {found[-1][0]}" if found else "an exported generator/"
+        raise RunError(f"--out '{out}' already holds a run ({held}): continue it with --resume, or give a new --out"
+                       " (delete the folder to start over)")
+
+
+def check_replaceable_model_folder(out: Path) -> None:
+    """Refuse an ``--out`` that writing a model folder would destroy: a file, or a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out '{out}' is a file; give the path of a folder (new, empty, or a model folder to replace)")
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise RunError(f"--out '{out}' holds files that are not a model folder (no {META_FILE}), and the folder is"
+                       " replaced whole: give a new or empty folder")
+
+
 def make_accelerator(cfg: DistillConfig) -> Any:
     """accelerate's ``Accelerator`` for the run: precision, trackers, the run folder."""
     from accelerate import Accelerator
@@ -55,12 +76,17 @@ def make_accelerator(cfg: DistillConfig) -> Any:
         except ImportError:
             raise RunError("log_with includes wandb, which is not installed: pip install 'dmd2-fast[wandb]',"
                            " or log_with=[tensorboard]") from None
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision, cpu=not cuda, log_with=list(cfg.log_with) or None,
         # DDP's gradients live in its all-reduce buckets instead of beside them (one copy, not two)
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "logs")),
     )
+    if cfg.sharding == "fsdp2" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RunError("sharding=fsdp2 shards over the processes of a distributed launch, and this is a plain one:"
+                       " start it with torchrun --nproc_per_node N -m dmd2_train ... (N GPUs; 1 works too), or"
+                       " leave sharding out")
+    return accelerator
 
 
 class PromptEncoder:

@@ -83,7 +83,7 @@ class StreamBatch:
     std: Tensor | None
     skipped: int  # unreadable samples among the batch's positions
     uncaptioned: int  # readable samples with no caption
-    first_skip: str  # "name: why" of the first unreadable one, or ""
+    skips: tuple[str, ...]  # "name: why" of the first unreadable ones (SHOWN_SKIPS at most)
 
     def pin_memory(self) -> StreamBatch:  # the DataLoader's pin_memory calls this
         pin = {k: getattr(self, k).pin_memory() for k in ("pixels", "mean", "std") if getattr(self, k) is not None}
@@ -104,11 +104,11 @@ class RealStream(IterableDataset):
     def batch_at(self, j: int) -> StreamBatch:
         n, world, rank = self.plan.batch, self.plan.world, self.plan.rank
         good: list[Sample] = []
-        skipped, first_skip = 0, ""
+        skips: list[str] = []
         for q in range(j * n, (j + 1) * n):
             sample, why = try_read(self.source, *self.order.locate(q * world + rank))
             if sample is None:
-                skipped, first_skip = skipped + 1, first_skip or why
+                skips.append(why)
             else:
                 good.append(sample)
         uncaptioned = sum(not s.caption for s in good)
@@ -121,7 +121,7 @@ class RealStream(IterableDataset):
         picked = [good[i % len(good)] for i in range(n)]
         return StreamBatch(j, [s.caption for s in picked], _stack([s.pixels for s in picked]),
                            _stack([s.mean for s in picked]), _stack([s.std for s in picked]),
-                           skipped, uncaptioned, first_skip)
+                           len(skips), uncaptioned, tuple(skips[:SHOWN_SKIPS]))
 
     def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
@@ -202,9 +202,9 @@ class StreamReader:
         else:
             self.skipped += batch.skipped
             self.uncaptioned += batch.uncaptioned
-            if batch.first_skip and self._shown < SHOWN_SKIPS and self.plan.rank == 0:
+            for why in batch.skips[:SHOWN_SKIPS - self._shown] if self.plan.rank == 0 else ():
                 self._shown += 1
-                print(f"warning: skipped an unreadable sample ({batch.first_skip}); the running count is logged"
+                print(f"warning: skipped an unreadable sample ({why}); the running count is logged"
                       " as data/skipped", file=sys.stderr)
         self._buffer.append((mean, std, captions))
 

@@ -21,7 +21,7 @@ from dmd2_serve.model.sampling import add_noise
 from .config import BUNDLED_BETA_SCHEDULE, TeacherConfig
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
 from .export import folder_written_atomically
-from .run import PromptEncoder, check_output_folder
+from .run import PromptEncoder, check_output_folder, check_replaceable_model_folder
 from .trainer import step_generator
 
 
@@ -66,6 +66,7 @@ def write_digits_folder(unet: torch.nn.Module, out: Path, extra: dict | None = N
 
 def train_teacher(cfg: TeacherConfig) -> Path:
     """Train the digits teacher and write its folder to ``cfg.out``."""
+    check_replaceable_model_folder(cfg.out)
     check_output_folder(cfg.out.parent)
     torch.manual_seed(cfg.seed)
     backbone = DigitsBackbone()

@@ -55,6 +55,25 @@ def test_unknown_key_and_bad_value(digits_teacher: Path, tmp_path: Path):
     assert_user_error(cli("--teacher", digits_teacher, "--max-steps", "0"), "config key 'max_steps'")
 
 
+def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Path, tmp_path: Path):
+    binary = tmp_path / "random.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    out = ["--teacher", digits_teacher, "--out", tmp_path / "o", "--max-steps", "1"]
+    assert_user_error(cli(*out, "--prompts", binary, "gan=false"), "is not UTF-8 text")
+    assert_user_error(cli(*out, "--config", binary), "is not UTF-8 text")
+    assert_user_error(cli(*out, "ratio="), "override 'ratio=' has no value")
+    assert_user_error(cli(*out, "sharding=fsdp2"), "start it with torchrun")
+    assert_user_error(cli(*out, "image_size=16"), "the digits model draws 8x8 images only")
+    bad = cli(*out, "--no-such-flag")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
+    photos = tmp_path / "photos"  # a teacher written there would replace the folder whole
+    photos.mkdir()
+    (photos / "holiday.png").write_bytes(b"not really")
+    assert_user_error(cli("teacher", "--out", photos, "--steps", "1"), "holds files that are not a model folder")
+    assert_user_error(cli("teacher", "--out", binary, "--steps", "1"), "is a file")
+    assert (photos / "holiday.png").read_bytes() == b"not really" and binary.stat().st_size == 2048
+
+
 def test_unwritable_output(digits_teacher: Path, tmp_path: Path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -79,10 +98,25 @@ def test_sigkill_keeps_last_checkpoint_and_resume_finishes(digits_teacher: Path,
         ckpt.read_checkpoint(path)
     killed_at = found[-1][0]
     assert killed_at < 12
-    result = cli("--teacher", digits_teacher, "--out", out, "--max-steps", "12", "--resume", "checkpoint_every=1", *FAST)
+    # the run is not started over by mistake (its checkpoints would be mixed with a new run's)
+    assert_user_error(cli("--teacher", digits_teacher, "--out", out, "--max-steps", "12", *FAST),
+                      f"already holds a run (a checkpoint at step {killed_at}): continue it with --resume")
+    # key=value overrides may sit between the flags
+    result = cli("--teacher", digits_teacher, "checkpoint_every=1", "--out", out, "--max-steps", "12", "--resume", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from step {killed_at}" in result.stdout + result.stderr
     assert ckpt.read_meta(ckpt.latest(out)[1])["step"] == 12 and (out / "generator" / "dmd2.json").is_file()
+    # the weights are readable by others as the umask allows (safetensors writes 0600), e.g. a server's own user
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = out / "generator" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
+    # a damaged newest checkpoint is named, with the way back to the one before it
+    newest = ckpt.latest(out)[1]
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert_user_error(cli("--teacher", digits_teacher, "--out", out, "--max-steps", "13", "--resume", *FAST),
+                      f"the checkpoint {newest} cannot be read")
 
 
 def test_two_process_data_parallel_on_cpu(digits_teacher: Path, tmp_path: Path):
@@ -189,6 +223,7 @@ def test_a_signal_to_one_process_stops_all_at_one_checkpoint(digits_teacher: Pat
     step, folder = found[0]
     meta = ckpt.read_meta(folder)
     assert step % 4 == 0 and 0 < step < 500 and meta["world_size"] == 2
+    assert f"interrupted: the checkpoint at step {step} is saved; continue with --resume" in stderr, stderr[-3000:]
     resumed = torchrun(2, 29548, "--teacher", digits_teacher, "--out", out, "--max-steps", step + 2, "--resume", *FAST)
     assert resumed.returncode == 0 and f"resumed from step {step}" in resumed.stdout + resumed.stderr, \
         resumed.stderr[-3000:]

@@ -94,7 +94,7 @@ def test_image_folder_is_read_recursively_with_its_captions(tmp_path: Path):
                         "b/three.png": "a small dog"}
     # one pass over the folder: the truncated JPEG skipped and counted, the uncaptioned image counted
     batch = RealStream(source, first_readable(source), StreamPlan(batch=5, seed=0)).batch_at(0)
-    assert batch.skipped == 1 and batch.uncaptioned == 1 and "a/two.jpg" in batch.first_skip
+    assert batch.skipped == 1 and batch.uncaptioned == 1 and len(batch.skips) == 1 and "a/two.jpg" in batch.skips[0]
     assert batch.pixels.shape == (5, 3, 16, 16) and set(batch.captions) <= set(captions.values())
 
 
@@ -189,6 +189,16 @@ def test_resumed_stream_continues_exactly(tmp_path: Path):
     assert torch.equal(torch.cat([s for _, s, _ in whole]), flat + 0.5)
     straight.close()
     second.close()
+
+
+def test_the_first_five_unreadable_samples_are_named(capsys: pytest.CaptureFixture[str]):
+    """Several in one batch too: each is named until five are, then they are only counted."""
+    reader = StreamReader(CountingSource([40], bad=2), (0, 0), StreamPlan(batch=8, seed=0, workers=0),
+                          lambda b: (b.pixels, b.pixels))
+    reader.take(16)  # two batches of a shuffled order, half of it unreadable
+    named = [line for line in capsys.readouterr().err.splitlines() if "skipped an unreadable sample" in line]
+    assert reader.state()["skipped"] > 5 and len(named) == 5 and len(set(named)) == 5
+    reader.close()
 
 
 def test_a_source_that_becomes_unreadable_is_one_line_from_a_worker():

@@ -57,7 +57,11 @@ class DigitsBackbone(Backbone):
     @classmethod
     def from_folder(cls, folder: Path, card: ModelCard, image_size: int | None,
                     schedule: Schedule) -> DigitsBackbone:
-        return cls(card.image_size or 8, schedule)
+        native = card.image_size or 8
+        if image_size not in (None, native):  # it draws in pixel space: its size is the UNet's
+            raise ModelFolderError(f"image_size={image_size}: the digits model draws {native}x{native} images only;"
+                                   " leave image_size out (the server scales its images up on request)")
+        return cls(native, schedule)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
