@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 COMMANDS = ("distill", "teacher", "eval", "table", "encode-latents")
-OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # a config key=value
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # a config key=value (- reads as _)
 
 
 def _parser() -> argparse.ArgumentParser:

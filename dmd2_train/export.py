@@ -44,11 +44,24 @@ from .lora import LoraSpec
 LORA_FOLDER = "lora"  # the adapter's sub-folder of a generator folder
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it to read it leaves
+    a moment in which another thread's files would get it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def permissions_by_umask(path: Path) -> None:
     """Give ``path`` (a file, or a folder and all it holds) the modes a plain ``open`` would: safetensors
     writes its files 0600, which a server running as another user (a read-only model mount) cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     path = Path(path)
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)

@@ -109,7 +109,12 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             accelerator.print(f"no checkpoint in {ckpt.checkpoint_dir(cfg.out)}; starting from the teacher")
         else:
             try:
-                start = trainer.load(found[1])
+                try:
+                    start = trainer.load(found[1])
+                except RuntimeError as e:  # torch.load of a shard cut short inside its data
+                    if not any(m in str(e) for m in ("PytorchStreamReader", "zip archive", "central directory")):
+                        raise
+                    raise EOFError(str(e).splitlines()[0]) from None
             except (EOFError, OSError, pickle.UnpicklingError, json.JSONDecodeError) as e:
                 before = [p for step, p in ckpt.list_checkpoints(cfg.out) if step < found[0]]
                 then = f"from {before[-1].name}" if before else "from the teacher (it is the only one)"

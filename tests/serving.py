@@ -26,11 +26,10 @@ class Server(LocalServer):
 
 def start_server(*args: str, port: int | None = None) -> Server:
     """The server with a log file (shown when it fails to start). Its metrics folder is the one its CLI
-    makes, as for an operator: this process's (set when a test imported the metrics) is not passed on."""
+    makes, as for an operator (``launch`` does not pass on this process's)."""
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-    env = {"PROMETHEUS_MULTIPROC_DIR": None}
     try:
-        s = launch(*args, log=log, env=env, port=port)
+        s = launch(*args, log=log, port=port)
     except RuntimeError as e:
         raise RuntimeError(f"{e}:\n{open(log.name).read()[-4000:]}") from None
     return Server(s.url, s.process, s.health_seen, log.name)

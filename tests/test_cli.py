@@ -59,7 +59,7 @@ def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Pa
     binary = tmp_path / "random.bin"
     binary.write_bytes(bytes(range(256)) * 8)
     out = ["--teacher", digits_teacher, "--out", tmp_path / "o", "--max-steps", "1"]
-    assert_user_error(cli(*out, "--prompts", binary, "gan=false"), "is not UTF-8 text")
+    assert_user_error(cli(*out, "gan=false", "--prompts", binary, "log-every=1"), "is not UTF-8 text")  # (- as _)
     assert_user_error(cli(*out, "--config", binary), "is not UTF-8 text")
     assert_user_error(cli(*out, "ratio="), "override 'ratio=' has no value")
     assert_user_error(cli(*out, "sharding=fsdp2"), "start it with torchrun")

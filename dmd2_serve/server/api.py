@@ -512,11 +512,12 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         """413 in the endpoint's shape; on the OpenAI routes every error in OpenAI's."""
         path = request.url.path
-        if exc.status_code == 413:
-            return JSONResponse(too_large_body(path, max_body_bytes), 413)
+        if exc.status_code == 413:  # the body's rest, if any, must not be read as the next request
+            return JSONResponse(too_large_body(path, max_body_bytes), 413, headers={"connection": "close"})
         if path.startswith("/v1/"):  # 400: a body the parsers could not read (bad UTF-8, a multipart without boundary)
             message = f"the request body could not be read: {exc.detail}" if exc.status_code == 400 else exc.detail
-            return JSONResponse(openai_error(str(message)), exc.status_code, headers=exc.headers)
+            kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+            return JSONResponse(openai_error(str(message), kind=kind), exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -542,7 +543,8 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
         where = f" at character {loc[0]}" if loc else ""
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}{where}", None
     if not loc and "json" not in content_type:
-        return f"{request.url.path} takes a JSON body (Content-Type: application/json), not '{content_type}'", None
+        return (f"{request.url.path} takes a JSON body (Content-Type: application/json), not"
+                f" '{content_type or 'no content type'}'"), None
     if not loc:  # the body as a whole: absent, or not an object
         return f"the body must be a JSON object with at least a prompt: {first.get('msg', 'invalid')}", None
     param = ".".join(str(p) for p in loc)

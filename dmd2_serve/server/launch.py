@@ -55,8 +55,9 @@ def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
 
 
 def _environment(env: dict[str, str | None] | None) -> dict[str, str]:
-    """This process's environment with ``env`` applied (a None value removes that variable)."""
-    merged = {**os.environ, **(env or {})}
+    """This process's environment with ``env`` applied (a None value removes that variable). This
+    process's metrics folder is not passed on unless ``env`` names it: each server makes its own."""
+    merged = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": None, **(env or {})}
     return {k: v for k, v in merged.items() if v is not None}
 
 
@@ -64,7 +65,7 @@ def launch(*args: str, log: IO | int = subprocess.DEVNULL, env: dict[str, str | 
            ready_timeout: float = 180, port: int | None = None) -> LocalServer:
     """Start the server with ``args`` on ``port`` (default: a free one); return once ``/health`` answers 200.
 
-    ``env``: variables to set for it (None: unset one this process has).
+    ``env``: variables to set for it (None: unset one this process has; see ``_environment``).
     """
     port = port or free_port()
     process = subprocess.Popen([sys.executable, "-m", "dmd2_serve", "--port", str(port), *args], stdout=log,

@@ -179,10 +179,13 @@ class ServingMiddleware:
                 else:
                     continue
                 app.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await app
-                await _json_response(send, status, body, [(b"retry-after", str(self.retry_after_s).encode())]
-                                     if status == 503 else [CLOSE])
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():  # this request itself is being cancelled
+                        raise
+                retry = [(b"retry-after", str(self.retry_after_s).encode())] if status == 503 else []
+                await _json_response(send, status, body, retry + ([] if whole else [CLOSE]))
                 return
         finally:
             app.cancel()  # a no-op once it is done; else this request was cancelled from outside
