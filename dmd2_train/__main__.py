@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from .config import DISTILL_PRESETS, DistillConfig, build_config, parse_overrides, read_yaml
+    from .config import DISTILL_PRESETS, DistillConfig, build_config, given, parse_overrides, read_yaml
 
     preset = args.preset
     overrides = parse_overrides(args.overrides)
@@ -108,7 +108,7 @@ def _distill(args: argparse.Namespace) -> None:
             preset = teacher_adapter(Path(teacher)).default_preset  # a folder's or a single file's family
     flags: dict[str, Any] = {"teacher": args.teacher, "teacher_config": args.teacher_config, "out": args.out,
                              "max_steps": args.max_steps, "prompts": args.prompts, "real_images": args.real_images}
-    layers = ([read_yaml(args.config)] if args.config else []) + [flags, overrides]
+    layers = ([read_yaml(args.config)] if args.config else []) + [given(flags), overrides]
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
     from .loop import distill
 
@@ -116,11 +116,11 @@ def _distill(args: argparse.Namespace) -> None:
 
 
 def _teacher(args: argparse.Namespace) -> None:
-    from .config import TEACHER_PRESETS, TeacherConfig, build_config, parse_overrides
+    from .config import TEACHER_PRESETS, TeacherConfig, build_config, given, parse_overrides
     from .teacher import train_teacher
 
     cfg = build_config(TeacherConfig, TEACHER_PRESETS, args.preset,
-                       [{"out": args.out, "steps": args.steps}, parse_overrides(args.overrides)])
+                       [given({"out": args.out, "steps": args.steps}), parse_overrides(args.overrides)])
     print(f"teacher written to {train_teacher(cfg)}")
 
 

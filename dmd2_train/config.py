@@ -210,16 +210,22 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def given(flags: dict[str, Any]) -> dict[str, Any]:
+    """The CLI flags that were given (argparse's None means the flag was left out)."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def build_config(model: type[_Strict], presets: dict[str, dict[str, Any]], preset: str | None,
                  layers: list[dict[str, Any]]) -> Any:
-    """Preset, then each layer (file, CLI flags, overrides) on top; validate once at the end."""
+    """Preset, then each layer (file, CLI flags, overrides) on top; validate once at the end. A layer's
+    None is a value (``init_from=null`` clears the preset's); pass CLI flags through :func:`given`."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in presets:
             raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(presets)}")
         values.update(presets[preset])
     for layer in layers:
-        values.update({k: v for k, v in layer.items() if v is not None})
+        values.update(layer)
     try:
         return model(**values)
     except ValidationError as e:

@@ -9,6 +9,7 @@ from dmd2_train.config import (
     ConfigError,
     DistillConfig,
     build_config,
+    given,
     parse_overrides,
     read_yaml,
 )
@@ -26,6 +27,19 @@ def test_overrides_parse_yaml_values():
     assert parse_overrides(pairs)["timesteps"] == [999, 499] and parse_overrides(pairs)["gan"] is False
     cfg = build_config(DistillConfig, DISTILL_PRESETS, "digits", [parse_overrides(pairs)])
     assert cfg.lr_fake == 1e-6 and isinstance(cfg.lr_fake, float)
+
+
+def test_null_is_a_value_and_a_left_out_flag_is_not(tmp_path: Path):
+    """key=null (or null in the YAML) clears what a layer below set; a flag argparse left as None does not."""
+    f = tmp_path / "run.yaml"
+    f.write_text("init_from: runs/s1\nlora_alpha: 8\n")
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, "sd15", [read_yaml(f), given({"init_from": None}),
+                                                               parse_overrides(["lora_alpha=null"])])
+    assert cfg.init_from == Path("runs/s1") and cfg.lora_alpha is None
+    assert build_config(DistillConfig, DISTILL_PRESETS, "sd15", [read_yaml(f), parse_overrides(["init_from=null"])
+                                                               ]).init_from is None
+    with pytest.raises(ConfigError, match="config key 'ratio'.*got None"):
+        build_config(DistillConfig, DISTILL_PRESETS, "digits", [parse_overrides(["ratio=null"])])
 
 
 @pytest.mark.parametrize("pairs, needle", [

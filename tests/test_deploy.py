@@ -288,7 +288,7 @@ def test_training_job_rendezvous_and_resume(overlay: str) -> None:
     from torch.distributed.run import get_args_parser
 
     from dmd2_train.__main__ import _parser
-    from dmd2_train.config import DISTILL_PRESETS, DistillConfig, build_config, parse_overrides
+    from dmd2_train.config import DISTILL_PRESETS, DistillConfig, build_config, given, parse_overrides
 
     job, service = _one(overlay, "Job"), _one(overlay, "Service")
     container, pod = _container(job), job["spec"]["template"]["spec"]
@@ -330,7 +330,7 @@ def test_training_job_rendezvous_and_resume(overlay: str) -> None:
 
     flags = {"teacher": trainer.teacher, "out": trainer.out, "prompts": trainer.prompts,
              "real_images": trainer.real_images}
-    cfg = build_config(DistillConfig, DISTILL_PRESETS, trainer.preset, [flags, parse_overrides(trainer.overrides)])
+    cfg = build_config(DistillConfig, DISTILL_PRESETS, trainer.preset, [given(flags), parse_overrides(trainer.overrides)])
     assert (trainer.preset, cfg.batch_size) == TRAINING_BATCH[overlay]
     if trainer.preset == "sdxl":  # batch 2 at 1024x1024 fits 80 GB only with the preset's levers
         assert cfg.gradient_checkpointing and cfg.offload_optimizer and cfg.sharding == "ddp"
