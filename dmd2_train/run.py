@@ -232,15 +232,30 @@ class RunBatches:
             self.stream.close()
 
 
+def needs_real_images(cfg: DistillConfig) -> bool:
+    """The GAN's real images, or (without backward simulation) the generator's noised inputs."""
+    return cfg.gan or not cfg.backward_simulation
+
+
+def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
+    """Before a model loads: every missing input named in one message (the prompt set, real images)."""
+    if bundled_data and cfg.prompts is None and cfg.real_images is None:
+        return  # the family's bundled data
+    missing = []
+    if cfg.prompts is None:
+        missing.append("a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)")
+    if needs_real_images(cfg) and cfg.real_images is None:
+        missing.append("real images for the GAN: pass real_images=FOLDER, or gan=false" if cfg.gan else
+                       "real images (backward_simulation=false noises them as the generator's inputs):"
+                       " pass real_images=FOLDER, or backward_simulation=true")
+    if missing:
+        raise RunError("this teacher needs " + "; and ".join(missing))
+
+
 def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
     """The family's bundled data (digits) when no data is given, otherwise the prompt file and images."""
-    if backbone.bundled_data and cfg.prompts is None and cfg.real_images is None:
-        return digits_data()
+    check_data_given(cfg, backbone.bundled_data)
     if cfg.prompts is None:
-        raise RunError("this teacher needs a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)")
-    real = None
-    if cfg.gan or not cfg.backward_simulation:
-        if cfg.real_images is None:
-            raise RunError("the GAN needs real images: pass real_images=FOLDER, or gan=false")
-        real = open_real_source(cfg.real_images, backbone)
+        return digits_data()
+    real = open_real_source(cfg.real_images, backbone) if needs_real_images(cfg) else None
     return TrainingData(read_prompts(cfg.prompts), real)

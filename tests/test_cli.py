@@ -55,6 +55,26 @@ def test_unknown_key_and_bad_value(digits_teacher: Path, tmp_path: Path):
     assert_user_error(cli("--teacher", digits_teacher, "--max-steps", "0"), "config key 'max_steps'")
 
 
+def test_missing_data_is_named_at_once_before_the_teacher_loads(sd15_teacher: Path, tmp_path: Path, monkeypatch):
+    """An SD teacher with neither a prompt set nor real images: one message naming both, before minutes
+    of loading (it named the prompts after loading, then the real images after loading again)."""
+    import pytest
+    from conftest import tiny_run_overrides
+
+    from dmd2_train import loop
+    from dmd2_train.config import DISTILL_PRESETS, DistillConfig
+
+    monkeypatch.setattr(loop, "load_backbone", lambda *a, **k: pytest.fail("the teacher loaded before the check"))
+    base = DISTILL_PRESETS["sd15-stage2"] | tiny_run_overrides() | {"teacher": sd15_teacher, "init_from": None}
+    with pytest.raises(loop.RunError, match="needs a prompt set.*; and real images for the GAN.*gan=false"):
+        loop.distill(DistillConfig(**base, out=tmp_path / "a"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    with pytest.raises(loop.RunError, match="needs real images .*backward_simulation=true$"):
+        loop.distill(DistillConfig(**base | {"gan": False, "backward_simulation": False, "prompts": prompts},
+                                   out=tmp_path / "b"))
+
+
 def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Path, tmp_path: Path):
     binary = tmp_path / "random.bin"
     binary.write_bytes(bytes(range(256)) * 8)
