@@ -182,6 +182,15 @@ def test_metrics(server: Server):
     assert "dmd2_batch_size_bucket" in text and "dmd2_queue_depth" in text
 
 
+def test_head_is_get_without_its_body(server: Server):
+    """Load balancers probe with HEAD; a POST-only route still says which method it takes."""
+    for path in ("/health", "/metrics", "/v1/models", "/"):
+        r = httpx.head(f"{server.url}{path}", timeout=10)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+    r = httpx.head(f"{server.url}/generate", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
 def test_playground_page(server: Server):
     r = httpx.get(f"{server.url}/")
     assert r.status_code == 200 and "<form" in r.text and "/generate" in r.text
@@ -324,3 +333,11 @@ def test_loadtest_script(server: Server, capsys):
     one = next(line for line in out.splitlines() if line.startswith("| 1 |")).split("|")
     p50, pipeline, overhead = (float(one[i]) for i in (4, 6, 7))
     assert 0 < pipeline < p50 and 0 < overhead < p50  # the server's model time and the rest of the latency
+    queue, reply, encode = (float(v) for v in one[8].split("/"))
+    assert 0 < queue + reply + encode < overhead
+
+    # big images from the toy model: the JPEG path at 512x512 (its files are made, so they are that size)
+    assert main(["--url", server.url, "--clients", "1", "--seconds", "1", "--max-requests", "3", "--format", "jpeg",
+                 "--size", "512x512"]) == 0
+    one = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")).split("|")
+    assert float(one[8].split("/")[2]) > 0

@@ -2,6 +2,7 @@
 
     python -m dmd2_serve.server.loadtest                       # starts the bundled digits server itself
     python -m dmd2_serve.server.loadtest --url http://127.0.0.1:8000 --clients 1 32 --seconds 20
+    python -m dmd2_serve.server.loadtest --clients 1 --format jpeg --size 512x512   # big images, toy model
 
 Each scenario runs ``clients`` closed-loop clients (send, wait for the answer, send again) for a
 bounded time and request count, then reports latency percentiles, throughput, the batch sizes the
@@ -56,9 +57,9 @@ class Scenario:
 
 
 async def run_scenario(url: str, clients: int, seconds: float, max_requests: int, prompt: str,
-                       output_format: str = "png") -> Scenario:
+                       output_format: str = "png", size: str | None = None) -> Scenario:
     """``clients`` closed-loop clients for at most ``seconds`` and ``max_requests`` requests in all,
-    each asking for one image in ``output_format``."""
+    each asking for one image in ``output_format`` (at ``size``, ``WxH``; default: the model's)."""
     latencies: list[float] = []
     encode: list[float] = []
     queue: list[float] = []
@@ -78,8 +79,8 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/generate", json={"prompt": prompt, "seed": index * 100_000 + i,
-                                                             "output_format": output_format})
+                    body = {"prompt": prompt, "seed": index * 100_000 + i, "output_format": output_format}
+                    r = await client.post("/generate", json=body | ({"size": size} if size else {}))
                     ok = r.status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -105,14 +106,16 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
 def table(rows: list[Scenario]) -> str:
     """A Markdown table of the scenarios, the first one as the baseline."""
     base = rows[0].throughput or 1.0
-    lines = ["| clients | requests | errors | p50 ms | p95 ms | p50 pipeline ms | p50 overhead ms | req/s"
-             " | vs 1 client | mean batch | max batch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | requests | errors | p50 ms | p95 ms | p50 pipeline ms | p50 overhead ms"
+             " | of it: queue / reply / encode ms | req/s | vs 1 client | mean batch | max batch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mean_b = statistics.fmean(r.batch_sizes) if r.batch_sizes else 0
         max_b = max(r.batch_sizes) if r.batch_sizes else 0
         lines.append(f"| {r.clients} | {r.requests} | {r.errors} | {r.percentile(0.5):.1f} | {r.percentile(0.95):.1f}"
                      f" | {r.percentile(0.5, r.pipeline_ms):.1f} | {r.percentile(0.5, r.overhead_ms):.1f}"
+                     f" | {r.percentile(0.5, r.queue_ms):.1f} / {r.percentile(0.5, r.reply_ms):.1f}"
+                     f" / {r.percentile(0.5, r.encode_ms):.1f}"
                      f" | {r.throughput:.1f} | {r.throughput / base:.1f}x | {mean_b:.1f} | {max_b:.0f} |")
     return "\n".join(lines)
 
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="per scenario")
     p.add_argument("--max-requests", type=int, default=5000, help="per scenario")
     p.add_argument("--prompt", default="a handwritten 7")
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="the images' output_format")
+    p.add_argument("--size", help="WxH for every image (default: the model's own; the digits model draws"
+                                  " at 8x8 and scales up, so 512x512 measures the serving path with big images)")
     args = p.parse_args(argv)
 
     server = None
@@ -138,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         url = server.url
     try:
-        asyncio.run(run_scenario(url, 4, 2.0, 50, args.prompt))  # warm the connection pool and caches
-        rows = [asyncio.run(run_scenario(url, c, args.seconds, args.max_requests, args.prompt)) for c in args.clients]
+        asyncio.run(run_scenario(url, 4, 2.0, 50, args.prompt, args.format, args.size))  # warm the pool and caches
+        rows = [asyncio.run(run_scenario(url, c, args.seconds, args.max_requests, args.prompt, args.format, args.size))
+                for c in args.clients]
     finally:
         if server is not None:
             from .launch import stop

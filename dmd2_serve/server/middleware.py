@@ -10,6 +10,7 @@
 - An expired drain: once the main process gives up waiting (``--grace``), a generation request
   not yet answered gets 503 in the endpoint's error shape, not a cancelled task's bare 500.
 - Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
+- HEAD is answered as GET without the body (``/health`` probes that use HEAD).
 
 Answers pass through as the app sends them; the raw-image answers of ``Accept: image/png`` are
 made by the route itself (see ``encoding``).
@@ -100,6 +101,8 @@ class ServingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":  # as GET (load balancers' health checks); uvicorn leaves the body out
+            scope = {**scope, "method": "GET"}
         path = scope["path"]
         endpoint = path if path in self.known_paths else "other"
         status = {"code": 500}
