@@ -73,9 +73,11 @@ def load_image(data: bytes | Path, size: int, channels: int) -> Tensor:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from dmd2_serve.server.images import converted
+
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB" if channels == 3 else "L")
+            im = converted(ImageOps.exif_transpose(im), "RGB" if channels == 3 else "L")
     except UnidentifiedImageError:
         raise OSError("not an image format PIL can decode") from None
     arr = np.asarray(centre_square(im, size), dtype=np.float32).reshape(size, size, channels) / 127.5 - 1

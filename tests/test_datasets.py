@@ -208,3 +208,23 @@ def test_a_source_that_becomes_unreadable_is_one_line_from_a_worker():
         reader.take(2)
     assert str(err.value).startswith("the test source has become unreadable (0/0: damaged)") and "\n" not in str(err.value)
     reader.close()
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped_to_white():
+    """Pillow's convert clips a 16-bit PNG's 0..65535 at 255: a mid grey came out white, in training
+    data and in the server's image-to-image uploads alike."""
+    from dmd2_serve.server.images import load_image as upload
+    from dmd2_train.datasets import load_image
+
+    def png(image: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        return buf.getvalue()
+
+    deep = png(Image.fromarray(np.full((8, 8), 0x4000, np.uint16)))  # a quarter grey, 16 bits
+    assert Image.open(io.BytesIO(deep)).mode.startswith("I")
+    shallow = png(Image.fromarray(np.full((8, 8), 64, np.uint8)))  # the same grey, 8 bits
+    for channels in (3, 1):
+        assert torch.equal(load_image(deep, 8, channels), load_image(shallow, 8, channels))
+        assert np.array_equal(upload(deep, (8, 8), channels), upload(shallow, (8, 8), channels))
+    assert upload(deep, (8, 8), 3)[0, 0].tolist() == [64, 64, 64]

@@ -12,13 +12,31 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 # The largest image decoded: 16.8 megapixels (4096 x 4096; a 12 MP phone photo fits), about 67 MB
 # as RGBA while it is converted. The body limit bounds the file; this bounds what it expands to.
 MAX_INPUT_PIXELS = 4096 * 4096
+
+
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # Pillow's modes for 16-bit grey PNGs
+
+
+def converted(im: Image.Image, mode: str) -> Image.Image:
+    """``im.convert(mode)``, with 16-bit grey scaled to 8 bits first (Pillow's ``convert`` clips its
+    0..65535 at 255, which turns all but the darkest pixels white)."""
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT_MODES:
+        grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+        im = Image.fromarray(grey, "L")
+    return im.convert(mode)
 
 
 class BadImage(ValueError):
@@ -62,7 +80,7 @@ def load_image(data: bytes, size: tuple[int, int], channels: int, max_pixels: in
             if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when that still covers size, either way up
                 im.draft(mode, (max(size), max(size)))
             im.load()  # a truncated or corrupt file fails here
-            upright = ImageOps.exif_transpose(im).convert(mode)
+            upright = converted(ImageOps.exif_transpose(im), mode)
     except BadImage:
         raise
     except UnidentifiedImageError:
