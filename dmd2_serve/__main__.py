@@ -148,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     from .model.adapters import ModelFolderError, read_card
     from .model.backends import BackendError, FastPath, check_fast_path
     from .server.api import build_server, default_threads
+    from .server.models import check_servable
 
     try:
         models = _served(args.model or [(None, BUNDLED_DIGITS_GENERATOR)])
         for folder in models.values():
             if not read_card(folder).is_generator:
                 raise ModelFolderError(f"'{folder}' is a teacher, not a distilled generator (no recorded schedule)")
+            check_servable(folder)
         lora_dirs = _lora_dirs(args.lora_dir or [], models)
         fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,
                         cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope,
@@ -173,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--grace must be a number of seconds, 0 or more")
         if not args.body_timeout > 0:
             raise ValueError("--body-timeout must be a positive number of seconds")
+        if not args.timeout > 0:
+            raise ValueError("--timeout must be a positive number of seconds")
+        _check_api_key(args.api_key)
+        if args.accelerator == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--accelerator cuda, but torch sees no CUDA device (torch.cuda.is_available() is"
+                                 " False): check the driver and CUDA_VISIBLE_DEVICES, or use --accelerator auto")
         devices = args.devices if args.devices == "auto" else int(args.devices)
         server = build_server(
             models, lora_dirs=lora_dirs, lora_cache=args.lora_cache, max_batch_size=args.max_batch_size,
@@ -186,7 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelFolderError, BackendError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .server.lifecycle import say
+
+    say("an API key is required on the generation and model routes" if args.api_key else
+        "no API key: every route is open to whoever reaches this port (--api-key or DMD2_API_KEY to require one)")
     return server.serve(host=args.host, port=args.port, grace_s=args.grace)
+
+
+def _check_api_key(key: str | None) -> None:
+    """An empty key (an unset shell variable in --api-key "$KEY") would serve without authentication;
+    a key outside printable ASCII could never arrive in an HTTP header."""
+    if key is None:
+        return
+    if not key.strip():
+        raise ValueError("the API key is empty (--api-key '' or DMD2_API_KEY='': an unset variable?); give the key,"
+                         " or neither to serve without authentication")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise ValueError("the API key must be printable ASCII without spaces (HTTP headers carry nothing else)")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ import asyncio
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -96,6 +98,7 @@ def test_formats_sizes_and_raw_image(server: Server):
     ({"prompt": "a 1", "num_images": 9}, "num_images"),
     ({"prompt": "a 1", "num_images": 0}, "num_images"),
     ({"prompt": "a 1", "seed": -1}, "seed"),
+    ({"prompt": "a 1", "seed": 2**32 - 2, "num_images": 3}, "seed"),  # image i uses seed + i: the last one past 2^32-1
     ({"prompt": "a 1", "output_format": "gif"}, "output_format"),
     ({"prompt": "a 1", "steps": 5}, "steps"),
     ({"prompt": "a 1", "size": "12x12"}, "size"),
@@ -162,6 +165,7 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
         ("generations", {"json": ["a 4"]}, "the body must be a JSON object"),
         ("generations", {"data": {"prompt": "a 4"}}, "takes a JSON body (Content-Type: application/json)"),
         ("generations", {"json": {"prompt": "a 4", "seed": "5"}}, "seed: Input should be a valid integer"),
+        ("generations", {"json": {"prompt": "a 4", "seed": 2**32 - 1, "n": 2}}, "with 2 images the seed is at most"),
         ("edits", {"json": {"prompt": "a 4"}}, "takes multipart/form-data"),
         ("edits", {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
          "the request body could not be read: Missing boundary"),
@@ -223,6 +227,40 @@ def test_bad_model_folder_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dmd2_serve", "--model", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_a_model_folder_the_worker_could_not_load_is_one_line_at_start(tmp_path: Path):
+    """A damaged weights file, a LoRA export whose teacher is gone: refused before any worker starts
+    (they were a worker's tracebacks and 'One or more workers failed to start')."""
+    import shutil
+
+    from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+
+    damaged = shutil.copytree(BUNDLED_DIGITS_GENERATOR, tmp_path / "damaged")
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # cut off while copied
+    orphan = shutil.copytree(BUNDLED_DIGITS_GENERATOR, tmp_path / "orphan")
+    card = json.loads((orphan / "dmd2.json").read_text())
+    (orphan / "dmd2.json").write_text(json.dumps({**card, "base": str(tmp_path / "moved-teacher")}))
+    (orphan / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    for folder, words in ((damaged, "is not a readable safetensors file"), (orphan, "which is not on this machine")):
+        r = subprocess.run([sys.executable, "-m", "dmd2_serve", "--model", str(folder)], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and words in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (["--api-key", ""], {"DMD2_API_KEY": "envkey"}, "the API key is empty"),  # served wide open before
+    ([], {"DMD2_API_KEY": "s3cret-k\u00e9y"}, "printable ASCII"),  # no client could send it
+    (["--timeout", "-5"], {}, "--timeout must be a positive"),
+    (["--accelerator", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "torch sees no CUDA device"),  # it hung, silent
+])
+def test_bad_start_options_are_one_line(args: list[str], env: dict[str, str], words: str):
+    r = subprocess.run([sys.executable, "-m", "dmd2_serve", *args], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **env})
+    assert r.returncode == 2 and r.stderr.startswith("error:") and words in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -227,7 +227,7 @@ class FewStepAPI(ls.LitAPI):
             start_step = sdedit_start(strength, request.steps or facts.steps)
         elif request.strength is not None:
             raise RequestProblem("strength", "strength applies to an input image: send image too, or drop strength")
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 2 - request.num_images)  # the last fits
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
                    request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
                    lora=request.lora, lora_folder=lora_folder, lora_scale=lora_scale)

@@ -13,13 +13,33 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model.adapters import META_FILE, ModelCard, adapter, read_card
+from ..model.adapters import META_FILE, ModelCard, ModelFolderError, adapter, read_card
 from ..model.lora import LORA_WEIGHTS, lora_base, lora_mismatch, unet_weight_shapes
 from .schemas import LORA_NAME_PATTERN, SIZE_PATTERN
 
 LORA_NAME = re.compile(LORA_NAME_PATTERN)
 # Adapters are checked in the HTTP process's threads, one at a time.
 _CHECKING = threading.Lock()
+
+
+def check_servable(folder: Path) -> None:
+    """Before any worker starts: ModelFolderError for what would fail the worker's load (a LoRA export
+    whose teacher is not here or that does not fit it, a weights file that is not safetensors), so the
+    operator reads one line instead of a worker's traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    card = read_card(folder)
+    base = lora_base(folder, card)  # raises when the LoRA's teacher or its weights file is missing
+    if base is not None and (why := lora_mismatch(folder, card, unet_weight_shapes(base))):
+        raise ModelFolderError(f"'{folder}' cannot adapt its teacher '{base}': {why}")
+    for weights in sorted({*folder.rglob("*.safetensors"), *(base.rglob("*.safetensors") if base else ())}):
+        try:
+            with safe_open(str(weights), framework="pt"):  # the header: names, shapes, offsets within the file
+                pass
+        except (OSError, SafetensorError) as e:
+            raise ModelFolderError(f"'{weights}' is not a readable safetensors file ({str(e).splitlines()[0]}):"
+                                   " it is damaged or was cut off while copied; copy or export it again") from None
 
 
 class RequestProblem(ValueError):

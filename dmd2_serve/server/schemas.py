@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 8
@@ -36,6 +36,18 @@ def _seed_field(note: str = "") -> Any:
     return Field(None, ge=0, le=MAX_SEED, description=f"{note}image i uses seed + i; picked when absent")
 
 
+def _seeds_fit(count_field: str) -> Any:
+    """A validator of ``seed`` (declared after ``count_field``): image i uses seed + i, so the last one
+    must be a seed too (a returned seed past the range could not be sent back)."""
+    def check(value: int | None, info: ValidationInfo) -> int | None:
+        count = info.data.get(count_field, 1)
+        if value is not None and value + count - 1 > MAX_SEED:
+            raise ValueError(f"image i uses seed + i, so with {count} images the seed is at most"
+                             f" {MAX_SEED - count + 1} (the last seed must be at most {MAX_SEED})")
+        return value
+    return field_validator("seed")(check)
+
+
 def _non_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must contain text, not only spaces")
@@ -48,8 +60,8 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON's types as they are: no "42" for 42
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-    seed: int | None = _seed_field()
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    seed: int | None = _seed_field()
     output_format: ImageFormat = "png"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="at most the trained schedule's length")
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
@@ -64,6 +76,7 @@ class GenerateRequest(BaseModel):
     lora_scale: float | None = _lora_scale_field()
 
     _prompt = field_validator("prompt")(_non_blank)
+    _seed = _seeds_fit("num_images")
 
 
 class GeneratedImage(BaseModel):
@@ -103,6 +116,7 @@ class OpenAIImagesRequest(BaseModel):
     lora_scale: float | None = _lora_scale_field()
 
     _prompt = field_validator("prompt")(_non_blank)
+    _seed = _seeds_fit("n")
 
 
 class OpenAIEditRequest(BaseModel):
@@ -125,6 +139,7 @@ class OpenAIEditRequest(BaseModel):
     lora_scale: float | None = _lora_scale_field()
 
     _prompt = field_validator("prompt")(_non_blank)
+    _seed = _seeds_fit("n")
 
 
 class OpenAIImage(BaseModel):
