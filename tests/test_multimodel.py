@@ -287,6 +287,22 @@ def test_pipeline_switches_adapters_beside_the_weights(made: Made, pipes: dict[s
         folded.use_lora(made.a)
 
 
+def test_an_adapter_exported_again_into_its_folder_is_loaded_anew(made: Made, pipes: dict[str, FewStepPipeline],
+                                                                  tmp_path: Path):
+    """The cache kept serving the first export's weights after the folder's file was replaced."""
+    prompts, seeds = ["a red cube"], [4]
+    folder = shutil.copytree(made.a, tmp_path / "adapter")
+    pipe = FewStepPipeline.from_folder(made.base)
+    pipe.use_lora(folder)
+    first = pipe.generate_padded(prompts, seeds, bucket=BUCKET)
+    torch.testing.assert_close(first, pipes["A"].generate_padded(prompts, seeds, bucket=BUCKET), atol=1e-5, rtol=0)
+    shutil.copy(made.b / LORA_WEIGHTS, folder / LORA_WEIGHTS)  # B's weights under A's name
+    pipe.use_lora(folder)
+    torch.testing.assert_close(pipe.generate_padded(prompts, seeds, bucket=BUCKET),
+                               pipes["B"].generate_padded(prompts, seeds, bucket=BUCKET), atol=1e-5, rtol=0)
+    assert pipe.loras.loaded == [folder]
+
+
 def test_adapter_that_fails_in_the_worker_fails_its_own_requests_only(made: Made, pipes: dict[str, FewStepPipeline]):
     """Files that changed after the HTTP process checked them: that group's jobs answer 422, the rest run."""
     from dmd2_serve.server.api import FewStepAPI, JobFailure, JobResult

@@ -65,6 +65,15 @@ def fused_lora_unet(base: Path, lora: Path) -> nn.Module:
     return unet
 
 
+def _stamp(folder: Path) -> tuple[int, int]:
+    """The adapter's weights file as (modification time in ns, size); (0, 0) when it is gone."""
+    try:
+        st = (Path(folder) / LORA_WEIGHTS).stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -143,6 +152,7 @@ class LoraAdapters:
         self.unet, self.capacity = unet, capacity
         self.active: tuple[Path, float] | None = None  # (adapter folder, scale), None: the UNet alone
         self._names: OrderedDict[Path, str] = OrderedDict()  # folder -> peft adapter name, least recent first
+        self._stamps: dict[Path, tuple[int, int]] = {}  # folder -> its weights file's (mtime ns, size) when loaded
         self._made = 0
 
     @property
@@ -156,6 +166,10 @@ class LoraAdapters:
         Returns whether the adapter had to be loaded; ``ModelFolderError`` when it cannot be.
         """
         wanted = None if folder is None else (Path(folder), float(scale))
+        if wanted is not None and wanted[0] in self._names and _stamp(wanted[0]) != self._stamps[wanted[0]]:
+            self._delete(self._names.pop(wanted[0]))  # exported again into the same folder: load it anew
+            if self.active is not None and self.active[0] == wanted[0]:
+                self.active = None
         if wanted == self.active:  # as the last batch ran: no walk over the UNet's modules
             if wanted is not None:
                 self._names.move_to_end(wanted[0])
@@ -169,7 +183,9 @@ class LoraAdapters:
         loading = folder not in self._names
         if loading:
             while len(self._names) >= self.capacity:
-                self._delete(self._names.popitem(last=False)[1])
+                evicted, old = self._names.popitem(last=False)
+                self._stamps.pop(evicted, None)
+                self._delete(old)
             name = f"lora{self._made}"  # peft names key module dicts: the folder's name may not be one
             self._made += 1
             try:
@@ -183,7 +199,7 @@ class LoraAdapters:
                     self.unet.disable_lora()
                 self.active = None
                 raise ModelFolderError(f"could not add the LoRA in '{folder}' to the UNet: {_first_line(e)}") from None
-            self._names[folder] = name
+            self._names[folder], self._stamps[folder] = name, _stamp(folder)
         self._names.move_to_end(folder)
         self.unet.enable_lora()
         self.unet.set_adapters([self._names[folder]], [float(scale)])
