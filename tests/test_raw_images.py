@@ -157,6 +157,8 @@ def test_infotext_quotes_values_and_survives_any_prompt():
         data = encode_image(image, fmt, (16, 16), made)
         assert (png_text(data)["parameters"] if fmt == "png" else user_comment(data)) == text
     assert png_text(encode_image(image, "png", (8, 8))) == {}
+    with_lora = Parameters("a cat", 3, 4, (8, 8), "sd", lora="ink", lora_scale=0.5).infotext()
+    assert with_lora == "a cat\nSteps: 4, Sampler: DMD2, Seed: 3, Size: 8x8, Model: sd, Lora: ink, Lora scale: 0.5"
 
 
 def test_pixels_made_before_the_copy_to_the_host_give_the_same_files():

@@ -115,6 +115,8 @@ class JobResult:
     steps: int
     strength: float | None  # image to image only
     model: str = ""
+    lora: str | None = None  # the adapter's name as the request gave it, and its scale
+    lora_scale: float = 1.0
     failure: JobFailure | None = None  # set: no images, answer this instead
     sent: float = 0.0  # perf_counter (system-wide) when the worker finished it (before the sender thread's queue)
 
@@ -227,7 +229,8 @@ class FewStepAPI(ls.LitAPI):
             start_step = sdedit_start(strength, request.steps or facts.steps)
         elif request.strength is not None:
             raise RequestProblem("strength", "strength applies to an input image: send image too, or drop strength")
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 2 - request.num_images)  # the last fits
+        last = MAX_SEED + 1 - request.num_images  # the largest seed whose last image's seed fits
+        seed = request.seed if request.seed is not None else secrets.randbelow(last + 1)
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
                    request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
                    lora=request.lora, lora_folder=lora_folder, lora_scale=lora_scale)
@@ -290,14 +293,16 @@ class FewStepAPI(ls.LitAPI):
             results.append(JobResult(
                 images[i] if ran else np.empty(0, np.uint8), job.seeds if ran else [], job.output_format, job.size, timings,
                 prompt=job.prompt, steps=job.steps or self.models[job.model].steps,
-                strength=job.strength if job.start_step else None, model=job.model, failure=failures.get(i)))
+                strength=job.strength if job.start_step else None, model=job.model, lora=job.lora,
+                lora_scale=job.lora_scale, failure=failures.get(i)))
         return results
 
     def _parameters(self, output: JobResult, seed: int) -> Parameters | None:
         """What the file's metadata says made it (None with --no-metadata)."""
         if not self.metadata:
             return None
-        return Parameters(output.prompt, seed, output.steps, output.size, output.model, output.strength)
+        return Parameters(output.prompt, seed, output.steps, output.size, output.model, output.strength, output.lora,
+                          output.lora_scale)
 
     def unbatch(self, output: list[JobResult]) -> list[JobResult]:
         return output

@@ -57,6 +57,8 @@ class Parameters:
     size: tuple[int, int]  # (width, height) delivered
     model: str
     strength: float | None = None  # image to image only
+    lora: str | None = None  # the request's LoRA adapter, by name, and its scale
+    lora_scale: float = 1.0
 
     def infotext(self) -> str:
         """A1111's ``parameters`` text: the prompt, a newline, then ``Steps: 4, Sampler: DMD2, Seed: 42, ...``."""
@@ -64,6 +66,8 @@ class Parameters:
                   "Model": self.model}
         if self.strength is not None:
             fields["Denoising strength"] = self.strength
+        if self.lora is not None:
+            fields.update({"Lora": self.lora, "Lora scale": f"{self.lora_scale:g}"})
         text = self.prompt + "\n" + ", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items())
         # a lone surrogate (valid JSON, not UTF-8) or a NUL (ends a PNG text) must not break the file
         return text.encode("utf-8", "replace").decode("utf-8").replace("\0", " ")
