@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 
 from .data import DataError
 from .datasets import Sample, Source, try_read
@@ -163,7 +164,7 @@ class StreamReader:
         self._drop = 0  # samples of the first batch already consumed before a resume
         self._buffer: list[tuple[Tensor, Tensor, list[str]]] = []
         self._loader: Iterator[StreamBatch] | None = None
-        self._shown = 0
+        self._shown: set[str] = set()  # the unreadable samples named so far (each once, SHOWN_SKIPS at most)
 
     @property
     def epochs(self) -> float:
@@ -202,10 +203,12 @@ class StreamReader:
         else:
             self.skipped += batch.skipped
             self.uncaptioned += batch.uncaptioned
-            for why in batch.skips[:SHOWN_SKIPS - self._shown] if self.plan.rank == 0 else ():
-                self._shown += 1
-                print(f"warning: skipped an unreadable sample ({why}); the running count is logged"
-                      " as data/skipped", file=sys.stderr)
+            for why in batch.skips if self.plan.rank == 0 else ():
+                if why in self._shown or len(self._shown) >= SHOWN_SKIPS:
+                    continue
+                self._shown.add(why)
+                tqdm.write(f"warning: skipped an unreadable sample ({why}); the running count is logged"
+                           " as data/skipped", file=sys.stderr)  # on its own line, not the progress bar's
         self._buffer.append((mean, std, captions))
 
     def take(self, n: int) -> tuple[Tensor, Tensor, list[str]]:

@@ -199,6 +199,13 @@ def test_the_first_five_unreadable_samples_are_named(capsys: pytest.CaptureFixtu
     named = [line for line in capsys.readouterr().err.splitlines() if "skipped an unreadable sample" in line]
     assert reader.state()["skipped"] > 5 and len(named) == 5 and len(set(named)) == 5
     reader.close()
+    # a small source read for several epochs: each unreadable sample named once, not five lines of two files
+    reader = StreamReader(CountingSource([4], bad=2), (0, 0), StreamPlan(batch=4, seed=0, workers=0),
+                          lambda b: (b.pixels, b.pixels))
+    reader.take(16)
+    named = [line for line in capsys.readouterr().err.splitlines() if "skipped an unreadable sample" in line]
+    assert reader.state()["skipped"] == 8 and len(named) == 2 and len(set(named)) == 2
+    reader.close()
 
 
 def test_a_source_that_becomes_unreadable_is_one_line_from_a_worker():
