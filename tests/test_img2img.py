@@ -235,10 +235,17 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+def damaged_header_png() -> bytes:
+    data = bytearray(png(np.zeros((8, 8, 3), np.uint8)))
+    data[29] ^= 0xFF  # inside IHDR: its CRC no longer matches
+    return bytes(data)
+
+
 @pytest.mark.parametrize("body, field, words", [
     ({"image": "this is not base64!"}, "image", "base64"),
     ({"image": b64(b"GIF89a not a png at all")}, "image", "not a PNG, JPEG or WebP"),
     ({"image": b64(truncated_png())}, "image", "truncated"),
+    ({"image": b64(damaged_header_png())}, "image", "starts as a PNG file but could not be read"),
     ({"image": b64(png_claiming(100_000, 100_000))}, "image", "pixels"),
     ({"image": b64(png_claiming(5000, 4000))}, "image", "5000 x 4000"),
     ({"image": ""}, "image", "empty"),

@@ -59,6 +59,17 @@ def from_base64(text: str) -> bytes:
                        " (e.g. base64 -w0 photo.png) or as a data: URL") from None
 
 
+def _signature(data: bytes) -> str | None:
+    """The accepted format a file's first bytes announce, if any."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def load_image(data: bytes, size: tuple[int, int], channels: int, max_pixels: int = MAX_INPUT_PIXELS) -> np.ndarray:
     """Decode an uploaded file to (H, W, C) uint8 at ``size`` = (width, height), under ``max_pixels``.
 
@@ -84,6 +95,9 @@ def load_image(data: bytes, size: tuple[int, int], channels: int, max_pixels: in
     except BadImage:
         raise
     except UnidentifiedImageError:
+        if kind := _signature(data):
+            raise BadImage(f"starts as a {kind} file but could not be read (damaged or cut off?); send it again,"
+                           " or re-save it") from None
         raise BadImage("is not a PNG, JPEG or WebP image") from None
     except Image.DecompressionBombError:
         raise BadImage(f"claims more pixels than the {max_pixels:,} allowed: scale it down first") from None
