@@ -27,9 +27,13 @@ def _sizes(text: str) -> tuple[int, ...]:
 def _named_folder(text: str) -> tuple[str | None, Path]:
     """``NAME=DIR`` -> (NAME, DIR); a bare ``DIR`` -> (None, DIR). An existing path is taken whole."""
     name, sep, folder = text.partition("=")
-    if sep and folder and MODEL_NAME.fullmatch(name) and not Path(text).exists():
-        return name, Path(folder)
-    return None, Path(text)
+    if not sep or Path(text).exists():
+        return None, Path(text)
+    if not (folder and MODEL_NAME.fullmatch(name)):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is neither a folder nor NAME=DIR: a name is letters, digits, '.', '_' or '-' (for example"
+            " sd=/models/sd15), and a folder follows the '='")
+    return name, Path(folder)
 
 
 def _served(specs: list[tuple[str | None, Path]]) -> dict[str, Path]:

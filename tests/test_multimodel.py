@@ -9,6 +9,7 @@ Every served image is compared with the pipeline that has that model or adapter 
 
 from __future__ import annotations
 
+import argparse
 import base64
 import dataclasses
 import io
@@ -352,6 +353,9 @@ def test_model_specs_on_the_command_line(tmp_path: Path):
     assert _named_folder("sd=/m/sd15") == ("sd", Path("/m/sd15"))
     assert _named_folder("/m/sd15") == (None, Path("/m/sd15"))
     assert _named_folder(str(odd)) == (None, odd)  # an existing folder is taken whole
+    for bad in ("=/m/sd15", "my model=/m/sd15", "a="):  # said as such, not "folder '=/m/sd15' does not exist"
+        with pytest.raises(argparse.ArgumentTypeError, match="is neither a folder nor NAME=DIR"):
+            _named_folder(bad)
     assert _served([(None, Path("/m/gen")), ("xl", Path("/m/xl"))]) == {"gen": Path("/m/gen"), "xl": Path("/m/xl")}
     assert _lora_dirs([(None, Path("/l"))], {"gen": Path("/m/gen"), "xl": Path("/m/xl")}) == {"gen": Path("/l")}
     with pytest.raises(ValueError, match="two --lora-dir"):
