@@ -36,8 +36,8 @@ def read_initial_weights(path: Path) -> InitialWeights:
     """The weights ``init_from=path`` names; ``RunError`` with the fix when it names none."""
     path = Path(path)
     if not path.is_dir():
-        raise RunError(f"init_from '{path}' is not a folder; give a run folder, a checkpoint folder"
-                       " (checkpoints/step_XXXXXXX) or an exported generator folder")
+        raise RunError(f"init_from '{path}' {'is not a folder' if path.exists() else 'does not exist'}; give a run"
+                       " folder, a checkpoint folder (checkpoints/step_XXXXXXX) or an exported generator folder")
     card_path = path / CARD_FILE
     if card_path.is_file() and ModelCard.read(card_path).is_generator:
         from safetensors.torch import load_file
@@ -79,5 +79,6 @@ def apply_initial_weights(generator: nn.Module, fake: nn.Module, init: InitialWe
                 raise RuntimeError(f"the fake score lacks {len(missing)} UNet weights, e.g. {missing[0]}")
             fake.load_state_dict(kept, strict=False)
     except RuntimeError as e:
-        raise RunError(f"init_from does not fit this teacher's UNet: {str(e).splitlines()[0]}; give a run or"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # torch's: a title, then each key
+        raise RunError(f"init_from does not fit this teacher's UNet ({' '.join(lines[:2])[:300]}); give a run or"
                        " generator distilled from the same teacher") from None
