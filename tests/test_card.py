@@ -58,3 +58,10 @@ def test_the_server_refuses_a_bad_card_at_start(tmp_path: Path):
     run = subprocess.run([sys.executable, "-m", "dmd2_serve", "--model", str(folder)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "field 'family' is missing" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_run_folder_points_at_its_generator(tmp_path: Path):
+    """`--model runs/x` (or eval --generator runs/x) instead of runs/x/generator: said as such."""
+    shutil.copytree(BUNDLED_DIGITS_GENERATOR, tmp_path / "run" / "generator")
+    with pytest.raises(ModelFolderError, match="is a training run's folder; its exported generator is '.*generator'"):
+        read_card(tmp_path / "run")

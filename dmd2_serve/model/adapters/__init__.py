@@ -100,6 +100,9 @@ def read_card(folder: Path) -> ModelCard:
             raise ModelFolderError(f"'{meta_path}' names family {card.family!r}; expected one of {', '.join(ADAPTERS)}")
         return card
     index_path = folder / "model_index.json"
+    if not index_path.is_file() and (folder / "generator" / META_FILE).is_file():
+        raise ModelFolderError(f"'{folder}' is a training run's folder; its exported generator is"
+                               f" '{folder / 'generator'}'")
     if not index_path.is_file():
         raise ModelFolderError(
             f"'{folder}' has neither {META_FILE} nor model_index.json, so it is not a diffusers"
