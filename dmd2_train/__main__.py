@@ -98,17 +98,17 @@ def _distill(args: argparse.Namespace) -> None:
 
     preset = args.preset
     overrides = parse_overrides(args.overrides)
-    teacher = overrides.get("teacher") or args.teacher
-    if preset is None and args.config is None:
+    flags: dict[str, Any] = {"teacher": args.teacher, "teacher_config": args.teacher_config, "out": args.out,
+                             "max_steps": args.max_steps, "prompts": args.prompts, "real_images": args.real_images}
+    layers = ([read_yaml(args.config)] if args.config else []) + [given(flags), overrides]
+    if preset is None:  # from the teacher's family, wherever the teacher was given (a YAML file too)
+        teacher = next((layer["teacher"] for layer in reversed(layers) if layer.get("teacher") is not None), None)
         if teacher is None:
             preset = "digits"
         else:
             from dmd2_serve.model.adapters import teacher_adapter
 
             preset = teacher_adapter(Path(teacher)).default_preset  # a folder's or a single file's family
-    flags: dict[str, Any] = {"teacher": args.teacher, "teacher_config": args.teacher_config, "out": args.out,
-                             "max_steps": args.max_steps, "prompts": args.prompts, "real_images": args.real_images}
-    layers = ([read_yaml(args.config)] if args.config else []) + [given(flags), overrides]
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
     from .loop import distill
 

@@ -75,6 +75,24 @@ def test_missing_data_is_named_at_once_before_the_teacher_loads(sd15_teacher: Pa
                                    out=tmp_path / "b"))
 
 
+def test_the_preset_comes_from_the_teacher_with_a_config_file_too(sd15_teacher: Path, tmp_path: Path, monkeypatch):
+    """--config used to drop the teacher's preset (an SD run silently got the model's defaults)."""
+    from dmd2_train import loop
+    from dmd2_train.__main__ import main
+    from dmd2_train.config import DISTILL_PRESETS
+
+    seen = []
+    monkeypatch.setattr(loop, "distill", lambda cfg, resume=False: seen.append(cfg))
+    config = tmp_path / "run.yaml"
+    config.write_text("ratio: 7\n")
+    assert main(["--config", str(config), "--teacher", str(sd15_teacher), "--out", str(tmp_path / "a")]) == 0
+    config.write_text(f"ratio: 7\nteacher: {sd15_teacher}\n")  # the teacher in the file
+    assert main(["--config", str(config), "--out", str(tmp_path / "b")]) == 0
+    for cfg in seen:
+        assert (cfg.timesteps, cfg.lr_generator, cfg.gan, cfg.ratio) == (
+            DISTILL_PRESETS["sd15"]["timesteps"], DISTILL_PRESETS["sd15"]["lr_generator"], False, 7)
+
+
 def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Path, tmp_path: Path):
     binary = tmp_path / "random.bin"
     binary.write_bytes(bytes(range(256)) * 8)
