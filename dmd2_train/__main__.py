@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                                      " score at real scale when --captions is given")
     e.add_argument("--generator", type=Path, help="an exported generator folder")
     e.add_argument("--teacher", type=Path, help="a teacher folder, sampled with DDIM")
-    e.add_argument("--steps", type=int, help="sampling steps (teacher: DDIM steps, default 50)")
+    e.add_argument("--steps", type=int, help="sampling steps: a generator's first N of its schedule, 1 to its"
+                   " length (default: all of them); a teacher's DDIM steps, 1 or more (default 50)")
     e.add_argument("--guidance", type=float, default=2.0, help="teacher CFG scale")
     e.add_argument("--captions", type=Path, help="real scale: caption file (.txt or .jsonl), e.g. COCO-2014 val")
     e.add_argument("--reference", type=Path, help="real scale: folder of reference images (the COCO images)")
@@ -73,12 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--patch-fid", action=argparse.BooleanOptionalAction, help="real scale: also FID of the"
                    " centre 299x299 of the full-resolution images (default: on for SDXL, off for SD1.5)")
     q = sub.add_parser("table", help="reproduce the digits quality table (trains 6 students, ~46 min on 2 cores)")
-    q.add_argument("--out", type=Path, default=Path("docs/quality"))
-    q.add_argument("--runs", type=Path, default=Path("runs/quality"))
-    q.add_argument("--guidance", type=float, default=None, help="default: the digits preset's")
-    q.add_argument("--max-steps", type=int, help="shorter runs, for a smoke test")
-    q.add_argument("--workers", type=int, default=2, help="students trained side by side, one process each"
-                   " (default 2: on 2 cores two one-thread runs beat one two-thread run)")
+    q.add_argument("--out", type=Path, default=Path("docs/quality"), help="folder for table.md, scores.json,"
+                   " curves.png and the sample grids (default docs/quality)")
+    q.add_argument("--runs", type=Path, default=Path("runs/quality"), help="folder of the students' training runs,"
+                   " one subfolder per row (checkpoints, logs, generator/); a rerun continues them and skips those"
+                   " already exported (default runs/quality)")
+    q.add_argument("--guidance", type=float, default=None, help="the students' CFG scale, 0 or more (default: the"
+                   " digits preset's)")
+    q.add_argument("--max-steps", type=int, help="cap on each student's training steps, 1 or more: shorter runs,"
+                   " for a smoke test")
+    q.add_argument("--workers", type=int, default=2, help="students trained side by side, one process each, 1 or"
+                   " more (default 2: on 2 cores two one-thread runs beat one two-thread run)")
     about = ("pre-encode real images (centre crop, the teacher's size) into fp16 VAE latent shards: the mean and"
              " std of each latent distribution, with the captions; resumable, parallel under torchrun")
     n = sub.add_parser("encode-latents", help=about, description=about + " (README: Data formats)",
@@ -151,7 +157,7 @@ def _eval(args: argparse.Namespace) -> None:
                                           args.patch_fid, args.num)
     device = "cuda" if real_scale and torch.cuda.is_available() else "cpu"
     sample = (generator_sampler(folder, args.steps, device) if args.generator
-              else teacher_sampler(folder, args.steps or 50, args.guidance, device))
+              else teacher_sampler(folder, 50 if args.steps is None else args.steps, args.guidance, device))
     if not real_scale:
         print(json.dumps(score_digits(sample).as_dict(), indent=2))
         return

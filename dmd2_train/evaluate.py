@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmd2_serve.model.adapters import Conditioning, load_backbone, load_unet, unet_eps
+from dmd2_serve.model.adapters import Conditioning, load_backbone, load_unet, read_card, unet_eps
 from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_serve.model.sampling import ddim_sample
 
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
+from .fid_protocol import EvalError
 from .losses import classifier_free_guidance
 
 Sampler = Callable[[list[str], list[int]], Tensor]  # prompts, seeds -> images in [-1, 1] (B, 1, 8, 8)
@@ -119,7 +120,14 @@ def score_digits(sample: Sampler) -> DigitsScores:
 
 
 def generator_sampler(folder: Path, steps: int | None = None, device: str = "cpu") -> Sampler:
-    """A distilled generator folder as a sampler (its own few-step loop)."""
+    """A distilled generator folder as a sampler (its own few-step loop): the first ``steps`` steps of
+    its schedule, all of them when None. ``EvalError`` for ``steps`` outside 1..(the schedule's
+    length), from the model card, before the model loads."""
+    schedule = read_card(folder).timesteps  # None for a teacher: FewStepPipeline.from_folder refuses it
+    if steps is not None and schedule is not None and not 1 <= steps <= len(schedule):
+        n = len(schedule)
+        raise EvalError(f"--steps {steps} is outside 1..{n}: this generator was distilled for {n} steps"
+                        f" ({', '.join(map(str, schedule))}); give --steps 1 to {n}, or leave it out for all {n}")
     pipe = FewStepPipeline.from_folder(folder, device=device)
     return lambda prompts, seeds: pipe(prompts, seeds, steps) * 2 - 1
 
@@ -127,7 +135,11 @@ def generator_sampler(folder: Path, steps: int | None = None, device: str = "cpu
 def teacher_sampler(folder: Path, steps: int, guidance: float, device: str = "cpu",
                     timesteps: list[int] | None = None) -> Sampler:
     """A teacher sampled with deterministic DDIM, with CFG: over ``steps`` evenly spaced timesteps
-    from T-1 to 0, or over ``timesteps`` when given (e.g. the paper's 999, 749, 499, 249)."""
+    from T-1 to 0, or over ``timesteps`` when given (e.g. the paper's 999, 749, 499, 249). ``EvalError``
+    for ``steps`` below 1, before the model loads."""
+    if steps < 1:
+        raise EvalError(f"--steps {steps}: a teacher samples with at least 1 DDIM step; give --steps 1 or more, or"
+                        " leave it out for 50")
     backbone, unet = load_backbone(folder).to(device), load_unet(folder).eval().to(device)
     T = backbone.schedule.num_train_timesteps
     if timesteps is None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dmd2_serve.model.lora import LORA_WEIGHTS
 
-from .config import DistillConfig
+from .config import ConfigError, DistillConfig
 
 ADAPTER = "default"  # peft's adapter name: the state dict's keys carry it (``to_q.lora_A.default.weight``)
 
@@ -63,9 +63,9 @@ class LoraSpec:
             unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
                                         target_modules=list(self.targets)), adapter_name=ADAPTER)
         except ValueError as e:
-            raise ValueError(f"lora_targets {list(self.targets)} do not fit this UNet ({str(e).splitlines()[0]});"
-                             " use module names such as to_q, to_k, to_v, to_out.0 (attention), proj_in, proj_out,"
-                             " ff.net.0.proj, ff.net.2") from None
+            raise ConfigError(f"lora_targets {list(self.targets)} do not fit this UNet ({str(e).splitlines()[0]});"
+                              " use module names such as to_q, to_k, to_v, to_out.0 (attention), proj_in, proj_out,"
+                              " ff.net.0.proj, ff.net.2") from None
         for p in unet.parameters():  # after add_adapter: peft gives an adapter its base layer's dtype
             p.data = p.data.float() if p.requires_grad else p.data.to(base_dtype)
         return unet

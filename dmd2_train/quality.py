@@ -39,6 +39,7 @@ from .evaluate import (
     teacher_sampler,
 )
 from .previews import save_grid
+from .run import RunError, check_output_folder
 
 
 @dataclass
@@ -208,15 +209,35 @@ def train_students(cfgs: list[DistillConfig], workers: int) -> None:
             raise
 
 
+def check_table_options(out: Path, runs: Path, guidance: float, max_steps: int | None, workers: int) -> None:
+    """Refuse, with a ``RunError`` naming the ``table`` option, what would fail after the teacher rows
+    are set up (a ``DistillConfig`` that does not validate, a folder that cannot be written); makes
+    ``out`` and ``runs``."""
+    if max_steps is not None and max_steps < 1:
+        raise RunError(f"--max-steps {max_steps}: each student trains at least 1 step; give --max-steps 1 or more,"
+                       " or leave it out for the full runs")
+    if workers < 1:
+        raise RunError(f"--workers {workers}: at least one student trains at a time; give --workers 1 or more"
+                       " (default 2)")
+    if guidance < 0:
+        raise RunError(f"--guidance {guidance:g}: a CFG scale is 0 or more; give --guidance 0 or more, or leave it"
+                       " out for the digits preset's")
+    for flag, folder in (("--out", out), ("--runs", runs)):
+        if folder.exists() and not folder.is_dir():
+            raise RunError(f"{flag} '{folder}' is a file; give the path of a folder (new or existing)")
+        check_output_folder(folder, flag)
+
+
 def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple[float, ...] = (1.0, 2.0),
                 max_steps: int | None = None, workers: int = 2) -> str:
     """Train the students, score every row, write the table and figures; returns the Markdown.
 
     ``guidance`` is the students' CFG scale on the real score; the teacher rows are sampled at
     each of ``teacher_guidances``. ``max_steps`` caps every student's training (a smoke test);
-    ``workers`` students train side by side (see ``train_students``).
+    ``workers`` students train side by side (see ``train_students``). Bad options are refused first
+    (``check_table_options``).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    check_table_options(out, runs, guidance, max_steps, workers)
     teacher = BUNDLED_DIGITS_TEACHER
     samplers: list[tuple[str, str, Sampler]] = [("real digits (train split)", "real", real_sampler())]
     for steps in (50, 4):

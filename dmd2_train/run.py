@@ -26,15 +26,16 @@ class RunError(RuntimeError):
     message says why and what to do."""
 
 
-def check_output_folder(out: Path) -> None:
-    """Fail early, with a clear message, when the run folder cannot be written."""
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """Fail early, with a clear message naming ``flag``, when the folder cannot be made or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise RunError(f"cannot write to the output folder '{out}' ({e.strerror}); pass --out DIR with a writable folder") from None
+        raise RunError(f"cannot write to the output folder '{out}' ({e.strerror}); pass {flag} DIR with a writable"
+                       " folder") from None
 
 
 def check_new_run(out: Path) -> None:

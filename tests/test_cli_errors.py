@@ -1,0 +1,110 @@
+"""Options a user can get wrong are one line ``error: ...`` and exit 2, before any long work starts.
+
+Run in-process through ``main`` (what ``python -m dmd2_train`` exits with), the long work replaced by
+stand-ins that fail the test if they are reached: a refusal that comes too late fails fast.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_cli import assert_user_error
+
+from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+from dmd2_train.config import BUNDLED_DIGITS_TEACHER
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: object) -> subprocess.CompletedProcess:
+    """``main(args)`` as a finished process: its exit status and what it printed."""
+    from dmd2_train.__main__ import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def never(what: str):
+    def reached(*args, **kwargs):
+        raise AssertionError(f"{what} started: the options should have been refused before it")
+
+    return reached
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-steps", "0"], "--max-steps 0"),  # these three used to end in a pydantic traceback
+    (["--max-steps", "-1"], "--max-steps -1"),
+    (["--guidance", "-1"], "--guidance -1"),
+    (["--workers", "-1"], "--workers -1"),  # these two used to train one student at a time
+    (["--workers", "0"], "--workers 0"),
+    (["--out", "{file}"], "--out '{file}' is a file"),  # used to end in a FileExistsError traceback
+    (["--runs", "{file}"], "--runs '{file}' is a file"),
+    (["--runs", "{file}/runs"], "cannot write to the output folder '{file}/runs' (Not a directory); pass --runs DIR"),
+])
+def test_table_refuses_bad_options_before_training(args: list[str], needle: str, tmp_path: Path, capsys,
+                                                    monkeypatch):
+    monkeypatch.setattr("dmd2_train.quality.train_students", never("training"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    folders = ["--out", tmp_path / "table", "--runs", tmp_path / "runs", "--max-steps", "1"]
+    result = run_main(capsys, "table", *folders, *(a.format(file=a_file) for a in args))  # the last flag wins
+    assert_user_error(result, needle.format(file=a_file))
+    if "{file}" not in " ".join(args):
+        assert not (tmp_path / "table").exists() and not (tmp_path / "runs").exists()  # refused before writing
+
+
+def test_table_help_says_what_runs_is(capsys):
+    from dmd2_train.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["table", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "--runs RUNS folder of the students' training runs" in text
+
+
+def test_lora_targets_that_do_not_fit_are_a_user_error(sd15_teacher: Path, tmp_path: Path, capsys):
+    """Used to exit 1 with a ValueError traceback (the message itself was good)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    result = run_main(capsys, "--teacher", sd15_teacher, "--prompts", prompts, "--out", tmp_path / "run",
+                      "--max-steps", "1", "batch_size=2", "ratio=2", "warmup_steps=1", "preview_every=1000",
+                      "gan=false", "lora_rank=4", "lora_targets=[nonexistent_mod]")
+    assert_user_error(result, "lora_targets ['nonexistent_mod'] do not fit this UNet")
+    assert "use module names such as to_q" in result.stderr
+
+
+def test_eval_steps_outside_the_schedule_are_refused_before_scoring(capsys, monkeypatch):
+    """--steps 0 used to sample all 4 steps, -3 the first 1 (a slice), 9 all 4; a teacher's 0 ran 50."""
+    monkeypatch.setattr("dmd2_train.evaluate.score_digits", never("scoring"))
+    for steps in ("0", "-3", "5", "9"):
+        assert_user_error(run_main(capsys, "eval", "--generator", BUNDLED_DIGITS_GENERATOR, "--steps", steps),
+                          f"--steps {steps} is outside 1..4")
+    for steps in ("0", "-2"):
+        assert_user_error(run_main(capsys, "eval", "--teacher", BUNDLED_DIGITS_TEACHER, "--steps", steps),
+                          f"--steps {steps}: a teacher samples with at least 1 DDIM step")
+
+
+def test_eval_steps_inside_the_schedule_reach_the_pipeline(capsys, monkeypatch):
+    """The bounds themselves (1 and the schedule's length) and no --steps (all of it) still run."""
+    import torch
+
+    from dmd2_serve.model.pipeline import FewStepPipeline
+    from dmd2_train.evaluate import DigitsScores
+
+    seen = []
+
+    def pipe(self, prompts, seeds, steps=None):
+        seen.append(steps)
+        return torch.zeros(len(prompts), 1, 8, 8)
+
+    def score(sample):
+        sample(["a handwritten 7"], [0])
+        return DigitsScores(1.0, 0.0, 1.0, 0.0)
+
+    monkeypatch.setattr(FewStepPipeline, "__call__", pipe)
+    monkeypatch.setattr("dmd2_train.evaluate.score_digits", score)
+    for steps in (["--steps", "1"], ["--steps", "4"], []):
+        assert run_main(capsys, "eval", "--generator", BUNDLED_DIGITS_GENERATOR, *steps).returncode == 0
+    assert seen == [1, 4, None]
