@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                    help="seconds an admitted request's body may pause before 408 (a stalled upload gives its queue"
                         " place back)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait before 504")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait before 504 (-1: no limit)")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM or SIGINT: stop admitting (503, /health 503) and give the requests already"
                         " admitted up to S seconds to finish before stopping (a process manager's stop timeout"
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--grace must be a number of seconds, 0 or more")
         if not args.body_timeout > 0:
             raise ValueError("--body-timeout must be a positive number of seconds")
-        if not args.timeout > 0:
-            raise ValueError("--timeout must be a positive number of seconds")
+        if not (args.timeout > 0 or args.timeout == -1):
+            raise ValueError("--timeout must be a positive number of seconds, or -1 for none")
         _check_api_key(args.api_key)
         if args.accelerator == "cuda":
             import torch

@@ -218,7 +218,7 @@ def given(flags: dict[str, Any]) -> dict[str, Any]:
 def build_config(model: type[_Strict], presets: dict[str, dict[str, Any]], preset: str | None,
                  layers: list[dict[str, Any]]) -> Any:
     """Preset, then each layer (file, CLI flags, overrides) on top; validate once at the end. A layer's
-    None is a value (``init_from=null`` clears the preset's); pass CLI flags through :func:`given`."""
+    None is a value (``init_from=null`` clears a YAML file's); pass CLI flags through :func:`given`."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in presets:

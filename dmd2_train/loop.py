@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dmd2_serve.model.adapters import Backbone, ModelCard, adapter, load_backbone, load_unet, read_card
+from dmd2_serve.model.adapters import Backbone, ModelCard, adapter, load_backbone, load_schedule, load_unet, read_card
 from dmd2_serve.model.backends import FastPath
 from dmd2_serve.model.pipeline import FewStepPipeline
 
@@ -67,9 +67,10 @@ class PreparedRun:
 
 def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     """The teacher, its adapter, the data and the trainer, on the accelerator's device."""
-    teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)
+    teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)  # a single file: converted
     card = read_card(teacher)
-    check_data_given(cfg, bool(adapter(card.family).bundled_data))  # before minutes of loading, not after
+    load_schedule(teacher, card)  # the teacher's own problems first (cheap), then the inputs, then minutes of loading
+    check_data_given(cfg, bool(adapter(card.family).bundled_data))
     backbone = load_backbone(teacher, card, cfg.image_size).to(accelerator.device)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
         backbone.to(torch.bfloat16)  # frozen text encoders and VAE: bf16 halves them

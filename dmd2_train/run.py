@@ -256,7 +256,7 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
 def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
     """The family's bundled data (digits) when no data is given, otherwise the prompt file and images."""
     check_data_given(cfg, backbone.bundled_data)
-    if cfg.prompts is None:
+    if backbone.bundled_data and cfg.prompts is None and cfg.real_images is None:
         return digits_data()
     real = open_real_source(cfg.real_images, backbone) if needs_real_images(cfg) else None
     return TrainingData(read_prompts(cfg.prompts), real)

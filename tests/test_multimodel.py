@@ -214,6 +214,9 @@ def test_lora_requests_equal_the_adapter_loaded_alone(server: Server, pipes: dic
     assert not same(half, want["sd"]) and not same(half, want["A"])
     made_by = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))).text["parameters"]
     assert made_by.endswith("Model: sd, Lora: A, Lora scale: 0.5"), made_by  # the file says which adapter made it
+    r = generate(server, prompt=prompt, seed=seed, model="sd", lora="A", lora_scale=0)  # the model alone
+    made_by = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))).text["parameters"]
+    assert made_by.endswith("Model: sd"), made_by
     # the OpenAI route takes the same fields (extra_body in the official client)
     r = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": prompt, "model": "sd", "lora": "B"})
     assert r.status_code == 200, r.text

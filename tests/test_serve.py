@@ -379,3 +379,5 @@ def test_loadtest_script(server: Server, capsys):
                  "--size", "512x512"]) == 0
     one = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")).split("|")
     assert float(one[8].split("/")[2]) > 0
+    assert main(["--url", server.url, "--clients", "1", "--seconds", "0.5", "--max-requests", "2",
+                 "--size", "12x12"]) == 1  # the size is sent: one the model cannot draw fails every request

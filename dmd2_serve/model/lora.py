@@ -59,22 +59,24 @@ def fused_lora_unet(base: Path, lora: Path) -> nn.Module:
     try:
         unet.load_lora_adapter(str(lora), prefix="unet", weight_name=LORA_WEIGHTS)
     except LOAD_ERRORS as e:
-        raise ModelFolderError(f"could not apply the LoRA in '{lora}' to the UNet of '{base}': {_first_line(e)}") from None
+        raise ModelFolderError(f"could not apply the LoRA in '{lora}' to the UNet of '{base}': {first_line(e)}") from None
     unet.fuse_lora()
     unet.unload_lora()
     return unet
 
 
-def _stamp(folder: Path) -> tuple[int, int]:
-    """The adapter's weights file as (modification time in ns, size); (0, 0) when it is gone."""
+def _stamp(folder: Path) -> tuple[int, int, int]:
+    """The adapter's weights file as (inode, modification time in ns, size); zeros when it is gone. An
+    export replaces the folder by a rename, so the inode changes even where times are coarse."""
     try:
         st = (Path(folder) / LORA_WEIGHTS).stat()
     except OSError:
-        return (0, 0)
-    return (st.st_mtime_ns, st.st_size)
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no message)."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -115,7 +117,7 @@ def lora_mismatch(lora: Path, model: ModelCard, unet_shapes: Mapping[str, Sequen
             keys = f.keys()  # a safetensors handle: not iterable itself
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in keys}
     except (OSError, SafetensorError) as e:
-        return f"'{lora.name}/{LORA_WEIGHTS}' is not a readable safetensors file ({_first_line(e)})"
+        return f"'{lora.name}/{LORA_WEIGHTS}' is not a readable safetensors file ({first_line(e)})"
     if not shapes:
         return f"'{lora.name}/{LORA_WEIGHTS}' holds no tensors"
     ranks: dict[str, dict[str, int]] = {}  # module -> {"A": rank it writes, "B": rank it reads}
@@ -152,7 +154,7 @@ class LoraAdapters:
         self.unet, self.capacity = unet, capacity
         self.active: tuple[Path, float] | None = None  # (adapter folder, scale), None: the UNet alone
         self._names: OrderedDict[Path, str] = OrderedDict()  # folder -> peft adapter name, least recent first
-        self._stamps: dict[Path, tuple[int, int]] = {}  # folder -> its weights file's (mtime ns, size) when loaded
+        self._stamps: dict[Path, tuple[int, int, int]] = {}  # folder -> its weights file's _stamp when loaded
         self._made = 0
 
     @property
@@ -166,7 +168,8 @@ class LoraAdapters:
         Returns whether the adapter had to be loaded; ``ModelFolderError`` when it cannot be.
         """
         wanted = None if folder is None else (Path(folder), float(scale))
-        if wanted is not None and wanted[0] in self._names and _stamp(wanted[0]) != self._stamps[wanted[0]]:
+        stamp = None if wanted is None else _stamp(wanted[0])  # before any load: a file replaced during it shows next
+        if wanted is not None and wanted[0] in self._names and stamp != self._stamps[wanted[0]]:
             self._delete(self._names.pop(wanted[0]))  # exported again into the same folder: load it anew
             if self.active is not None and self.active[0] == wanted[0]:
                 self.active = None
@@ -198,8 +201,8 @@ class LoraAdapters:
                 if self._names:
                     self.unet.disable_lora()
                 self.active = None
-                raise ModelFolderError(f"could not add the LoRA in '{folder}' to the UNet: {_first_line(e)}") from None
-            self._names[folder], self._stamps[folder] = name, _stamp(folder)
+                raise ModelFolderError(f"could not add the LoRA in '{folder}' to the UNet: {first_line(e)}") from None
+            self._names[folder], self._stamps[folder] = name, stamp
         self._names.move_to_end(folder)
         self.unet.enable_lora()
         self.unet.set_adapters([self._names[folder]], [float(scale)])

@@ -233,7 +233,8 @@ class FewStepAPI(ls.LitAPI):
         seed = request.seed if request.seed is not None else secrets.randbelow(last + 1)
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
                    request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
-                   lora=request.lora, lora_folder=lora_folder, lora_scale=lora_scale)
+                   lora=request.lora if lora_folder is not None else None,  # scale 0 ran the model alone
+                   lora_folder=lora_folder, lora_scale=lora_scale)
 
     def decode_request(self, request):  # a Job from prepare(); unannotated: LitServe's route (replaced) parses nothing
         return request

@@ -33,9 +33,11 @@ def converted(im: Image.Image, mode: str) -> Image.Image:
     0..65535 at 255, which turns all but the darkest pixels white)."""
     from PIL import Image
 
-    if im.mode in SIXTEEN_BIT_MODES:
-        grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
-        im = Image.fromarray(grey, "L")
+    if im.mode in SIXTEEN_BIT_MODES:  # the high byte, in place: one copy at the source's width, then 8 bits
+        grey = np.array(im)
+        np.clip(grey, 0, 65535, out=grey)
+        grey >>= 8
+        im = Image.fromarray(grey.astype(np.uint8), "L")
     return im.convert(mode)
 
 

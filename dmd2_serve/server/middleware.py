@@ -182,11 +182,9 @@ class ServingMiddleware:
                 else:
                     continue
                 app.cancel()
-                try:
-                    await app
-                except asyncio.CancelledError:
-                    if asyncio.current_task().cancelling():  # this request itself is being cancelled
-                        raise
+                await asyncio.wait({app})  # its end, without taking its cancellation for this request's own
+                if not app.cancelled():
+                    app.exception()  # retrieved: whatever it ended with is superseded by this answer
                 retry = [(b"retry-after", str(self.retry_after_s).encode())] if status == 503 else []
                 await _json_response(send, status, body, retry + ([] if whole else [CLOSE]))
                 return

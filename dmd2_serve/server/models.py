@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..model.adapters import META_FILE, ModelCard, ModelFolderError, adapter, read_card
-from ..model.lora import LORA_WEIGHTS, lora_base, lora_mismatch, unet_weight_shapes
+from ..model.lora import LORA_WEIGHTS, first_line, lora_base, lora_mismatch, unet_weight_shapes
 from .schemas import LORA_NAME_PATTERN, SIZE_PATTERN
 
 LORA_NAME = re.compile(LORA_NAME_PATTERN)
@@ -22,24 +22,44 @@ LORA_NAME = re.compile(LORA_NAME_PATTERN)
 _CHECKING = threading.Lock()
 
 
+# The weights files the worker loads: each component's default (not a variant like .fp16, not a root
+# single-file checkpoint), whole or in shards, and a LoRA export's adapter.
+LOADED_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model)(-\d{5}-of-\d{5})?\.safetensors$")
+LOADED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
 def check_servable(folder: Path) -> None:
     """Before any worker starts: ModelFolderError for what would fail the worker's load (a LoRA export
-    whose teacher is not here or that does not fit it, a weights file that is not safetensors), so the
-    operator reads one line instead of a worker's traceback."""
-    from safetensors import SafetensorError, safe_open
-
+    whose teacher is not here or that does not fit it, a weights file it reads that is not whole
+    safetensors or not readable), so the operator reads one line instead of a worker's traceback."""
     folder = Path(folder)
     card = read_card(folder)
     base = lora_base(folder, card)  # raises when the LoRA's teacher or its weights file is missing
-    if base is not None and (why := lora_mismatch(folder, card, unet_weight_shapes(base))):
-        raise ModelFolderError(f"'{folder}' cannot adapt its teacher '{base}': {why}")
-    for weights in sorted({*folder.rglob("*.safetensors"), *(base.rglob("*.safetensors") if base else ())}):
-        try:
-            with safe_open(str(weights), framework="pt"):  # the header: names, shapes, offsets within the file
-                pass
-        except (OSError, SafetensorError) as e:
-            raise ModelFolderError(f"'{weights}' is not a readable safetensors file ({str(e).splitlines()[0]}):"
-                                   " it is damaged or was cut off while copied; copy or export it again") from None
+    files = [folder / LORA_WEIGHTS] if base is not None else []
+    if base is not None:
+        read_card(base)  # a folder that is not a diffusers teacher: said as such
+        if why := lora_mismatch(folder, card, unet_weight_shapes(base)):
+            raise ModelFolderError(f"'{folder}' cannot adapt its teacher '{base}': {why}")
+    for root in (folder, base) if base is not None else (folder,):
+        files += [f for part in LOADED_PARTS if (root / part).is_dir()
+                  for f in sorted((root / part).iterdir()) if LOADED_WEIGHTS.match(f.name)]
+    for weights in files:
+        _check_safetensors(weights)
+
+
+def _check_safetensors(weights: Path) -> None:
+    """ModelFolderError unless ``weights`` is readable and its header describes the whole file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt"):  # the header: names, shapes, offsets within the file
+            pass
+    except PermissionError:
+        raise ModelFolderError(f"'{weights}' is not readable by this user (mode {weights.stat().st_mode & 0o777:o}):"
+                               " give it read permission (chmod a+r) or run the server as its owner") from None
+    except (OSError, SafetensorError) as e:
+        raise ModelFolderError(f"'{weights}' is not a readable safetensors file ({first_line(e)}): it is damaged or"
+                               " was cut off while copied; copy or export it again") from None
 
 
 class RequestProblem(ValueError):
