@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_multiprocess_dir()  # before any worker starts, so they inherit it
     from . import BUNDLED_DIGITS_GENERATOR
-    from .model.adapters import ModelFolderError, read_card
+    from .model.adapters import ModelFolderError
     from .model.backends import BackendError, FastPath, check_fast_path
     from .server.api import build_server, default_threads
     from .server.models import check_servable
@@ -157,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = _served(args.model or [(None, BUNDLED_DIGITS_GENERATOR)])
         for folder in models.values():
-            if not read_card(folder).is_generator:
-                raise ModelFolderError(f"'{folder}' is a teacher, not a distilled generator (no recorded schedule)")
             check_servable(folder)
         lora_dirs = _lora_dirs(args.lora_dir or [], models)
         fast = FastPath(backend=args.backend, attention=args.attention, cache_dir=args.compile_cache,

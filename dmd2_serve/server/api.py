@@ -48,7 +48,6 @@ from .middleware import ServingMiddleware, openai_error, too_large_body
 from .models import ModelFacts, RequestProblem, UnknownModel
 from .schemas import (
     DEFAULT_STRENGTH,
-    MAX_SEED,
     GenerateRequest,
     GenerateResponse,
     OpenAIEditRequest,
@@ -57,6 +56,7 @@ from .schemas import (
     OpenAIImagesResponse,
     OpenAIModel,
     OpenAIModelList,
+    largest_seed,
 )
 
 GENERATE_PATH = "/generate"
@@ -229,8 +229,7 @@ class FewStepAPI(ls.LitAPI):
             start_step = sdedit_start(strength, request.steps or facts.steps)
         elif request.strength is not None:
             raise RequestProblem("strength", "strength applies to an input image: send image too, or drop strength")
-        last = MAX_SEED + 1 - request.num_images  # the largest seed whose last image's seed fits
-        seed = request.seed if request.seed is not None else secrets.randbelow(last + 1)
+        seed = request.seed if request.seed is not None else secrets.randbelow(largest_seed(request.num_images) + 1)
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
                    request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
                    lora=request.lora if lora_folder is not None else None,  # scale 0 ran the model alone

@@ -29,11 +29,13 @@ LOADED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def check_servable(folder: Path) -> None:
-    """Before any worker starts: ModelFolderError for what would fail the worker's load (a LoRA export
-    whose teacher is not here or that does not fit it, a weights file it reads that is not whole
-    safetensors or not readable), so the operator reads one line instead of a worker's traceback."""
+    """Before any worker starts: ModelFolderError for what would fail the worker's load (a teacher, a
+    LoRA export whose teacher is not here or that does not fit it, a weights file it reads that is not
+    whole safetensors or not readable), so the operator reads one line instead of a worker's traceback."""
     folder = Path(folder)
     card = read_card(folder)
+    if not card.is_generator:
+        raise ModelFolderError(f"'{folder}' is a teacher, not a distilled generator (no recorded schedule)")
     base = lora_base(folder, card)  # raises when the LoRA's teacher or its weights file is missing
     files = [folder / LORA_WEIGHTS] if base is not None else []
     if base is not None:

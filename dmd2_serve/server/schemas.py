@@ -36,14 +36,19 @@ def _seed_field(note: str = "") -> Any:
     return Field(None, ge=0, le=MAX_SEED, description=f"{note}image i uses seed + i; picked when absent")
 
 
+def largest_seed(count: int) -> int:
+    """The largest seed a request of ``count`` images may start at: image i uses seed + i."""
+    return MAX_SEED + 1 - count
+
+
 def _seeds_fit(count_field: str) -> Any:
     """A validator of ``seed`` (declared after ``count_field``): image i uses seed + i, so the last one
     must be a seed too (a returned seed past the range could not be sent back)."""
     def check(value: int | None, info: ValidationInfo) -> int | None:
         count = info.data.get(count_field, 1)
-        if value is not None and value + count - 1 > MAX_SEED:
+        if value is not None and value > largest_seed(count):
             raise ValueError(f"image i uses seed + i, so with {count} images the seed is at most"
-                             f" {MAX_SEED - count + 1} (the last seed must be at most {MAX_SEED})")
+                             f" {largest_seed(count)} (the last seed must be at most {MAX_SEED})")
         return value
     return field_validator("seed")(check)
 
