@@ -168,6 +168,25 @@ def test_lora_folder_with_a_missing_teacher_says_what_to_do(sd15_teacher: Path, 
         FewStepPipeline.from_folder(folder / "lora")
 
 
+def test_a_lora_with_nan_weights_is_refused_when_loaded(sd15_teacher: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    from dmd2_serve.model.adapters import ModelFolderError
+    from dmd2_serve.model.lora import LORA_WEIGHTS
+
+    folder, _ = export_random_lora(sd15_teacher, tmp_path / "generator")
+    tensors = load_file(folder / "lora" / LORA_WEIGHTS)
+    key = min(tensors)
+    tensors[key].view(-1)[0] = float("inf")
+    save_file(tensors, folder / "lora" / LORA_WEIGHTS)
+    with pytest.raises(ModelFolderError, match=f"'{key}' holds NaN or infinite values.*earlier checkpoint"):
+        FewStepPipeline.from_folder(folder / "lora")
+    from dmd2_serve.server.models import check_servable
+
+    with pytest.raises(ModelFolderError, match=f"'{key}' holds NaN"):  # the server's start: one line, no worker
+        check_servable(folder / "lora")
+
+
 def test_lora_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: Path):
     common = dict(max_steps=4, ratio=1, checkpoint_every=2, preview_every=100, ema_decay=0.5, lora_rank=2,
                   lora_fake=True, timesteps=[999])

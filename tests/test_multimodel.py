@@ -70,6 +70,11 @@ def made(sd15_teacher: Path, sdxl_teacher: Path, sd2v_teacher: Path, tmp_path_fa
     key = next(k for k in tensors if k.endswith("lora_B.weight"))
     tensors[key] = tensors[key][:, :3].contiguous()
     save_file(tensors, loras / "unpaired" / LORA_WEIGHTS)
+    # nan: fits the model, one value NaN (a run that diverged): found when loaded, not from the header
+    shutil.copytree(loras / "A", loras / "nan")
+    tensors = load_file(loras / "A" / LORA_WEIGHTS)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, loras / "nan" / LORA_WEIGHTS)
     return Made(base, root / "A" / "lora", root / "B" / "lora", loras)
 
 
@@ -240,6 +245,7 @@ def test_lru_of_one_adapter_reloads_and_stays_right(server: Server, pipes: dict[
     ({"lora": "sd2"}, "lora", "another base"),
     ({"lora": "broken"}, "lora", "not a readable safetensors file"),
     ({"lora": "unpaired"}, "lora", "do not pair"),
+    ({"lora": "nan"}, "lora", "holds NaN or infinite values"),
     ({"lora": "../loras/A"}, "lora", "pattern"),
     ({"lora": "A", "lora_scale": 2.5}, "lora_scale", "less than or equal to 2"),
     ({"lora_scale": 0.5}, "lora_scale", "send lora too"),

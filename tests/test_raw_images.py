@@ -65,9 +65,13 @@ def test_accept_picks_the_format_made_in_the_worker(server: Server):
     jpeg = generate(server, "image/jpeg", prompt="a 3", seed=1, output_format="png")
     assert jpeg.headers["content-type"] == "image/jpeg"
     assert jpeg.content == files(generate(server, prompt="a 3", seed=1, output_format="jpeg"))[0]
-    webp = generate(server, "text/html, image/webp;q=0.9, image/png", prompt="a 3", seed=1)
-    assert webp.headers["content-type"] == "image/webp"
+    webp = generate(server, "text/html, image/png;q=0.5, image/webp;q=0.9", prompt="a 3", seed=1)
+    assert webp.headers["content-type"] == "image/webp"  # the heavier of the two
     assert webp.content == files(generate(server, prompt="a 3", seed=1, output_format="webp"))[0]
+    any_image = generate(server, "image/*", prompt="a 3", seed=1, output_format="jpeg")
+    assert any_image.headers["content-type"] == "image/jpeg" and any_image.content == jpeg.content
+    refused = generate(server, "text/html", prompt="a 3")
+    assert refused.status_code == 406 and "Accept: application/json" in refused.json()["detail"]
     many = generate(server, "image/png", prompt="a 3", num_images=2)
     assert many.status_code == 406 and "num_images=1" in many.json()["detail"]
     bad = generate(server, "image/png", prompt="a 3", num_images=2, steps=99)  # a bad field is still a 422 first
@@ -140,11 +144,35 @@ def test_middleware_passes_answers_through_untouched():
 
 
 @pytest.mark.parametrize("accept, fmt", [
-    ("image/png", "png"), ("IMAGE/JPEG; q=0.5", "jpeg"), ("application/json, image/webp", "webp"),
-    ("image/gif, image/png", "png"), ("application/json", None), ("*/*", None), ("", None), ("image/*", None),
+    ("image/png", "png"), ("IMAGE/JPEG; q=0.5", "jpeg"), ("image/gif, image/png", "png"),
+    ("application/json", None), ("*/*", None), ("", None), ("text/html, */*;q=0.8", None),
+    ("image/*", "webp"),  # the request's output_format
+    ("application/json, image/webp", None), ("image/webp, application/json", "webp"),  # a tie: the first listed
+    ("application/json;q=0.4, image/*;q=0.5", "webp"), ("image/png;q=0, */*", None),
+    ("image/*, image/webp;q=0", "png"),  # the exact range outweighs image/*
+    ("image/png;q=high, image/jpeg", "jpeg"),  # a q that is no number leaves its range out
+    ("foo, image/jpeg;level=1", "jpeg"), ("foo", None), ("*", None),  # no type/subtype: left out; *: */*
 ])
-def test_raw_format(accept: str, fmt: str | None):
-    assert raw_format(accept) == fmt
+def test_raw_format_weighs_the_accept_header(accept: str, fmt: str | None):
+    assert raw_format(accept, preferred="webp") == fmt
+
+
+@pytest.mark.parametrize("accept", ["text/html", "image/png;q=0", "application/json;q=0, image/*;q=0"])
+def test_an_accept_that_takes_no_answer_is_refused(accept: str):
+    from dmd2_serve.server.encoding import NotAcceptable
+
+    with pytest.raises(NotAcceptable, match="takes none of"):
+        raw_format(accept)
+
+
+def test_several_images_are_json_when_the_client_takes_it():
+    from dmd2_serve.server.encoding import NotAcceptable
+
+    assert raw_format("image/png, application/json;q=0.5", one_image=False) is None  # was a 406
+    assert raw_format("*/*", one_image=False) is None
+    for accept in ("image/png", "image/*"):
+        with pytest.raises(NotAcceptable, match="exactly one image's file; ask for num_images=1"):
+            raw_format(accept, one_image=False)
 
 
 def test_infotext_quotes_values_and_survives_any_prompt():

@@ -16,6 +16,7 @@ from dmd2_kernels.timing import graph_us, timed
 from torch import Tensor, nn
 
 from ..model.adapters import ADAPTERS, ReferenceArch
+from ..model.errors import first_line
 from .profile import device_time_by_class
 from .report import Budget, OutOfTime, Report
 
@@ -248,7 +249,7 @@ def attention_backend_rows(report: Report, pipe: Any, cond: Any, seeds: Tensor, 
             row(f"eager + graph, {backend.lower().replace('_attention', '')} SDPA in the UNet", batch,
                 lambda: pipe.images(cond, seeds, TIMESTEPS), time.perf_counter() - t0, compare=True)
         except RuntimeError as e:  # no kernel of that kind for these shapes or this card
-            report.note(f"{backend} SDPA not measured: {str(e).splitlines()[0][:160]}")
+            report.note(f"{backend} SDPA not measured: {first_line(e)[:160]}")
         finally:
             pipe.denoise = denoise
             release(pipe)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .errors import BackendError
+from .errors import BackendError, described
 
 Signature = tuple[Any, ...]
 # What this file writes into a package and beside it; a change of either makes old packages unseen.
@@ -94,7 +94,7 @@ class AOTCompiled:
             except Exception as e:
                 if not dynamic:
                     raise
-                raise _DynamicExportFailed(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+                raise _DynamicExportFailed(described(e)) from e
             _package(program, path, key, self.autotune)
             self.built.append(path)
             self.say(f"aoti: compiled {name} ({inputs}) in {time.perf_counter() - t0:.0f} s: {path}")
@@ -197,8 +197,7 @@ def load_package(path: Path, module: nn.Module) -> Callable[..., Any]:
         compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
                                                      device_index=device.index if device.index is not None else -1)
     except Exception as e:
-        raise BackendError(f"could not load the compiled package {path} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); {fix}") from e
+        raise BackendError(f"could not load the compiled package {path} ({described(e)}); {fix}") from e
     wanted = compiled.get_constant_fqns()
     if sorted(wanted) != sorted(reads) or any(name not in tensors for name in wanted):
         raise BackendError(f"the compiled package {path} does not take the weights of this"

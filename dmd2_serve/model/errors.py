@@ -7,3 +7,15 @@ class ModelFolderError(ValueError):
 
 class BackendError(RuntimeError):
     """A backend, attention or precision choice that cannot run here; the message says how to fix it."""
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no message): what a one-line message quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def described(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an error (its first ``limit`` characters), or its type's name alone."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__

@@ -28,10 +28,12 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .adapters import META_FILE, ModelCard, ModelFolderError, load_unet, read_card
+from .errors import first_line
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 # What diffusers, peft and safetensors raise for a LoRA file that is damaged or does not fit.
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+NONFINITE = "'{key}' holds NaN or infinite values (its training diverged); export it from an earlier checkpoint"
 _LORA_KEY = re.compile(r"unet\.(.+)\.lora_([AB])\.weight")  # diffusers' UNet LoRA tensors, peft-named
 
 
@@ -53,8 +55,34 @@ def lora_base(folder: Path, card: ModelCard) -> Path | None:
     return base
 
 
+def nonfinite_tensor(lora: Path) -> str | None:
+    """The first tensor of the adapter in ``lora/`` that holds a NaN or an infinity (None: none does),
+    read one tensor at a time. Raises ``OSError`` or ``SafetensorError`` for a file that does not read."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(Path(lora) / LORA_WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (a safetensors handle: not iterable itself)
+            if not torch.isfinite(f.get_tensor(key)).all():
+                return key
+    return None
+
+
+def check_finite(lora: Path) -> None:
+    """Raises ``ModelFolderError`` when the adapter in ``lora/`` does not read or holds a NaN or an
+    infinity (a run that diverged before the training loop checked for it: every image black)."""
+    try:
+        key = nonfinite_tensor(lora)
+    except (OSError, SafetensorError) as e:
+        raise ModelFolderError(f"'{Path(lora) / LORA_WEIGHTS}' is not a readable safetensors file"
+                               f" ({first_line(e)})") from None
+    if key is not None:
+        raise ModelFolderError(f"the LoRA in '{lora}' is broken: {NONFINITE.format(key=key)}")
+
+
 def fused_lora_unet(base: Path, lora: Path) -> nn.Module:
     """``base``'s UNet (float32) with the LoRA in ``lora/`` fused into its weights, adapter layers removed."""
+    check_finite(lora)
     unet = load_unet(base)
     try:
         unet.load_lora_adapter(str(lora), prefix="unet", weight_name=LORA_WEIGHTS)
@@ -65,19 +93,14 @@ def fused_lora_unet(base: Path, lora: Path) -> nn.Module:
     return unet
 
 
-def _stamp(folder: Path) -> tuple[int, int, int]:
-    """The adapter's weights file as (inode, modification time in ns, size); zeros when it is gone. An
-    export replaces the folder by a rename, so the inode changes even where times are coarse."""
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """A file as (inode, modification time in ns, size), to see that it changed; zeros when it is gone.
+    An export replaces its folder by a rename, so the inode changes even where times are coarse."""
     try:
-        st = (Path(folder) / LORA_WEIGHTS).stat()
+        st = Path(path).stat()
     except OSError:
         return (0, 0, 0)
     return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def first_line(e: BaseException) -> str:
-    """An error's first line (its type's name when it has no message)."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def unet_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -154,7 +177,7 @@ class LoraAdapters:
         self.unet, self.capacity = unet, capacity
         self.active: tuple[Path, float] | None = None  # (adapter folder, scale), None: the UNet alone
         self._names: OrderedDict[Path, str] = OrderedDict()  # folder -> peft adapter name, least recent first
-        self._stamps: dict[Path, tuple[int, int, int]] = {}  # folder -> its weights file's _stamp when loaded
+        self._stamps: dict[Path, tuple[int, int, int]] = {}  # folder -> its weights file's file_stamp when loaded
         self._made = 0
 
     @property
@@ -168,7 +191,8 @@ class LoraAdapters:
         Returns whether the adapter had to be loaded; ``ModelFolderError`` when it cannot be.
         """
         wanted = None if folder is None else (Path(folder), float(scale))
-        stamp = None if wanted is None else _stamp(wanted[0])  # before any load: a file replaced during it shows next
+        # before any load: a file replaced during it shows at the next call
+        stamp = None if wanted is None else file_stamp(wanted[0] / LORA_WEIGHTS)
         if wanted is not None and wanted[0] in self._names and stamp != self._stamps[wanted[0]]:
             self._delete(self._names.pop(wanted[0]))  # exported again into the same folder: load it anew
             if self.active is not None and self.active[0] == wanted[0]:
@@ -178,13 +202,16 @@ class LoraAdapters:
                 self._names.move_to_end(wanted[0])
             return False
         if wanted is None:
-            if self._names:
-                self.unet.disable_lora()
-            self.active = None
+            self._run_alone()
             return False
         folder = wanted[0]
         loading = folder not in self._names
         if loading:
+            try:
+                check_finite(folder)  # before any adapter is evicted for it
+            except ModelFolderError:
+                self._run_alone()
+                raise
             while len(self._names) >= self.capacity:
                 evicted, old = self._names.popitem(last=False)
                 self._stamps.pop(evicted, None)
@@ -197,10 +224,8 @@ class LoraAdapters:
                     self.unet.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_WEIGHTS,
                                                 adapter_name=name)
             except LOAD_ERRORS as e:
-                self._delete(name)  # whatever part of it was added; then a known state: the UNet alone
-                if self._names:
-                    self.unet.disable_lora()
-                self.active = None
+                self._delete(name)  # whatever part of it was added
+                self._run_alone()
                 raise ModelFolderError(f"could not add the LoRA in '{folder}' to the UNet: {first_line(e)}") from None
             self._names[folder], self._stamps[folder] = name, stamp
         self._names.move_to_end(folder)
@@ -208,6 +233,13 @@ class LoraAdapters:
         self.unet.set_adapters([self._names[folder]], [float(scale)])
         self.active = (folder, float(scale))
         return loading
+
+    def _run_alone(self) -> None:
+        """The UNet alone: asked for, or the known state after a failed load (peft may have made a
+        remaining adapter active)."""
+        if self._names:
+            self.unet.disable_lora()
+        self.active = None
 
     def _delete(self, name: str) -> None:
         if name in getattr(self.unet, "peft_config", {}):

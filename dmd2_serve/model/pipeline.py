@@ -24,6 +24,7 @@ from .backends import (
     set_attention,
     tensorrt_modules,
 )
+from .errors import first_line
 from .lora import LoraAdapters, fused_lora_unet, lora_base
 from .precision import quantize_fp8
 from .sampling import philox_sample, sdedit_start
@@ -287,7 +288,7 @@ class FewStepPipeline:
             self._text_graph_failed = True
             cause = e.__cause__
             warnings.warn(f"the prompt encoder could not be captured in the loop's CUDA graph ({type(cause).__name__}:"
-                          f" {str(cause).splitlines()[0][:200]}); encoding prompts before the graph instead",
+                          f" {first_line(cause)[:200]}); encoding prompts before the graph instead",
                           stacklevel=2)
             self.release_graphs()  # a failed capture leaves its pool in an unknown state
             torch.cuda.synchronize()

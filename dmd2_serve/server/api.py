@@ -40,7 +40,16 @@ from ..model.backends import FastPath, adapter_conflict
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
-from .encoding import MEDIA_TYPES, OPENAPI_RESPONSES, EncodedImages, Parameters, encode_image, raw_format, to_pixels
+from .encoding import (
+    MEDIA_TYPES,
+    OPENAPI_RESPONSES,
+    EncodedImages,
+    NotAcceptable,
+    Parameters,
+    encode_image,
+    raw_format,
+    to_pixels,
+)
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
 from .loop import ServingLoop
@@ -424,17 +433,19 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | Response:
         """Text to image; image to image with ``image`` (and ``strength``). ``Accept: image/png`` (or
         jpeg, webp) answers the one image's file, made in that format whatever ``output_format`` says."""
-        raw = raw_format(request.headers.get("accept", ""))
+        try:  # every Accept header the client sent, as one list
+            accept = ", ".join(request.headers.getlist("accept"))
+            raw, refused = raw_format(accept, body.output_format, one_image=body.num_images == 1), None
+        except NotAcceptable as e:
+            raw, refused = None, e
         if raw is not None:
             body = body.model_copy(update={"output_format": raw})
         try:
             job = await prepare(body)
         except RequestProblem as problem:
             raise unprocessable(problem) from None
-        if raw is not None and body.num_images != 1:
-            message = (f"Accept: {MEDIA_TYPES[raw]} returns exactly one image; ask for num_images=1"
-                       " or accept application/json")
-            return JSONResponse({"detail": message}, 406)
+        if refused is not None:  # after the body's own problems
+            return JSONResponse({"detail": str(refused)}, 406)
         result = await run(job)
         return Response(result.files[0], media_type=result.media_type) if raw is not None else result.as_json()
 

@@ -33,13 +33,68 @@ _FORMAT_OF_MEDIA_TYPE = {media: fmt for fmt, media in MEDIA_TYPES.items()}
 USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF UserComment's character code for UTF-16 text
 
 
-def raw_format(accept: str) -> str | None:
-    """The format whose bytes an ``Accept`` header asks for (its first image type), or None: JSON."""
+class NotAcceptable(ValueError):
+    """An ``Accept`` header that takes none of the answers /generate has for a request: a 406."""
+
+
+def _media_ranges(accept: str) -> list[tuple[str, float]]:
+    """An ``Accept`` header's media ranges with their weights (``q``, 1 when absent), in order. A range
+    that is no ``type/subtype`` (a bare ``*`` reads as ``*/*``) or whose ``q`` is no number from 0 to 1
+    is left out."""
+    ranges = []
     for part in accept.split(","):
-        fmt = _FORMAT_OF_MEDIA_TYPE.get(part.split(";")[0].strip().lower())
-        if fmt is not None:
-            return fmt
-    return None
+        media, *params = (piece.strip() for piece in part.split(";"))
+        media = "*/*" if media == "*" else media.lower()
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = -1.0
+        if media.count("/") == 1 and 0 <= q <= 1:
+            ranges.append((media, q))
+    return ranges
+
+
+def _weight(media: str, ranges: list[tuple[str, float]]) -> tuple[float, int] | None:
+    """A media type's weight from the most specific range that matches it (``image/png`` before
+    ``image/*`` before ``*/*``; of equals, the first listed) and that range's place; None: no match."""
+    kind = media.split("/")[0]
+    matches = [(specific, -position, q) for position, (given, q) in enumerate(ranges)
+               for specific, pattern in ((2, media), (1, f"{kind}/*"), (0, "*/*")) if given == pattern]
+    if not matches:
+        return None
+    _, position, q = max(matches)
+    return q, position
+
+
+def raw_format(accept: str, preferred: str = "png", one_image: bool = True) -> str | None:
+    """What an ``Accept`` header asks /generate for (RFC 9110's content negotiation): an image format
+    whose file to answer with, or None for JSON.
+
+    The heaviest answer wins (see :func:`_weight`), a tie going to the range listed first, then to
+    JSON, then to ``preferred`` (the request's ``output_format``: what ``image/*`` gives). A file is
+    an answer only for ``one_image``. No usable header: JSON. Raises :class:`NotAcceptable` when
+    every answer weighs 0.
+    """
+    ranges = _media_ranges(accept)
+    if not ranges:
+        return None
+    formats = [preferred] + [fmt for fmt in MEDIA_TYPES if fmt != preferred]
+    answers = [(None, "application/json")] + [(fmt, MEDIA_TYPES[fmt]) for fmt in formats]
+    weighed = [(weight, -rank, fmt) for rank, (fmt, media) in enumerate(answers)
+               if (weight := _weight(media, ranges)) is not None and weight[0] > 0]
+    if not one_image and any(fmt is not None for *_, fmt in weighed):
+        if not any(fmt is None for *_, fmt in weighed):
+            raise NotAcceptable(f"Accept: {accept} returns exactly one image's file; ask for num_images=1 or"
+                                " accept application/json")
+        return None
+    if not weighed:
+        raise NotAcceptable(f"Accept: {accept} takes none of application/json, image/png, image/jpeg, image/webp;"
+                            " send Accept: application/json (or leave it out)")
+    return max(weighed)[2]
 
 
 def _quoted(value: str) -> str:
@@ -133,7 +188,8 @@ class EncodedImages:
 OPENAPI_RESPONSES = {
     200: {"description": "JSON; or with `Accept: image/png` (`image/jpeg`, `image/webp`) the one image's file",
           "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}},
-    406: {"description": "`Accept` asks for one image's file but `num_images` is more than 1",
+    406: {"description": "`Accept` asks for one image's file but `num_images` is more than 1, or takes none of"
+                         " JSON, PNG, JPEG and WebP (weights as RFC 9110 says: `image/*` gives `output_format`)",
           "content": {"application/json": {"schema": {"type": "object",
                                                       "properties": {"detail": {"type": "string"}}}}}},
 }

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import first_line
 from .base import Backbone, ModelFolderError
 
 LDM_UNET_PREFIX = "model.diffusion_model."  # every SD 1.x / 2.x / XL single file's UNet weights
@@ -66,7 +67,7 @@ def _open(path: Path) -> LazyCheckpoint:
     try:
         return LazyCheckpoint(path)
     except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError, for a damaged header
-        raise ModelFolderError(f"'{path}' is not a readable .safetensors file ({str(e).splitlines()[0]}); check the"
+        raise ModelFolderError(f"'{path}' is not a readable .safetensors file ({first_line(e)}); check the"
                                " download or pass a diffusers pipeline folder") from None
 
 
