@@ -108,7 +108,7 @@ def _distill(args: argparse.Namespace) -> None:
                              "max_steps": args.max_steps, "prompts": args.prompts, "real_images": args.real_images}
     layers = ([read_yaml(args.config)] if args.config else []) + [given(flags), overrides]
     if preset is None:  # from the teacher's family, wherever the teacher was given (a YAML file too)
-        teacher = next((layer["teacher"] for layer in reversed(layers) if layer.get("teacher") is not None), None)
+        teacher = next((layer["teacher"] for layer in reversed(layers) if "teacher" in layer), None)  # null: bundled
         if teacher is None:
             preset = "digits"
         else:

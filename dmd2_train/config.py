@@ -98,6 +98,11 @@ class DistillConfig(_Strict):
     log_with: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="experiment trackers")
     preview_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a mountain lake at dawn"])
 
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _bundled_when_null(cls, v: object) -> object:
+        return BUNDLED_DIGITS_TEACHER if v is None else v  # teacher=null clears a YAML file's teacher
+
     @field_validator("timesteps")
     @classmethod
     def _decreasing(cls, v: list[int]) -> list[int]:

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dmd2_serve.model.errors import first_line
+
 from .data import IMAGE_SUFFIXES, DataError, centre_square
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # WebDataset extensions read as the image
@@ -85,8 +87,14 @@ def load_image(data: bytes | Path, size: int, channels: int) -> Tensor:
 
 
 def caption_of(data: bytes, ext: str) -> str:
-    """A caption from a ``.txt`` (the text) or a ``.json`` (its ``text``/``caption``/``prompt``)."""
-    text = data.decode("utf-8")
+    """A caption from a ``.txt`` (the text) or a ``.json`` (its ``text``/``caption``/``prompt``).
+
+    Raises ``ValueError`` for one that is not UTF-8 or not JSON: its sample is skipped and named,
+    never trained on with mangled text. A leading byte-order mark is dropped."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"its .{ext} caption is not UTF-8 text (byte {e.start}); save the captions as UTF-8") from None
     if ext != "json":
         return text.strip()
     row = json.loads(text)
@@ -155,7 +163,7 @@ class ImageFolderSource:
         caption = self.captions.get(rel)
         if caption is None:
             txt = (self.root / rel).with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+            caption = caption_of(txt.read_bytes(), "txt") if txt.is_file() else ""
         return Sample(caption, pixels=load_image(self.root / rel, self.size, self.channels))
 
 
@@ -178,6 +186,11 @@ def tar_samples(path: Path, warn: bool = False) -> list[dict[str, tuple[int, int
                     samples.append({})
                     last_key = key
                 samples[-1][ext] = (member.offset_data, member.size)
+            end = tar.offset  # where tarfile stopped: the end-of-archive block, or a header it could not read
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(tarfile.BLOCKSIZE).strip(b"\0"):  # tarfile ends quietly at a damaged or cut header
+                raise tarfile.ReadError(f"a damaged or cut header at byte {end}")
     except (tarfile.TarError, OSError, EOFError) as e:
         if warn:
             _warn(f"{path}: {e} after {len(samples)} samples; the rest of the shard is skipped")
@@ -232,11 +245,8 @@ class TarShardSource:
             pixels = load_image(member(image), self.size, self.channels)
             caption = ""
             for ext in ("txt", "json"):
-                if ext in members:
-                    try:
-                        caption = caption_of(member(ext), ext)
-                    except (ValueError, EOFError):  # an unreadable caption: uncaptioned, not unreadable
-                        caption = ""
+                if ext in members:  # a caption that does not read makes its sample unreadable, as in a folder
+                    caption = caption_of(member(ext), ext)
                     break
         return Sample(caption, pixels=pixels)
 
@@ -331,7 +341,7 @@ def try_read(source: Source, unit: int, k: int) -> tuple[Sample | None, str]:
     try:
         return source.read(unit, k), ""
     except Exception as e:  # noqa: BLE001
-        return None, f"{source.name_of(unit, k)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return None, f"{source.name_of(unit, k)}: {first_line(e)}"
 
 
 def first_readable(source: Source) -> tuple[int, int]:

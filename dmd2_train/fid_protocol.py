@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2_serve.model.adapters import PaperEval, adapter
+from dmd2_serve.model.errors import first_line
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -152,7 +153,7 @@ class InceptionFeatures(nn.Module):
         try:
             self.net = torch.jit.load(str(path), map_location="cpu").eval()
         except RuntimeError as e:
-            raise EvalError(f"'{path}' is not a TorchScript file: {str(e).splitlines()[0]}") from e
+            raise EvalError(f"'{path}' is not a TorchScript file: {first_line(e)}") from e
         if not hasattr(self.net, "layers"):
             raise EvalError(f"'{path}' has no 'layers' module, so it is not the FID Inception network:"
                             " pass inception-2015-12-05.pt (StyleGAN2-ADA / clean-fid)")

@@ -24,6 +24,7 @@ import torch
 
 from dmd2_serve.model.adapters import Backbone, ModelCard, adapter, load_backbone, load_schedule, load_unet, read_card
 from dmd2_serve.model.backends import FastPath
+from dmd2_serve.model.errors import first_line
 from dmd2_serve.model.pipeline import FewStepPipeline
 
 from . import checkpoint as ckpt
@@ -41,6 +42,7 @@ from .run import (
     check_output_folder,
     make_accelerator,
     make_data,
+    remove_if_empty,
     stream_plan,
 )
 from .single_file import teacher_folder
@@ -84,6 +86,27 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     return PreparedRun(card, backbone, trainer, teacher, batches)
 
 
+def kept(out: Path) -> str:
+    """What a run that stops on an error leaves: its newest checkpoint, if any."""
+    last = ckpt.latest(out)
+    return f"the last checkpoint ({last[1]}) is intact" if last else "no checkpoint was written yet"
+
+
+def diverged_message(cfg: DistillConfig, broken: list[str], step: int) -> str:
+    """One message for a run whose weights went NaN or infinite: what is kept, and what helps."""
+    helps = [f"lower learning rates (now lr_generator={cfg.lr_generator:g} lr_fake={cfg.lr_fake:g})"]
+    if cfg.mixed_precision == "fp16":
+        helps.append("mixed_precision=bf16 (fp16's range overflows more easily)")
+    if cfg.grad_clip > 1.0:
+        helps.append(f"grad_clip=1.0 (now {cfg.grad_clip:g})")
+    if cfg.gan and cfg.gan_weight_generator > 0:
+        helps.append(f"a smaller gan_weight_generator (now {cfg.gan_weight_generator:g})")
+    again = "the same command with --resume and" if ckpt.latest(cfg.out) else "a new run with"
+    networks = f"the {' and '.join(broken)} network{'s' if len(broken) > 1 else ''}"
+    return (f"training diverged by step {step}: the weights of {networks} hold NaN or infinite values, so no"
+            f" checkpoint was written from them; {kept(cfg.out)}; try {again} {'; '.join(helps)}")
+
+
 def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
     """Distil ``cfg.teacher`` into a few-step generator; returns the exported folder.
 
@@ -93,6 +116,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     # 1. Set-up: devices, precision, folders.
     accelerator = make_accelerator(cfg)
+    made = not cfg.out.exists()
     if accelerator.is_main_process:
         if not resume:
             check_new_run(cfg.out)
@@ -101,7 +125,12 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     device = accelerator.device
 
     # 2. The teacher, its adapter, the data and the trained state.
-    run = prepare_run(cfg, accelerator)
+    try:
+        run = prepare_run(cfg, accelerator)
+    except BaseException:
+        if made and accelerator.is_main_process:
+            remove_if_empty(cfg.out)  # a refused start leaves no empty run folder (a converted teacher stays)
+        raise
     backbone, trainer = run.backbone, run.trainer
 
     # 3. Resume.
@@ -117,7 +146,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 except RuntimeError as e:  # torch.load of a shard cut short inside its data
                     if not any(m in str(e) for m in ("PytorchStreamReader", "zip archive", "central directory")):
                         raise
-                    raise EOFError(str(e).splitlines()[0]) from None
+                    raise EOFError(first_line(e)) from None
             except (EOFError, OSError, pickle.UnpicklingError, json.JSONDecodeError) as e:
                 before = [p for step, p in ckpt.list_checkpoints(cfg.out) if step < found[0]]
                 then = f"from {before[-1].name}" if before else "from the teacher (it is the only one)"
@@ -130,7 +159,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             except (RuntimeError, ValueError, KeyError) as e:
                 raise RunError(
                     f"the checkpoint {found[1]} does not fit this configuration (teacher, gan, ... changed?):"
-                    f" {str(e).splitlines()[0] if str(e) else type(e).__name__}; resume with the run's own settings"
+                    f" {first_line(e)}; resume with the run's own settings"
                     " (kept in its meta.json under 'config') or use a new --out"
                 ) from None
             run.batches.restore_data(ckpt.read_meta(found[1]).get("data"))  # the real-data stream's position
@@ -180,9 +209,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             try:
                 trainer.train_step(step)
             except torch.OutOfMemoryError:
-                last = ckpt.latest(cfg.out)
-                kept = f"the last checkpoint ({last[1]}) is intact" if last else "no checkpoint was written yet"
-                raise RunError(out_of_memory_message(cfg, backbone.title, accelerator.num_processes, step, kept)) from None
+                raise RunError(out_of_memory_message(cfg, backbone.title, accelerator.num_processes, step,
+                                                     kept(cfg.out))) from None
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -198,7 +226,10 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 accelerator.log(logs, step=step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
             stop_now = stopping(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop_now:
+            saving = step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop_now
+            if (saving or step % cfg.log_every == 0) and (broken := trainer.diverged()):
+                raise RunError(diverged_message(cfg, broken, step))
+            if saving:
                 save(step)
             if step % cfg.preview_every == 0 or step == cfg.max_steps:
                 preview(step)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dmd2_serve.model.errors import first_line
 from dmd2_serve.model.lora import LORA_WEIGHTS
 
 from .config import ConfigError, DistillConfig
@@ -63,7 +64,7 @@ class LoraSpec:
             unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
                                         target_modules=list(self.targets)), adapter_name=ADAPTER)
         except ValueError as e:
-            raise ConfigError(f"lora_targets {list(self.targets)} do not fit this UNet ({str(e).splitlines()[0]});"
+            raise ConfigError(f"lora_targets {list(self.targets)} do not fit this UNet ({first_line(e)});"
                               " use module names such as to_q, to_k, to_v, to_out.0 (attention), proj_in, proj_out,"
                               " ff.net.0.proj, ff.net.2") from None
         for p in unet.parameters():  # after add_adapter: peft gives an adapter its base layer's dtype

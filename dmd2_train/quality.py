@@ -228,6 +228,27 @@ def check_table_options(out: Path, runs: Path, guidance: float, max_steps: int |
         check_output_folder(folder, flag)
 
 
+def student_runs(runs: Path, guidance: float, max_steps: int | None = None) -> list[tuple[Row, DistillConfig]]:
+    """Each student row with its config: distilled with CFG ``guidance`` into ``runs/<key>``, its
+    training cut to ``max_steps`` where that is shorter."""
+    students = []
+    for row in STUDENT_ROWS:
+        values = {**DISTILL_PRESETS["digits"], "out": runs / row.key, "checkpoint_every": 250,
+                  "keep_checkpoints": 1000, "guidance_scale": guidance, **(row.distill or {})}
+        if max_steps is not None:
+            values["max_steps"] = min(max_steps, values["max_steps"])
+        students.append((row, DistillConfig(**values)))
+    return students
+
+
+def row_name(row: Row, generator: Path) -> str:
+    """A student row's name, saying so when its exported generator trained other than the row's
+    steps (``--max-steps`` then, or an earlier run of the table kept in ``--runs``)."""
+    planned = {**DISTILL_PRESETS["digits"], **(row.distill or {})}["max_steps"]
+    trained = int(json.loads((generator / CARD_FILE).read_text())["steps_trained"])
+    return row.name if trained == planned else f"{row.name}, trained {trained:,} of its {planned:,} steps"
+
+
 def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple[float, ...] = (1.0, 2.0),
                 max_steps: int | None = None, workers: int = 2) -> str:
     """Train the students, score every row, write the table and figures; returns the Markdown.
@@ -255,16 +276,10 @@ def build_table(out: Path, runs: Path, guidance: float, teacher_guidances: tuple
     for timesteps, key in ((preset_schedule, "student-4-step0"), (ONE_STEP, "student-1-step0")):
         name = f"DMD2 student before training (teacher weights, the sampler at ({', '.join(map(str, timesteps))}))"
         samplers.append((name, key, untrained_student_sampler(teacher, timesteps)))
-    cfgs = []
-    for row in STUDENT_ROWS:  # students distilled with guidance ``guidance``
-        values = {**DISTILL_PRESETS["digits"], "out": runs / row.key, "checkpoint_every": 250,
-                  "keep_checkpoints": 1000, "guidance_scale": guidance, **(row.distill or {})}
-        if max_steps is not None:
-            values["max_steps"] = min(max_steps, values["max_steps"])
-        cfgs.append(DistillConfig(**values))
-    train_students(cfgs, workers)
-    for row, cfg in zip(STUDENT_ROWS, cfgs):
-        samplers.append((row.name, row.key, generator_sampler(cfg.out / "generator")))
+    students = student_runs(runs, guidance, max_steps)
+    train_students([cfg for _, cfg in students], workers)
+    for row, cfg in students:
+        samplers.append((row_name(row, cfg.out / "generator"), row.key, generator_sampler(cfg.out / "generator")))
     scored: dict[str, DigitsScores] = {}
     for _, key, sample in samplers:
         scored[key] = score_digits(sample)

@@ -38,6 +38,20 @@ def check_output_folder(out: Path, flag: str = "--out") -> None:
                        " folder") from None
 
 
+def remove_if_empty(out: Path) -> None:
+    """Remove ``out`` and the folders in it when they hold no file: what a refused start made (a run
+    stopped before writing anything leaves no empty folder behind). Never removes a file."""
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+    try:
+        out.rmdir()
+    except OSError:
+        pass
+
+
 def check_new_run(out: Path) -> None:
     """Refuse to start a fresh run in a folder that holds one: its checkpoints would be mixed with the
     new run's and its exported generator replaced."""

@@ -68,6 +68,7 @@ def test_missing_data_is_named_at_once_before_the_teacher_loads(sd15_teacher: Pa
     base = DISTILL_PRESETS["sd15-stage2"] | tiny_run_overrides() | {"teacher": sd15_teacher, "init_from": None}
     with pytest.raises(loop.RunError, match="needs a prompt set.*; and real images for the GAN.*gan=false"):
         loop.distill(DistillConfig(**base, out=tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # the refused start made the folder and took it away again
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n")
     with pytest.raises(loop.RunError, match="needs real images .*backward_simulation=true$"):
@@ -79,7 +80,7 @@ def test_the_preset_comes_from_the_teacher_with_a_config_file_too(sd15_teacher: 
     """--config used to drop the teacher's preset (an SD run silently got the model's defaults)."""
     from dmd2_train import loop
     from dmd2_train.__main__ import main
-    from dmd2_train.config import DISTILL_PRESETS
+    from dmd2_train.config import BUNDLED_DIGITS_TEACHER, DISTILL_PRESETS
 
     seen = []
     monkeypatch.setattr(loop, "distill", lambda cfg, resume=False: seen.append(cfg))
@@ -91,6 +92,9 @@ def test_the_preset_comes_from_the_teacher_with_a_config_file_too(sd15_teacher: 
     for cfg in seen:
         assert (cfg.timesteps, cfg.lr_generator, cfg.gan, cfg.ratio) == (
             DISTILL_PRESETS["sd15"]["timesteps"], DISTILL_PRESETS["sd15"]["lr_generator"], False, 7)
+    seen.clear()  # teacher=null clears the file's teacher: the bundled one, with its preset
+    assert main(["--config", str(config), "--out", str(tmp_path / "c"), "teacher=null"]) == 0
+    assert seen[0].teacher == BUNDLED_DIGITS_TEACHER and seen[0].timesteps == DISTILL_PRESETS["digits"]["timesteps"]
 
 
 def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Path, tmp_path: Path):

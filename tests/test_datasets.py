@@ -114,6 +114,38 @@ def test_webdataset_shards_skip_corrupt_and_truncated_members(tmp_path: Path):
     assert batch.skipped == 2 and batch.uncaptioned == 1 and len(batch.captions) == 6
 
 
+def test_a_shard_cut_or_damaged_inside_a_header_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """tarfile ends a listing quietly at a header it cannot read: the shard's loss is said, not hidden."""
+    from dmd2_train.datasets import tar_samples
+
+    whole = write_shard(tmp_path / "whole.tar", [(f"s/{i:03d}", {"png": encoded(seed=i), "txt": b"a cube"})
+                                                 for i in range(3)])
+    assert len(tar_samples(whole, warn=True)) == 3 and capsys.readouterr().err == ""  # its zero blocks: a clean end
+    data = whole.read_bytes()
+    second = data.index(b"s/001.png")  # the header of the second sample's image
+    (tmp_path / "cut.tar").write_bytes(data[: second + 100])  # cut inside that header
+    damaged = bytearray(data)
+    damaged[second + 148: second + 156] = b"garbage!"  # its checksum field
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    for name in ("cut.tar", "damaged.tar"):
+        assert len(tar_samples(tmp_path / name, warn=True)) == 1
+        err = capsys.readouterr().err
+        assert f"{name}: a damaged or cut header at byte {second}" in err and "the rest of the shard is skipped" in err
+
+
+def test_a_caption_that_is_not_utf8_skips_its_sample_by_name(tmp_path: Path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "ok.png").write_bytes(encoded(seed=1))
+    (root / "ok.txt").write_text("a café", encoding="utf-8")
+    (root / "latin.png").write_bytes(encoded(seed=2))
+    (root / "latin.txt").write_bytes("a café".encode("latin-1"))  # was read as 'a caf\ufffd' and trained on
+    source = image_source(root, 16, 3)
+    assert source.read(0, source.files.index("ok.png")).caption == "a café"
+    with pytest.raises(ValueError, match=r"its .txt caption is not UTF-8 text \(byte 5\)"):
+        source.read(0, source.files.index("latin.png"))
+
+
 def test_a_source_with_nothing_readable_is_one_line(tmp_path: Path):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -124,6 +124,23 @@ def test_quality_targets_compare_with_the_best_training_free_sampler():
     assert not got["4-step student prompt accuracy"].met and not got["4-step student diversity"].met
 
 
+def test_table_rows_say_how_long_their_generator_trained(tmp_path):
+    """--max-steps 5 trained the 8,000-step row for 5 steps and the table still said 8,000 (and a later
+    full table reusing those runs would have said it too)."""
+    from dmd2_train.quality import SHIPPED_ROW, SHIPPED_STEPS, row_name, student_runs
+
+    full = {row.key: (row, cfg) for row, cfg in student_runs(tmp_path, 2.0)}
+    assert full[SHIPPED_ROW][1].max_steps == SHIPPED_STEPS and f"{SHIPPED_STEPS:,} steps" in full[SHIPPED_ROW][0].name
+    cut = student_runs(tmp_path, 2.0, max_steps=5)
+    assert all(cfg.max_steps == 5 and cfg.out == tmp_path / row.key and cfg.guidance_scale == 2.0 for row, cfg in cut)
+    row, _ = full[SHIPPED_ROW]
+    generator = tmp_path / "generator"
+    generator.mkdir()
+    for trained, name in ((SHIPPED_STEPS, row.name), (5, f"{row.name}, trained 5 of its {SHIPPED_STEPS:,} steps")):
+        (generator / "dmd2.json").write_text(json.dumps({"steps_trained": trained}))
+        assert row_name(row, generator) == name
+
+
 def test_table_trains_its_students_side_by_side(digits_teacher, tmp_path):
     """train_students runs the unexported runs in worker processes (each to its exported
     generator, step counts as configured) and leaves exported ones alone."""

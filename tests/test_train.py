@@ -136,6 +136,30 @@ def test_out_of_memory_names_the_options_and_keeps_the_last_checkpoint(digits_te
     assert last_checkpoint(tmp_path / "run")["meta"]["step"] == 2  # finished work kept
 
 
+def test_a_diverged_run_stops_before_writing_a_broken_checkpoint(digits_teacher: Path, tmp_path: Path, monkeypatch):
+    from dmd2_train.run import RunError
+    from dmd2_train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_nan(self, step: int):
+        logs = real_step(self, step)
+        if step == 2:  # the third step leaves one generator weight NaN, as an overflow would
+            with torch.no_grad():
+                self.gen_params[0].view(-1)[0] = float("nan")
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_nan)
+    with pytest.raises(RunError) as err:
+        run(digits_teacher, tmp_path / "run", max_steps=6, checkpoint_every=2, preview_every=100, log_every=100)
+    message = str(err.value)
+    assert "diverged by step 4: the weights of the generator" in message and "hold NaN or infinite" in message
+    assert "step_0000002" in message and "intact" in message and "--resume" in message
+    assert "lr_generator=" in message and "grad_clip=1.0" in message
+    assert last_checkpoint(tmp_path / "run")["meta"]["step"] == 2  # the broken step-4 weights were not saved
+    assert not (tmp_path / "run" / "generator").exists()
+
+
 def test_logs_speed_memory_and_learning_rates(digits_teacher: Path, tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
