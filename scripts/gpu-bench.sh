@@ -59,14 +59,8 @@
 # table and writes its JSON under $OUT (or docs/bench). Compiled artefacts go to build/gpu-cache, which stays on a warm card between calls.
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
-# .whl/ (git-ignored). Made here, in the repository root, with:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl diffusers importlib_metadata zipp pydantic pydantic-core annotated-types typing-inspection torchao \
-#     litserve fastapi starlette uvicorn pyzmq python-multipart braceexpand lazy-importer opentelemetry-api \
-#     annotated-doc httptools python-dotenv watchfiles websockets
-#   (each NAME==VERSION as `pip list` shows here; 22 wheels, 15 MB; fastapi 0.165 needs opentelemetry-api
-#   and annotated-doc, importlib_metadata 10 needs lazy-importer, litserve asks for uvicorn[standard])
+# .whl/ (git-ignored, so a new checkout has none): `bash scripts/gpu-wheels.sh` downloads them here,
+# each at the version this venv holds (22 wheels, 15 MB, ~40 s).
 # then, e.g.: run(command="bash scripts/gpu-bench.sh sd15 served", carry=[".whl"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
