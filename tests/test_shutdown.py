@@ -98,6 +98,7 @@ def test_signal_drains_admitted_requests_then_frees_the_port(sig: int, port: int
         assert server.process.wait(timeout=30) == 0, server.log()
         wait_for(lambda: not alive(processes), 5, f"every process of the server gone: {alive(processes)}")
         assert port_is_free(port)
+        assert "leaked semaphore" not in full_log(server)  # the worker's tqdm lock, a named semaphore, was left
     finally:
         stop_server(server)
 

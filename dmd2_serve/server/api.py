@@ -51,7 +51,7 @@ from .encoding import (
     to_pixels,
 )
 from .images import BadImage, from_base64, load_image
-from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say
+from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say, thread_lock_for_progress_bars
 from .loop import ServingLoop
 from .middleware import ServingMiddleware, openai_error, too_large_body
 from .models import ModelFacts, RequestProblem, UnknownModel
@@ -197,6 +197,7 @@ class FewStepAPI(ls.LitAPI):
     # -- the four phases (run in the inference worker) ------------------------------------------
     def setup(self, device: str) -> None:
         bind_to_parent(self.server_pid)
+        thread_lock_for_progress_bars()
         if self.threads:
             torch.set_num_threads(self.threads)
         for name, facts in self.models.items():

@@ -95,6 +95,16 @@ class ServingState:
                 self._reason.value = reason.encode()[:255]
 
 
+def thread_lock_for_progress_bars() -> None:
+    """In an inference worker: tqdm's lock (diffusers' loading bars) as a thread lock. Its default is
+    a multiprocessing lock, a named semaphore in a spawned process; the worker is stopped before it
+    could unlink it, so every stop ended in "resource_tracker: There appear to be 1 leaked semaphore
+    objects to clean up at shutdown"."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def bind_to_parent(parent_pid: int) -> None:
     """In a child process: die with the server's main process, and leave terminal signals to it.
 
