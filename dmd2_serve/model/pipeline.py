@@ -35,6 +35,15 @@ class CaptureFailed(RuntimeError):
     """A loop with the prompt encoders in it could not be captured in a CUDA graph (the cause is chained)."""
 
 
+def _moved(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """``model.to(device, dtype)``. diffusers' ``ModelMixin.to`` warns on every cast that "modules
+    should be kept in float32", even when the model keeps none (``[]``): every server start said it;
+    a model that keeps some gets diffusers' own ``to`` and its warning."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(device=device, dtype=dtype)
+    return nn.Module.to(model, device=device, dtype=dtype)
+
+
 class FewStepPipeline:
     """The generator, its prompt encoder and its schedule, ready to sample.
 
@@ -99,7 +108,7 @@ class FewStepPipeline:
             backbone.vae.to(torch.bfloat16)
         fused = base is not None and fuse_lora
         unet = fused_lora_unet(base, folder) if fused else load_unet(base or folder)
-        unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        unet = _moved(unet, device, dtype).eval().requires_grad_(False)
         pipe = cls(unet, backbone, name=folder.name)
         if base is not None and not fuse_lora:
             pipe.use_lora(folder)

@@ -11,6 +11,7 @@ is trained to output (the fake score learns in its teacher's parameterisation).
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -112,7 +113,9 @@ class Schedule:
             raise ScheduleError("the scheduler rescales betas to zero terminal SNR (rescale_betas_zero_snr: true),"
                                 " which the eps-space loops here cannot invert at t = 999; supported: DDPM-family"
                                 " schedulers without it, with epsilon or v_prediction")
-        scheduler = DDPMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        # the betas, from the keys a DDPMScheduler takes (an LCM or Euler config's others drew a warning)
+        accepted = inspect.signature(DDPMScheduler.__init__).parameters
+        scheduler = DDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted})
         return cls(scheduler.alphas_cumprod.to(torch.float64), prediction, tuple(timesteps))
 
     @classmethod
