@@ -72,6 +72,8 @@ def test_accept_picks_the_format_made_in_the_worker(server: Server):
     assert any_image.headers["content-type"] == "image/jpeg" and any_image.content == jpeg.content
     refused = generate(server, "text/html", prompt="a 3")
     assert refused.status_code == 406 and "Accept: application/json" in refused.json()["detail"]
+    for answer in (jpeg, webp, any_image, refused, generate(server, prompt="a 3")):  # JSON too
+        assert answer.headers["vary"] == "Accept"  # a shared cache keeps the file and the JSON apart
     many = generate(server, "image/png", prompt="a 3", num_images=2)
     assert many.status_code == 406 and "num_images=1" in many.json()["detail"]
     bad = generate(server, "image/png", prompt="a 3", num_images=2, steps=99)  # a bad field is still a 422 first

@@ -115,6 +115,14 @@ def test_bad_requests_are_422_naming_the_field(server: Server, body, field):
     assert any(field in [str(p) for p in err["loc"]] for err in r.json()["detail"]), r.text
 
 
+def test_a_body_that_is_not_json_says_so(server: Server):
+    """curl -d without -H content-type sends a form: FastAPI said 'a valid dictionary or object'."""
+    r = httpx.post(f"{server.url}/generate", content=b'{"prompt": "a 1"}',
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"] == (
+        "/generate takes a JSON body (Content-Type: application/json), not 'application/x-www-form-urlencoded'")
+
+
 def test_body_size_is_bounded(server: Server):
     r = httpx.post(f"{server.url}/generate", content=b'{"prompt": "' + b"x" * (9 * 2**20) + b'"}',
                    headers={"content-type": "application/json"}, timeout=30)  # over the default 8 MiB
@@ -270,6 +278,18 @@ def guarded():
     stop_server(s)
 
 
+def test_loadtest_sends_the_api_key(guarded: Server, capsys, monkeypatch):
+    """It had no way to send one: every request was a 401, counted as an error with no word why."""
+    from dmd2_serve.server.loadtest import main
+
+    common = ["--url", guarded.url, "--clients", "1", "--seconds", "0.5", "--max-requests", "2"]
+    monkeypatch.delenv("DMD2_API_KEY", raising=False)
+    assert main(common) == 2 and "the first got 401" in capsys.readouterr().err
+    assert main([*common, "--api-key", "s3cret"]) == 0
+    monkeypatch.setenv("DMD2_API_KEY", "s3cret")  # read as the server reads it
+    assert main(common) == 0
+
+
 def test_api_key(guarded: Server):
     assert httpx.get(f"{guarded.url}/health").status_code == 200  # stays open
     assert generate(guarded, prompt="a 1").status_code == 401
@@ -363,6 +383,7 @@ def test_request_waiting_too_long_is_504(impatient: Server):
 
 
 def test_loadtest_script(server: Server, capsys):
+    from dmd2_serve.server.launch import free_port
     from dmd2_serve.server.loadtest import main
 
     assert main(["--url", server.url, "--clients", "1", "4", "--seconds", "1.5", "--max-requests", "40"]) == 0
@@ -380,4 +401,11 @@ def test_loadtest_script(server: Server, capsys):
     one = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")).split("|")
     assert float(one[8].split("/")[2]) > 0
     assert main(["--url", server.url, "--clients", "1", "--seconds", "0.5", "--max-requests", "2",
-                 "--size", "12x12"]) == 1  # the size is sent: one the model cannot draw fails every request
+                 "--size", "12x12"]) == 2  # the size is sent: one the model cannot draw fails every request
+    assert "answered none of" in (err := capsys.readouterr().err) and "422" in err and "size" in err
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "--seconds", "1"]) == 2  # nothing listens there
+    assert "the first got ConnectError" in capsys.readouterr().err
+    for bad in (["--clients", "0"], ["--seconds", "-1"]):
+        with pytest.raises(SystemExit) as refused:
+            main(bad)
+        assert refused.value.code == 2 and "is not above 0" in capsys.readouterr().err

@@ -72,6 +72,7 @@ GENERATE_PATH = "/generate"
 OPENAI_PATH = "/v1/images/generations"
 OPENAI_EDITS_PATH = "/v1/images/edits"
 MODELS_PATH = "/v1/models"
+VARY_ACCEPT = {"Vary": "Accept"}  # /generate's answer depends on Accept: a shared cache must key on it
 MODEL_NOT_FOUND = {"model": OpenAIError, "description": "no served model has that name (OpenAI's error shape,"
                                                         " code model_not_found)"}
 STATIC = Path(__file__).parent / "static"
@@ -431,9 +432,11 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
 
     @app.post(GENERATE_PATH, response_model=GenerateResponse, responses={**OPENAPI_RESPONSES, 404: MODEL_NOT_FOUND},
               dependencies=[Depends(api.authorize)])
-    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | Response:
+    async def generate(body: GenerateRequest, request: Request, response: Response) -> GenerateResponse | Response:
         """Text to image; image to image with ``image`` (and ``strength``). ``Accept: image/png`` (or
-        jpeg, webp) answers the one image's file, made in that format whatever ``output_format`` says."""
+        jpeg, webp) answers the one image's file, made in that format whatever ``output_format`` says;
+        every answer says ``Vary: Accept`` (a shared cache keeps the JSON and the file apart)."""
+        response.headers["Vary"] = "Accept"
         try:  # every Accept header the client sent, as one list
             accept = ", ".join(request.headers.getlist("accept"))
             raw, refused = raw_format(accept, body.output_format, one_image=body.num_images == 1), None
@@ -446,9 +449,11 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         except RequestProblem as problem:
             raise unprocessable(problem) from None
         if refused is not None:  # after the body's own problems
-            return JSONResponse({"detail": str(refused)}, 406)
+            return JSONResponse({"detail": str(refused)}, 406, headers=VARY_ACCEPT)
         result = await run(job)
-        return Response(result.files[0], media_type=result.media_type) if raw is not None else result.as_json()
+        if raw is not None:
+            return Response(result.files[0], media_type=result.media_type, headers=VARY_ACCEPT)
+        return result.as_json()
 
     async def openai_answer(request: GenerateRequest, response_format: str, image: bytes | None = None) -> JSONResponse:
         """Run a request from an OpenAI route; problems are OpenAI's 400 naming the parameter."""
@@ -543,9 +548,18 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if request.url.path.startswith("/v1/"):
             message, param = openai_validation_message(request, errors)
             return JSONResponse(openai_error(message, param), 400)
-        return JSONResponse({"detail": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]}, 422)
+        detail = [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]
+        content_type = request.headers.get("content-type", "")
+        if detail and tuple(detail[0]["loc"] or ()) == ("body",) and "json" not in content_type:
+            detail[0]["msg"] = not_json(request.url.path, content_type)  # curl -d sends a form
+        return JSONResponse({"detail": detail}, 422)
 
     return server
+
+
+def not_json(path: str, content_type: str) -> str:
+    """What a JSON route says of a body sent as something else."""
+    return f"{path} takes a JSON body (Content-Type: application/json), not '{content_type or 'no content type'}'"
 
 
 def openai_validation_message(request: Request, errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
@@ -560,8 +574,7 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
         where = f" at character {loc[0]}" if loc else ""
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}{where}", None
     if not loc and "json" not in content_type:
-        return (f"{request.url.path} takes a JSON body (Content-Type: application/json), not"
-                f" '{content_type or 'no content type'}'"), None
+        return not_json(request.url.path, content_type), None
     if not loc:  # the body as a whole: absent, or not an object
         return f"the body must be a JSON object with at least a prompt: {first.get('msg', 'invalid')}", None
     param = ".".join(str(p) for p in loc)

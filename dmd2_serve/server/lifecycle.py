@@ -85,7 +85,10 @@ class ServingState:
         """Whether the drain gave up: the requests still in flight are answered 503 now."""
         return bool(self._abandoned.value)
 
-    def abandon(self) -> None:
+    def abandon(self, why: str) -> None:
+        """Give up on the requests in flight; ``why`` joins the stop reason they are answered with."""
+        with self._in_flight.get_lock():
+            self._reason.value = f"{self._reason.value.decode()}; {why}".encode()[:255]
         self._abandoned.value = 1
 
     def stop_admitting(self, reason: str) -> None:
@@ -233,7 +236,7 @@ class SupervisedServer(ls.LitServer):
             else:
                 self.state.stop_admitting(f"draining: {self._signal} received, the server is shutting down")
                 can_finish = True
-            self._drained = self._drain() if can_finish else self._abandon()
+            self._drained = self._drain() if can_finish else self._abandon("nothing is left to answer it")
         finally:
             self._shutdown_event.set()  # LitServe's run() now stops the HTTP processes, workers and Manager
 
@@ -244,14 +247,15 @@ class SupervisedServer(ls.LitServer):
             say(f"draining: waiting up to {self.grace_s:g} s for {self.state.in_flight} request(s) in flight")
         while self.state.in_flight and time.monotonic() < deadline and not self._hurry.is_set():
             self._hurry.wait(0.05)
-        return self._abandon()
+        return self._abandon("a second signal ended the drain" if self._hurry.is_set()
+                             else f"the drain's --grace of {self.grace_s:g} s ran out")
 
-    def _abandon(self) -> bool:
-        """Have the HTTP process answer the requests still in flight 503; whether there were none."""
+    def _abandon(self, why: str) -> bool:
+        """Have the HTTP process answer the requests still in flight 503 (saying ``why``); whether there were none."""
         if not self.state.in_flight:
             return True
-        say(f"{self.state.in_flight} request(s) still in flight: answering them 503 and stopping")
-        self.state.abandon()
+        say(f"{self.state.in_flight} request(s) still in flight: answering them 503 and stopping ({why})")
+        self.state.abandon(why)
         settle = time.monotonic() + 4 * POLL_S  # the HTTP process answers them within one poll
         while self.state.in_flight and time.monotonic() < settle:
             time.sleep(0.01)

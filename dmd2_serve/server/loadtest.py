@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -37,6 +39,7 @@ class Scenario:
     queue_ms: list[float] = field(default_factory=list)  # from the HTTP process's prepare to its batch's start
     reply_ms: list[float] = field(default_factory=list)  # from the worker's answer to the HTTP process holding it
     output_format: str = "png"
+    first_error: str = ""  # what the first failed request got: a status and its detail, or the client's error
 
     @property
     def throughput(self) -> float:
@@ -57,9 +60,10 @@ class Scenario:
 
 
 async def run_scenario(url: str, clients: int, seconds: float, max_requests: int, prompt: str,
-                       output_format: str = "png", size: str | None = None) -> Scenario:
+                       output_format: str = "png", size: str | None = None, api_key: str | None = None) -> Scenario:
     """``clients`` closed-loop clients for at most ``seconds`` and ``max_requests`` requests in all,
-    each asking for one image in ``output_format`` (at ``size``, ``WxH``; default: the model's)."""
+    each asking for one image in ``output_format`` (at ``size``, ``WxH``; default: the model's),
+    with ``api_key`` as a bearer token when given."""
     latencies: list[float] = []
     encode: list[float] = []
     queue: list[float] = []
@@ -67,13 +71,15 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
     batches: list[float] = []
     pipeline: list[float] = []
     errors = 0
+    first_error = ""
     sent = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as client:
         async def one_client(index: int) -> None:
-            nonlocal errors, sent
+            nonlocal errors, sent, first_error
             i = 0
             while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
@@ -82,8 +88,10 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
                     body = {"prompt": prompt, "seed": index * 100_000 + i, "output_format": output_format}
                     r = await client.post("/generate", json=body | ({"size": size} if size else {}))
                     ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    why = "" if ok else f"{r.status_code} {r.text[:300]}"
+                except httpx.HTTPError as e:
+                    ok, why = False, f"{type(e).__name__}: {e}"
+                first_error = first_error or why
                 if ok:
                     latencies.append((time.perf_counter() - t0) * 1000)
                     timings = r.json()["timings_ms"]
@@ -100,7 +108,7 @@ async def run_scenario(url: str, clients: int, seconds: float, max_requests: int
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
     return Scenario(clients, len(latencies), errors, elapsed, latencies, batches, pipeline, encode, queue, reply,
-                    output_format)
+                    output_format, first_error)
 
 
 def table(rows: list[Scenario]) -> str:
@@ -120,16 +128,28 @@ def table(rows: list[Scenario]) -> str:
     return "\n".join(lines)
 
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a number above 0."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dmd2_serve.server.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running server; default: start the bundled digits server on a free port")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--seconds", type=float, default=20.0, help="per scenario")
-    p.add_argument("--max-requests", type=int, default=5000, help="per scenario")
+    p.add_argument("--clients", type=_positive(int), nargs="+", default=[1, 32])
+    p.add_argument("--seconds", type=_positive(float), default=20.0, help="per scenario")
+    p.add_argument("--max-requests", type=_positive(int), default=5000, help="per scenario")
     p.add_argument("--prompt", default="a handwritten 7")
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="the images' output_format")
     p.add_argument("--size", help="WxH for every image (default: the model's own; the digits model draws"
                                   " at 8x8 and scales up, so 512x512 measures the serving path with big images)")
+    p.add_argument("--api-key", default=os.environ.get("DMD2_API_KEY") or None,
+                   help="a server started with --api-key (default: $DMD2_API_KEY, as the server reads it)")
     args = p.parse_args(argv)
 
     server = None
@@ -138,21 +158,28 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import launch
 
         try:
-            server = launch()
+            server = launch(env={"DMD2_API_KEY": args.api_key})
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         url = server.url
     try:
-        asyncio.run(run_scenario(url, 4, 2.0, 50, args.prompt, args.format, args.size))  # warm the pool and caches
-        rows = [asyncio.run(run_scenario(url, c, args.seconds, args.max_requests, args.prompt, args.format, args.size))
-                for c in args.clients]
+        options = (args.prompt, args.format, args.size, args.api_key)
+        warm = asyncio.run(run_scenario(url, 4, 2.0, 50, *options))  # warm the pool and caches
+        if not warm.requests:  # nothing answered: no point timing it
+            print(f"error: {url} answered none of {warm.errors} requests; the first got {warm.first_error}",
+                  file=sys.stderr)
+            return 2
+        rows = [asyncio.run(run_scenario(url, c, args.seconds, args.max_requests, *options)) for c in args.clients]
     finally:
         if server is not None:
             from .launch import stop
 
             stop(server.process)
     print(table(rows))
+    for r in rows:
+        if r.errors:
+            print(f"{r.clients} client(s): {r.errors} failed requests; the first got {r.first_error}", file=sys.stderr)
     return 1 if any(r.errors for r in rows) else 0
 
 

@@ -173,8 +173,7 @@ class ServingMiddleware:
                     continue
                 if self.state.abandoned:
                     status, body = 503, error_body(path, f"{self.state.stop_reason or 'the server is shutting down'};"
-                                                   " it stopped before this request was answered (the drain's"
-                                                   " --grace ran out): retry")
+                                                   " it stopped before this request was answered: retry")
                 elif not whole and time.monotonic() - last_part > self.body_timeout_s:
                     message = (f"the request body stopped arriving: nothing came for {self.body_timeout_s:g} s"
                                " (--body-timeout); send it again, whole")
