@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -21,6 +22,14 @@ from typing import Any
 
 COMMANDS = ("distill", "teacher", "eval", "table", "encode-latents")
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # a config key=value (- reads as _)
+
+
+def _cfg_scale(text: str) -> float:
+    """An argparse type: a classifier-free guidance scale, a finite number 0 or more."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a CFG scale: give a number 0 or more (1: no guidance)")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher", type=Path, help="a teacher folder, sampled with DDIM")
     e.add_argument("--steps", type=int, help="sampling steps: a generator's first N of its schedule, 1 to its"
                    " length (default: all of them); a teacher's DDIM steps, 1 or more (default 50)")
-    e.add_argument("--guidance", type=float, default=2.0, help="teacher CFG scale")
+    e.add_argument("--guidance", type=_cfg_scale, default=2.0, help="teacher CFG scale, 0 or more")
     e.add_argument("--captions", type=Path, help="real scale: caption file (.txt or .jsonl), e.g. COCO-2014 val")
     e.add_argument("--reference", type=Path, help="real scale: folder of reference images (the COCO images)")
     e.add_argument("--inception", type=Path, help="real scale: TorchScript FID Inception (inception-2015-12-05.pt)")
@@ -79,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--runs", type=Path, default=Path("runs/quality"), help="folder of the students' training runs,"
                    " one subfolder per row (checkpoints, logs, generator/); a rerun continues them and skips those"
                    " already exported (default runs/quality)")
-    q.add_argument("--guidance", type=float, default=None, help="the students' CFG scale, 0 or more (default: the"
+    q.add_argument("--guidance", type=_cfg_scale, default=None, help="the students' CFG scale, 0 or more (default: the"
                    " digits preset's)")
     q.add_argument("--max-steps", type=int, help="cap on each student's training steps, 1 or more: shorter runs,"
                    " for a smoke test")

@@ -278,6 +278,9 @@ def check_latent_facts(folder: Path, facts: dict[str, Any], backbone: Any) -> No
     """Refuse latents made for another teacher (other latent shape or another VAE)."""
     fix = "re-encode them for this teacher: python -m dmd2_train encode-latents --teacher TEACHER --images SRC --out NEW"
     shape, mine = tuple(facts.get("sample_shape", ())), tuple(backbone.sample_shape)
+    if facts.get("image_size") not in (None, backbone.image_size):  # the same VAE's latents of other images
+        raise DataError(f"the latent shards in '{folder}' were encoded from {facts['image_size']} px images; this run"
+                        f" trains at {backbone.image_size} px: {fix} --image-size {backbone.image_size}")
     if shape != mine:
         raise DataError(f"the latent shards in '{folder}' hold latents of shape {shape} ({facts.get('image_size')} px);"
                         f" this teacher's are {mine} ({backbone.image_size} px): {fix}")
@@ -354,7 +357,7 @@ def first_readable(source: Source) -> tuple[int, int]:
                 return unit, k
             tried, first = tried + 1, first or why
     if not tried:
-        raise DataError(f"the {source.where} holds no samples; point real_images at a folder of captioned images,"
+        raise DataError(f"no samples in the {source.where}; point real_images at a folder of captioned images,"
                         " WebDataset .tar shards or an encode-latents folder")
     raise DataError(f"none of the {tried} samples of the {source.where} can be read (first: {first}); replace the"
                     " damaged files or point real_images at another source")

@@ -12,6 +12,7 @@ one makes; checkpoints are distributed and load on any number of processes.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import signal
 import time
@@ -92,8 +93,18 @@ def kept(out: Path) -> str:
     return f"the last checkpoint ({last[1]}) is intact" if last else "no checkpoint was written yet"
 
 
-def diverged_message(cfg: DistillConfig, broken: list[str], step: int) -> str:
-    """One message for a run whose weights went NaN or infinite: what is kept, and what helps."""
+def diverged_message(cfg: DistillConfig, broken: list[str], bad_losses: list[str], step: int,
+                     resumed_at: int | None = None) -> str:
+    """One message for a run that went NaN or infinite: what broke, what is kept, and what helps.
+    ``resumed_at``: the step this start resumed from (a checkpoint whose weights are finite can still
+    be too far gone: then the one before it is named)."""
+    networks = [name for name in broken if name != "losses"]
+    what = []
+    if networks:
+        what.append(f"the weights of the {' and '.join(networks)} network{'s' if len(networks) > 1 else ''}"
+                    " hold NaN or infinite values")
+    if "losses" in broken:
+        what.append(f"its losses are NaN or infinite ({', '.join(bad_losses) or 'on another process'})")
     helps = [f"lower learning rates (now lr_generator={cfg.lr_generator:g} lr_fake={cfg.lr_fake:g})"]
     if cfg.mixed_precision == "fp16":
         helps.append("mixed_precision=bf16 (fp16's range overflows more easily)")
@@ -101,10 +112,18 @@ def diverged_message(cfg: DistillConfig, broken: list[str], step: int) -> str:
         helps.append(f"grad_clip=1.0 (now {cfg.grad_clip:g})")
     if cfg.gan and cfg.gan_weight_generator > 0:
         helps.append(f"a smaller gan_weight_generator (now {cfg.gan_weight_generator:g})")
-    again = "the same command with --resume and" if ckpt.latest(cfg.out) else "a new run with"
-    networks = f"the {' and '.join(broken)} network{'s' if len(broken) > 1 else ''}"
-    return (f"training diverged by step {step}: the weights of {networks} hold NaN or infinite values, so no"
-            f" checkpoint was written from them; {kept(cfg.out)}; try {again} {'; '.join(helps)}")
+    kept_now = ckpt.list_checkpoints(cfg.out)
+    if resumed_at is not None and kept_now and kept_now[-1][0] == resumed_at and step - resumed_at <= cfg.log_every:
+        # it broke again at once: the newest checkpoint is finite but already on its way
+        earlier = [path for s, path in kept_now if s < resumed_at]
+        where = (f"move {kept_now[-1][1]} out of {ckpt.checkpoint_dir(cfg.out)} and --resume from {earlier[-1].name}"
+                 if earlier else "start a new run")
+        return (f"training diverged again by step {step}, right after resuming from {kept_now[-1][1].name}: "
+                f"{'; '.join(what)}; that checkpoint's weights are finite but already too far gone; {where}, with"
+                f" {'; '.join(helps)}")
+    again = "the same command with --resume and" if kept_now else "a new run with"
+    return (f"training diverged by step {step}: {'; '.join(what)}, so no checkpoint was written from them;"
+            f" {kept(cfg.out)}; try {again} {'; '.join(helps)}")
 
 
 def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
@@ -116,7 +135,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     # 1. Set-up: devices, precision, folders.
     accelerator = make_accelerator(cfg)
-    made = not cfg.out.exists()
+    made = next((p for p in [*reversed(cfg.out.absolute().parents), cfg.out.absolute()] if not p.exists()), None)
     if accelerator.is_main_process:
         if not resume:
             check_new_run(cfg.out)
@@ -128,8 +147,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     try:
         run = prepare_run(cfg, accelerator)
     except BaseException:
-        if made and accelerator.is_main_process:
-            remove_if_empty(cfg.out)  # a refused start leaves no empty run folder (a converted teacher stays)
+        if made is not None and accelerator.is_main_process:
+            remove_if_empty(made)  # a refused start leaves no empty folder it made (a converted teacher stays)
         raise
     backbone, trainer = run.backbone, run.trainer
 
@@ -213,8 +232,14 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                                                      kept(cfg.out))) from None
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            bad_losses: list[str] = []
+            if logging_now:
                 logs = trainer.flush_logs()  # the one host synchronisation of the window
+                # in fp32 and bf16 a loss that is not finite is a network's output gone NaN or infinite
+                # (fp16's loss scaler skips such steps and goes on)
+                bad_losses = [k for k, v in logs.items() if k.startswith("loss/") and not math.isfinite(v)
+                              and accelerator.mixed_precision != "fp16"]
                 now = time.perf_counter()
                 seconds = (now - since) / max(1, step - since_step)
                 since, since_step = now, step
@@ -227,11 +252,12 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
             stop_now = stopping(step)
             saving = step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop_now
-            if (saving or step % cfg.log_every == 0) and (broken := trainer.diverged()):
-                raise RunError(diverged_message(cfg, broken, step))
+            previewing = step % cfg.preview_every == 0 or step == cfg.max_steps
+            if (saving or logging_now or previewing) and (broken := trainer.diverged(bool(bad_losses))):
+                raise RunError(diverged_message(cfg, broken, bad_losses, step, resumed_at=start if resume else None))
             if saving:
                 save(step)
-            if step % cfg.preview_every == 0 or step == cfg.max_steps:
+            if previewing:
                 preview(step)
             if on_step is not None:
                 on_step(step)

@@ -6,6 +6,8 @@ trainer and the training benchmark.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,14 @@ def check_replaceable_model_folder(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise RunError(f"--out '{out}' holds files that are not a model folder (no {META_FILE}), and the folder is"
                        " replaced whole: give a new or empty folder")
+    if (out / META_FILE).is_file():
+        try:
+            card = json.loads((out / META_FILE).read_text())
+        except (OSError, ValueError):
+            card = {}
+        if not isinstance(card, dict) or card.get("timesteps") or card.get("base"):
+            raise RunError(f"--out '{out}' holds a distilled generator (its {META_FILE} records a few-step schedule),"
+                           " the result of a distillation run: give a new folder or a teacher's to replace")
 
 
 def make_accelerator(cfg: DistillConfig) -> Any:
@@ -256,9 +266,18 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
     """Before a model loads: every missing input named in one message (the prompt set, real images)."""
     if bundled_data and cfg.prompts is None and cfg.real_images is None:
         return  # the family's bundled data
+    if cfg.real_images is not None and not needs_real_images(cfg):
+        if not Path(cfg.real_images).exists():
+            raise RunError(f"real_images '{cfg.real_images}' does not exist (and this run would not use it: gan=false"
+                           " with backward_simulation=true); fix the path or leave real_images out")
+        print(f"warning: real_images '{cfg.real_images}' is not used by this run: gan=false with"
+              " backward_simulation=true trains from prompts and noise alone (the GAN's stage, e.g. --preset"
+              " sd15-stage2, reads it)", file=sys.stderr)
     missing = []
     if cfg.prompts is None:
-        missing.append("a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)")
+        missing.append("a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)" + (
+            "; real_images replaces the bundled images and their captions, so it needs one too (or leave"
+            " real_images out to train on the bundled data)" if bundled_data else ""))
     if needs_real_images(cfg) and cfg.real_images is None:
         missing.append("real images for the GAN: pass real_images=FOLDER, or gan=false" if cfg.gan else
                        "real images (backward_simulation=false noises them as the generator's inputs):"

@@ -295,19 +295,23 @@ class Trainer:
         self._counts.clear()
         return dict(zip(keys, values))
 
-    def diverged(self) -> list[str]:
-        """The trained networks ("generator", "fake") whose weights hold a NaN or an infinity, as every
-        process agrees (FSDP2 shards differ): one host synchronisation, one multi-tensor max-norm per
-        network. A step skipped by fp16's loss scaler leaves the weights finite; only a broken run shows."""
-        norms = []
+    def diverged(self, losses_broken: bool = False) -> list[str]:
+        """What of the run broke, as every process agrees (FSDP2 shards and per-process losses differ):
+        "generator" or "fake" for a network whose weights hold a NaN or an infinity, "losses" when
+        ``losses_broken`` (a logged loss that was not finite) on any process. One host
+        synchronisation, one multi-tensor max-norm per network. A step skipped by fp16's loss scaler
+        leaves the weights finite: only a broken run shows."""
+        flags = []
         for params in (self.gen_params, self.fake_params):
             local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
             local = [t for t in local if t.numel()]  # FSDP2 leaves a process an empty shard of a small tensor
-            norms.append(torch.nn.utils.get_total_norm(local, norm_type=float("inf")).float().to(self.device))
-        broken = (~torch.isfinite(torch.stack(norms))).float()
+            norm = torch.nn.utils.get_total_norm(local, norm_type=float("inf")).float().to(self.device)
+            flags.append((~torch.isfinite(norm)).float())
+        flags.append(torch.tensor(float(losses_broken), device=self.device))
+        broken = torch.stack(flags)
         if self.accelerator.num_processes > 1:
             broken = self.accelerator.reduce(broken, reduction="max")
-        return [name for name, flag in zip(("generator", "fake"), broken.tolist()) if flag]
+        return [name for name, flag in zip(("generator", "fake", "losses"), broken.tolist()) if flag]
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr/generator": float(self.opt_g.param_groups[0]["lr"]),

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dmd2_train import checkpoint as ckpt
@@ -67,13 +68,32 @@ def test_missing_data_is_named_at_once_before_the_teacher_loads(sd15_teacher: Pa
     monkeypatch.setattr(loop, "load_backbone", lambda *a, **k: pytest.fail("the teacher loaded before the check"))
     base = DISTILL_PRESETS["sd15-stage2"] | tiny_run_overrides() | {"teacher": sd15_teacher, "init_from": None}
     with pytest.raises(loop.RunError, match="needs a prompt set.*; and real images for the GAN.*gan=false"):
-        loop.distill(DistillConfig(**base, out=tmp_path / "a"))
-    assert not (tmp_path / "a").exists()  # the refused start made the folder and took it away again
+        loop.distill(DistillConfig(**base, out=tmp_path / "a" / "b" / "c"))
+    assert not (tmp_path / "a").exists()  # the refused start made the folders and took them away again
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n")
     with pytest.raises(loop.RunError, match="needs real images .*backward_simulation=true$"):
         loop.distill(DistillConfig(**base | {"gan": False, "backward_simulation": False, "prompts": prompts},
                                    out=tmp_path / "b"))
+
+
+def test_real_images_a_run_would_not_read_are_said(tmp_path: Path, capsys):
+    """The sd15 preset (no GAN, backward simulation) ignored --real-images, a path that did not exist too;
+    the digits teacher given real_images without prompts said only 'needs a prompt set'."""
+    import pytest
+
+    from dmd2_train.config import DISTILL_PRESETS, DistillConfig
+    from dmd2_train.run import RunError, check_data_given
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    stage_one = DISTILL_PRESETS["sd15"] | {"prompts": prompts}
+    with pytest.raises(RunError, match="real_images '.*nothere' does not exist .and this run would not use it"):
+        check_data_given(DistillConfig(**stage_one, real_images=tmp_path / "nothere"), bundled_data=False)
+    check_data_given(DistillConfig(**stage_one, real_images=tmp_path), bundled_data=False)
+    assert "is not used by this run: gan=false with backward_simulation=true" in capsys.readouterr().err
+    with pytest.raises(RunError, match="real_images replaces the bundled images and their captions"):
+        check_data_given(DistillConfig(real_images=tmp_path), bundled_data=True)
 
 
 def test_the_preset_comes_from_the_teacher_with_a_config_file_too(sd15_teacher: Path, tmp_path: Path, monkeypatch):
@@ -114,6 +134,15 @@ def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Pa
     assert_user_error(cli("teacher", "--out", photos, "--steps", "1"), "holds files that are not a model folder")
     assert_user_error(cli("teacher", "--out", binary, "--steps", "1"), "is a file")
     assert (photos / "holiday.png").read_bytes() == b"not really" and binary.stat().st_size == 2048
+    import shutil
+
+    from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+    from dmd2_train.run import RunError, check_replaceable_model_folder
+
+    generator = shutil.copytree(BUNDLED_DIGITS_GENERATOR, tmp_path / "generator")  # a finished run's export
+    with pytest.raises(RunError, match="holds a distilled generator"):  # was replaced by a teacher, silently
+        check_replaceable_model_folder(generator)
+    check_replaceable_model_folder(digits_teacher)  # a teacher's folder may be trained again
 
 
 def test_unwritable_output(digits_teacher: Path, tmp_path: Path):

@@ -35,7 +35,6 @@ def never(what: str):
 @pytest.mark.parametrize("args, needle", [
     (["--max-steps", "0"], "--max-steps 0"),  # these three used to end in a pydantic traceback
     (["--max-steps", "-1"], "--max-steps -1"),
-    (["--guidance", "-1"], "--guidance -1"),
     (["--workers", "-1"], "--workers -1"),  # these two used to train one student at a time
     (["--workers", "0"], "--workers 0"),
     (["--out", "{file}"], "--out '{file}' is a file"),  # used to end in a FileExistsError traceback
@@ -52,6 +51,21 @@ def test_table_refuses_bad_options_before_training(args: list[str], needle: str,
     assert_user_error(result, needle.format(file=a_file))
     if "{file}" not in " ".join(args):
         assert not (tmp_path / "table").exists() and not (tmp_path / "runs").exists()  # refused before writing
+
+
+def test_a_guidance_that_is_no_cfg_scale_is_refused_by_table_and_eval(capsys, tmp_path: Path, monkeypatch):
+    """nan ended in a pydantic traceback after minutes (table) or in sklearn's (eval); eval took -1."""
+    from dmd2_train.__main__ import main
+
+    monkeypatch.setattr("dmd2_train.quality.train_students", never("training"))
+    table = ["table", "--out", str(tmp_path / "table"), "--runs", str(tmp_path / "runs"), "--max-steps", "1"]
+    for command in (table, ["eval", "--teacher", str(tmp_path)]):
+        for value in ("-1", "nan", "inf"):
+            with pytest.raises(SystemExit) as stop:
+                main([*command, "--guidance", value])
+            said = capsys.readouterr().err
+            assert stop.value.code == 2 and f"argument --guidance: {value} is not a CFG scale" in said
+    assert not (tmp_path / "table").exists()
 
 
 def test_table_help_says_what_runs_is(capsys):

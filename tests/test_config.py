@@ -48,6 +48,8 @@ def test_null_is_a_value_and_a_left_out_flag_is_not(tmp_path: Path):
     (["ratio=0"], "config key 'ratio'"),
     (["timesteps=[249, 999]"], "strictly decreasing"),
     (["ratio"], "is not key=value"),
+    (["guidance_scale=inf"], "config key 'guidance_scale'.*finite number"),  # trained with no DM term at all
+    (["lr_generator=nan"], "config key 'lr_generator'"),
 ])
 def test_bad_keys_are_named(pairs, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):

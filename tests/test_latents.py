@@ -100,8 +100,12 @@ def test_latents_of_another_teacher_are_refused(latent_folder: Path, sd15_teache
     from dmd2_serve.model.adapters import load_backbone
     from dmd2_train.datasets import open_real_source
 
-    with pytest.raises(DataError, match=r"shape \(4, 8, 8\) \(16 px\); this teacher's are \(4, 16, 16\)"):
+    with pytest.raises(DataError, match=r"encoded from 16 px images; this run trains at 32 px: .* --image-size 32"):
         open_real_source(latent_folder, load_backbone(sd15_teacher, image_size=32))
+    from dmd2_serve.model.adapters import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="image_size 17 is not a multiple of the VAE's downsampling factor 2"):
+        load_backbone(sd15_teacher, image_size=17)  # its latents were 16 px's, refused later as 'another VAE'
     other = tmp_path / "other"
     shutil.copytree(latent_folder, other)
     manifest = json.loads((other / "latents.json").read_text())

@@ -160,6 +160,44 @@ def test_a_diverged_run_stops_before_writing_a_broken_checkpoint(digits_teacher:
     assert not (tmp_path / "run" / "generator").exists()
 
 
+def test_a_loss_that_is_not_finite_stops_the_run_too(digits_teacher: Path, tmp_path: Path, monkeypatch):
+    """Finite weights can give NaN outputs (too large already): the fake's loss went NaN, the run went on."""
+    from dmd2_train.run import RunError
+    from dmd2_train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def nan_loss(self, step: int):
+        logs = real_step(self, step)
+        if step == 1:
+            self._totals["loss/denoise"] = torch.tensor(float("nan"))
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", nan_loss)
+    with pytest.raises(RunError, match=r"diverged by step 2: its losses are NaN or infinite \(loss/denoise\)"):
+        run(digits_teacher, tmp_path / "run", max_steps=4, preview_every=100)  # log_every 1
+    assert not ckpt.list_checkpoints(tmp_path / "run")
+
+
+def test_a_run_that_diverges_again_right_after_resuming_names_the_checkpoint_before(tmp_path: Path):
+    """A checkpoint can be finite and already too far gone: --resume from it broke at once, and the
+    message sent the user back to it, in a loop."""
+    from dmd2_train.loop import diverged_message
+
+    for step in (1, 2):
+        (ckpt.checkpoint_dir(tmp_path) / f"step_{step:07d}").mkdir(parents=True)
+        (ckpt.checkpoint_dir(tmp_path) / f"step_{step:07d}" / "meta.json").write_text("{}")
+    cfg = DistillConfig(out=tmp_path, log_every=10)
+    again = diverged_message(cfg, ["losses"], ["loss/denoise"], 3, resumed_at=2)
+    assert "diverged again by step 3, right after resuming from step_0000002" in again
+    assert "its losses are NaN or infinite (loss/denoise)" in again
+    assert f"move {ckpt.checkpoint_dir(tmp_path) / 'step_0000002'} out of" in again and "from step_0000001" in again
+    first = diverged_message(cfg, ["generator", "fake"], [], 3)  # not resumed: the newest is the one to go back to
+    assert "the weights of the generator and fake networks hold NaN" in first and "step_0000002) is intact" in first
+    later = diverged_message(cfg, ["fake"], [], 40, resumed_at=2)  # broke long after the resume: the usual advice
+    assert "diverged by step 40" in later and "--resume" in later
+
+
 def test_logs_speed_memory_and_learning_rates(digits_teacher: Path, tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

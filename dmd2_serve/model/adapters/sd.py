@@ -57,6 +57,10 @@ class LatentBackbone(Backbone):
 
     def __init__(self, vae: nn.Module, image_size: int, schedule: Schedule) -> None:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if image_size % factor:  # the latent would be image_size // factor: another image size's
+            raise ModelFolderError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor"
+                                   f" {factor}; give {image_size // factor * factor or factor} or"
+                                   f" {(image_size // factor + 1) * factor}")
         super().__init__((vae.config.latent_channels, image_size // factor, image_size // factor), image_size, schedule)
         self.vae = vae.eval().requires_grad_(False)
 
