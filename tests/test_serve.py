@@ -166,6 +166,11 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
     same = [client.images.generate(prompt="a 4", extra_body={"seed": 5}).data[0].b64_json for _ in range(2)]
     other = client.images.generate(prompt="a 4", extra_body={"seed": 6}).data[0].b64_json
     assert same[0] == same[1] != other  # seed, as on /generate (image i uses seed + i)
+    two = client.images.generate(prompt="a 4", response_format="b64_json", extra_body={"seed": 5, "steps": 2})
+    assert b"Steps: 2," in base64.b64decode(two.data[0].b64_json)  # steps too (it was dropped silently)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a 4", extra_body={"steps": 99})
+    assert e.value.param == "steps"
     url = f"{server.url}/v1/images"
     cases = [  # (route, request, words in the message)
         ("generations", {"content": b'{"prompt":', "headers": {"content-type": "application/json"}},
@@ -201,6 +206,8 @@ def test_head_is_get_without_its_body(server: Server):
         assert r.status_code == 200 and r.content == b"", (path, r.status_code)
     r = httpx.head(f"{server.url}/generate", timeout=10)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+    for answer in (httpx.get(f"{server.url}/health"), httpx.head(f"{server.url}/health")):
+        assert answer.headers["content-type"] == "text/plain; charset=utf-8"  # LitServe's "ok" had none
 
 
 def test_playground_page(server: Server):

@@ -473,7 +473,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         """The OpenAI Images API: ``client.images.generate(...)`` works unchanged."""
         return await openai_answer(GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size,
                                                    seed=body.seed, output_format=body.output_format or "png",
-                                                   model=body.model, lora=body.lora, lora_scale=body.lora_scale),
+                                                   model=body.model, lora=body.lora, lora_scale=body.lora_scale,
+                                                   steps=body.steps),
                                    body.response_format)
 
     @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
@@ -491,7 +492,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
             return JSONResponse(openai_error(message, "mask"), 400)
         request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
                                   seed=body.seed, output_format=body.output_format or "png", model=body.model,
-                                  lora=body.lora, lora_scale=body.lora_scale)
+                                  lora=body.lora, lora_scale=body.lora_scale, steps=body.steps)
         return await openai_answer(request, body.response_format, await image.read())
 
     def listed(facts: ModelFacts) -> OpenAIModel:

@@ -59,6 +59,10 @@ def _non_blank(value: str) -> str:
     return value
 
 
+def _steps_field(note: str = "") -> Any:
+    return Field(None, ge=1, le=MAX_STEPS, description=f"{note}at most the trained schedule's length")
+
+
 class GenerateRequest(BaseModel):
     """``POST /generate``."""
 
@@ -68,7 +72,7 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     seed: int | None = _seed_field()
     output_format: ImageFormat = "png"
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="at most the trained schedule's length")
+    steps: int | None = _steps_field()
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
     image: str | None = Field(
         None, description="image to image: a PNG, JPEG or WebP file, base64-encoded (or a data: URL), at most"
@@ -117,6 +121,7 @@ class OpenAIImagesRequest(BaseModel):
     style: str | None = Field(None, max_length=32)
     user: str | None = Field(None, max_length=256)
     seed: int | None = _seed_field("not in OpenAI's API (extra_body={'seed': ...}): ")
+    steps: int | None = _steps_field("not in OpenAI's API (extra_body={'steps': ...}): ")
     lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
     lora_scale: float | None = _lora_scale_field()
 
@@ -140,6 +145,7 @@ class OpenAIEditRequest(BaseModel):
                                    f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
     user: str | None = Field(None, max_length=256)
     seed: int | None = _seed_field("not in OpenAI's API: ")
+    steps: int | None = _steps_field("not in OpenAI's API: ")
     lora: str | None = _lora_field()  # not in OpenAI's API
     lora_scale: float | None = _lora_scale_field()
 
