@@ -43,15 +43,12 @@ def check_output_folder(out: Path, flag: str = "--out") -> None:
 def remove_if_empty(out: Path) -> None:
     """Remove ``out`` and the folders in it when they hold no file: what a refused start made (a run
     stopped before writing anything leaves no empty folder behind). Never removes a file."""
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    inner = sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for folder in [*inner, out]:  # deepest first: a folder is empty once its empty folders are gone
         try:
             folder.rmdir()
         except OSError:
             pass
-    try:
-        out.rmdir()
-    except OSError:
-        pass
 
 
 def check_new_run(out: Path) -> None:

@@ -17,5 +17,4 @@ def first_line(e: BaseException) -> str:
 
 def described(e: BaseException, limit: int = 200) -> str:
     """``Type: first line`` of an error (its first ``limit`` characters), or its type's name alone."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)[:limit]}" if str(e).strip() else type(e).__name__

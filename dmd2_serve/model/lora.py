@@ -163,6 +163,19 @@ def lora_mismatch(lora: Path, model: ModelCard, unet_shapes: Mapping[str, Sequen
     return None
 
 
+def lora_problem(lora: Path, model: ModelCard, unet_shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """Why the adapter in ``lora`` cannot serve with a model (None: it can): its files do not fit
+    (:func:`lora_mismatch`, header and card only), or, read whole, a value is NaN or infinite."""
+    problem = lora_mismatch(lora, model, unet_shapes)
+    if problem is not None:
+        return problem
+    try:
+        key = nonfinite_tensor(lora)
+    except (OSError, SafetensorError) as e:
+        return f"'{Path(lora).name}/{LORA_WEIGHTS}' is not a readable safetensors file ({first_line(e)})"
+    return None if key is None else f"'{Path(lora).name}' is broken: {NONFINITE.format(key=key)}"
+
+
 class LoraAdapters:
     """Exported LoRAs added to one UNet as named peft adapters, one active at a time.
 

@@ -29,7 +29,6 @@ from .schemas import GenerateResponse
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # output_format -> Pillow's format name
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-_FORMAT_OF_MEDIA_TYPE = {media: fmt for fmt, media in MEDIA_TYPES.items()}
 USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF UserComment's character code for UTF-16 text
 
 

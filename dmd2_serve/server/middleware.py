@@ -111,8 +111,8 @@ class ServingMiddleware:
         async def tracked_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                headers = list(message.get("headers", []))
-                if path == self.health_path and not any(k.lower() == b"content-type" for k, _ in headers):
+                headers = message.get("headers", []) if path == self.health_path else None
+                if headers is not None and not any(k.lower() == b"content-type" for k, _ in headers):
                     message = {**message, "headers": [*headers, (b"content-type", b"text/plain; charset=utf-8")]}
             await send(message)
 

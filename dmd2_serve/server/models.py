@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
-
 from ..model.adapters import META_FILE, ModelCard, ModelFolderError, adapter, read_card
 from ..model.errors import first_line
-from ..model.lora import (
-    LORA_WEIGHTS,
-    NONFINITE,
-    check_finite,
-    file_stamp,
-    lora_base,
-    lora_mismatch,
-    nonfinite_tensor,
-    unet_weight_shapes,
-)
+from ..model.lora import LORA_WEIGHTS, file_stamp, lora_base, lora_problem, unet_weight_shapes
 from .schemas import LORA_NAME_PATTERN, SIZE_PATTERN
 
 LORA_NAME = re.compile(LORA_NAME_PATTERN)
@@ -53,9 +41,8 @@ def check_servable(folder: Path) -> None:
     files = [folder / LORA_WEIGHTS] if base is not None else []
     if base is not None:
         read_card(base)  # a folder that is not a diffusers teacher: said as such
-        if why := lora_mismatch(folder, card, unet_weight_shapes(base)):
+        if why := lora_problem(folder, card, unet_weight_shapes(base)):
             raise ModelFolderError(f"'{folder}' cannot adapt its teacher '{base}': {why}")
-        check_finite(folder)
     for root in (folder, base) if base is not None else (folder,):
         files += [f for part in LOADED_PARTS if (root / part).is_dir()
                   for f in sorted((root / part).iterdir()) if LOADED_WEIGHTS.match(f.name)]
@@ -99,7 +86,7 @@ class LoraCatalog:
     """The exported LoRAs in one folder, for one model (HTTP process).
 
     Each sub-folder holding a model card is an adapter named by the folder's name; folders may be
-    added while the server runs. The verdict (:func:`_problem`: it fits, and its values are finite) is
+    added while the server runs. The verdict (:func:`~..model.lora.lora_problem`: it fits, and its values are finite) is
     kept per adapter while its card and weights file stay unchanged. The model's UNet shapes are read at
     construction (the main process, at start), so that no request waits for them.
     """
@@ -127,23 +114,10 @@ class LoraCatalog:
         with _CHECKING:
             verdict = self._verdicts.get(name)
             if verdict is None or verdict[0] != stamp:
-                verdict = self._verdicts[name] = (stamp, _problem(folder, self.model_card, self._unet_shapes))
+                verdict = self._verdicts[name] = (stamp, lora_problem(folder, self.model_card, self._unet_shapes))
         if verdict[1] is not None:
             raise RequestProblem("lora", f"the LoRA adapter does not fit this model: {verdict[1]}")
         return folder
-
-
-def _problem(folder: Path, card: ModelCard, unet_shapes: Mapping[str, Sequence[int]]) -> str | None:
-    """Why the adapter in ``folder`` cannot serve with this model: its files do not fit (header and card
-    only), or, read whole once, a value is NaN or infinite. None: it can."""
-    problem = lora_mismatch(folder, card, unet_shapes)
-    if problem is not None:
-        return problem
-    try:
-        key = nonfinite_tensor(folder)
-    except (OSError, SafetensorError) as e:
-        return f"'{folder.name}/{LORA_WEIGHTS}' is not a readable safetensors file ({first_line(e)})"
-    return None if key is None else f"'{folder.name}' is broken: {NONFINITE.format(key=key)}"
 
 
 def _mtime(path: Path) -> int | None:
