@@ -228,6 +228,24 @@ def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
     with open(path, "rb") as f, pytest.raises(openai.BadRequestError) as e:
         client.images.edit(image=f, prompt="a 4", size="1024x1000")
     assert e.value.param == "size"
+    with open(path, "rb") as f:  # a list of one sends image[]
+        listed = client.images.edit(image=[f], prompt="a handwritten 4", size="64x64")
+    assert decoded(listed.data[0].b64_json).shape == (64, 64)
+    with open(path, "rb") as f, open(path, "rb") as g, pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=[f, g], prompt="a 4")
+    assert e.value.param == "image" and "2 images were sent" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:  # the image given to the route that draws from noise
+        client.images.generate(prompt="a 4", extra_body={"strength": 0.5})
+    assert e.value.param == "strength" and "/v1/images/edits" in str(e.value)
+    url = f"{server.url}/v1/images/edits"
+    for form, files, param, words in [
+        ({"prompt": "a 4"}, {"image": (None, "photo.png")}, "image", "must be a file part"),  # a text field
+        ({"prompt": ""}, {"image": ("a.png", start_picture())}, "prompt", "an empty form field counts as none"),
+        ({"prompt": "a 4"}, {"picture": ("a.png", start_picture())}, "image", "send the image to start from"),
+    ]:
+        r = httpx.post(url, data=form, files=files, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (form, r.text)
+        assert words in r.json()["error"]["message"], r.text
 
 
 def truncated_png() -> bytes:

@@ -15,6 +15,7 @@ when ``decode_request`` raises, so a bad request there would fail the good ones 
 # FastAPI reads the routes' annotations at runtime (the OpenAPI schema): no `from __future__ import annotations`.
 import asyncio
 import hmac
+import math
 import os
 import secrets
 import time
@@ -419,7 +420,12 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
 
     async def run(job: Job) -> EncodedImages:
         """The job's answer: the worker's pixels made into files; RequestProblem when the worker could not run it."""
-        result = await handler.handle_request(job, Job)
+        try:
+            result = await handler.handle_request(job, Job)
+        except HTTPException as e:
+            if e.status_code != 504:
+                raise
+            raise queue_timeout(timeout) from None
         if isinstance(result, JobFailure):
             raise RequestProblem(result.field, result.message)
         started = time.perf_counter()
@@ -481,15 +487,26 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
               dependencies=[Depends(api.authorize)])
     async def openai_edits(
         body: Annotated[OpenAIEditRequest, Form()],
-        image: Annotated[UploadFile, File(description="the PNG, JPEG or WebP to start from")],
+        image: Annotated[UploadFile | None, File(description="the PNG, JPEG or WebP to start from")] = None,
+        images: Annotated[list[UploadFile] | None, File(alias="image[]", description="OpenAI's list form of"
+                                                         " image (a client's image=[file]): one file")] = None,
         mask: Annotated[UploadFile | None, File(description="refused: inpainting is not supported yet")] = None,
     ) -> JSONResponse:
-        """OpenAI's image edits: ``client.images.edit(image=..., prompt=...)`` works unchanged. The whole
-        image is redrawn (image to image, ``strength``); a ``mask`` (inpainting) is refused."""
+        """OpenAI's image edits: ``client.images.edit(image=..., prompt=...)`` works unchanged (``image=[file]``
+        too, which sends ``image[]``). The whole image is redrawn (image to image, ``strength``); a
+        ``mask`` (inpainting) and more than one image are refused."""
         if mask is not None:
             message = ("mask: inpainting is not supported yet; send the image without a mask to redraw all of it"
                        " (image to image; strength sets how far)")
             return JSONResponse(openai_error(message, "mask"), 400)
+        given = [image] if image is not None else []
+        given += images or []
+        if len(given) != 1:
+            message = ("image: send the image to start from as a file (multipart, e.g. curl -F image=@photo.png)"
+                       if not given else f"image: {len(given)} images were sent; this server redraws one image per"
+                       " request: send one")
+            return JSONResponse(openai_error(message, "image"), 400)
+        image = given[0]
         request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
                                   seed=body.seed, output_format=body.output_format or "png", model=body.model,
                                   lora=body.lora, lora_scale=body.lora_scale, steps=body.steps)
@@ -558,6 +575,14 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     return server
 
 
+def queue_timeout(timeout: float) -> HTTPException:
+    """LitServe's 504 for a request that waited ``timeout`` seconds for a worker, saying what to do."""
+    wait = min(60, max(1, math.ceil(timeout / 2)))  # the backlog was at least ``timeout`` long: not at once
+    return HTTPException(504, detail=f"the request waited over {timeout:g} s in the queue for a worker (--timeout):"
+                         f" more work came than the server can serve; retry in {wait} s, or serve with a longer"
+                         " --timeout, a lower --max-queue or more workers", headers={"Retry-After": str(wait)})
+
+
 def not_json(path: str, content_type: str) -> str:
     """What a JSON route says of a body sent as something else."""
     return f"{path} takes a JSON body (Content-Type: application/json), not '{content_type or 'no content type'}'"
@@ -578,6 +603,12 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
         return not_json(request.url.path, content_type), None
     if not loc:  # the body as a whole: absent, or not an object
         return f"the body must be a JSON object with at least a prompt: {first.get('msg', 'invalid')}", None
+    if loc and loc[0] in ("image", "image[]", "mask") and "UploadFile" in str(first.get("msg")):
+        return (f"{loc[0]}: must be a file part of the multipart body (e.g. curl -F {loc[0]}=@photo.png), not a text"
+                " field"), "image" if loc[0] == "image[]" else loc[0]
+    if loc == ("prompt",) and first.get("type") == "missing":
+        form = " (an empty form field counts as none)" if request.url.path == OPENAI_EDITS_PATH else ""
+        return f"prompt: a prompt is required{form}: say what to draw", "prompt"
     param = ".".join(str(p) for p in loc)
     return f"{param}: {first.get('msg', 'invalid request')}", param
 

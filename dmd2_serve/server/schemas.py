@@ -124,9 +124,18 @@ class OpenAIImagesRequest(BaseModel):
     steps: int | None = _steps_field("not in OpenAI's API (extra_body={'steps': ...}): ")
     lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
     lora_scale: float | None = _lora_scale_field()
+    image: Any = Field(None, description="refused here: image to image is POST /v1/images/edits")
+    strength: Any = Field(None, description="refused here: image to image is POST /v1/images/edits")
 
     _prompt = field_validator("prompt")(_non_blank)
     _seed = _seeds_fit("n")
+
+    @field_validator("image", "strength", mode="before")
+    @classmethod
+    def _not_here(cls, v: Any) -> Any:
+        """Image to image has its own route; dropping these would answer a text-to-image picture."""
+        raise ValueError("image to image is POST /v1/images/edits (client.images.edit(image=..., prompt=...),"
+                         " with strength there); /v1/images/generations draws from noise")
 
 
 class OpenAIEditRequest(BaseModel):
