@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 COMMANDS = ("distill", "teacher", "eval", "table", "encode-latents")
+REAL_SCALE_FLAGS = [(f"--{name.replace('_', '-')}", name) for name in (
+    "reference", "inception", "clip", "num", "batch_size", "eval_resolution", "resize_filter", "patch_fid")]
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # a config key=value (- reads as _)
 
 
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--clip", type=Path, help="real scale: local CLIP model folder for the CLIP score")
     e.add_argument("--num", type=int, help="real scale: first N captions (default: the paper's, 30000 SD1.5,"
                    " 10000 SDXL)")
-    e.add_argument("--batch-size", type=int, default=8, help="real scale: images per sampling batch")
+    e.add_argument("--batch-size", type=int, help="real scale: images per sampling batch (default 8)")
     e.add_argument("--eval-resolution", type=int, help="real scale: side the centre square is resized to before"
                    " the FID network (default: the official 256 for SD1.5, 512 for SDXL)")
     e.add_argument("--resize-filter", help="real scale: PIL filter of that resize: lanczos (the official"
@@ -153,9 +155,18 @@ def _eval(args: argparse.Namespace) -> None:
     if folder is None or (args.generator and args.teacher):
         raise RunError("give exactly one of --generator DIR or --teacher DIR")
     real_scale = args.captions is not None
-    if not real_scale and not adapter(read_card(folder).family).bundled_data:
+    card = read_card(folder)
+    if args.teacher and card.is_generator:  # DDIM with CFG on a few-step generator scores nonsense
+        raise RunError(f"'{folder}' is a distilled generator, not a teacher: score it with --generator {folder}")
+    if not real_scale and not adapter(card.family).bundled_data:
         raise RunError("an SD-family model is scored at real scale: give --captions FILE --reference DIR"
                        " --inception FILE (and --clip DIR for the CLIP score)")
+    if not real_scale and (unused := [flag for flag, name in REAL_SCALE_FLAGS if getattr(args, name) is not None]):
+        raise RunError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the real-scale evaluation, which"
+                       " runs with --captions FILE; the digits protocol has fixed settings: leave"
+                       f" {'it' if len(unused) == 1 else 'them'} out, or give --captions")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise RunError(f"--batch-size {args.batch_size}: give 1 or more images per sampling batch")
     if real_scale:  # settings checked before the model loads
         from .realscale import FidProtocol, score_real_scale
 
@@ -171,7 +182,7 @@ def _eval(args: argparse.Namespace) -> None:
         print(json.dumps(score_digits(sample).as_dict(), indent=2))
         return
     scores = score_real_scale(sample, args.captions, args.reference, args.inception, args.clip, protocol,
-                              args.batch_size, device)
+                              args.batch_size or 8, device)
     print(json.dumps(scores.as_dict(), indent=2))
 
 

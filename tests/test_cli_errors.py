@@ -122,3 +122,15 @@ def test_eval_steps_inside_the_schedule_reach_the_pipeline(capsys, monkeypatch):
     for steps in (["--steps", "1"], ["--steps", "4"], []):
         assert run_main(capsys, "eval", "--generator", BUNDLED_DIGITS_GENERATOR, *steps).returncode == 0
     assert seen == [1, 4, None]
+
+
+def test_eval_refuses_what_it_would_ignore_or_misread(capsys, monkeypatch):
+    """The digits protocol used to drop real-scale flags silently, and --teacher on a generator folder
+    scored the generator sampled with 50 DDIM steps and CFG (nonsense numbers)."""
+    monkeypatch.setattr("dmd2_train.evaluate.score_digits", never("scoring"))
+    for flags, needle in [(["--resize-filter", "bicubic"], "--resize-filter sets the real-scale evaluation"),
+                          (["--num", "10", "--patch-fid"], "--num, --patch-fid set the real-scale evaluation"),
+                          (["--captions", "c.txt", "--batch-size", "0"], "--batch-size 0: give 1 or more")]:
+        assert_user_error(run_main(capsys, "eval", "--generator", BUNDLED_DIGITS_GENERATOR, *flags), needle)
+    assert_user_error(run_main(capsys, "eval", "--teacher", BUNDLED_DIGITS_GENERATOR),
+                      f"is a distilled generator, not a teacher: score it with --generator {BUNDLED_DIGITS_GENERATOR}")
