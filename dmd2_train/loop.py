@@ -44,6 +44,7 @@ from .run import (
     make_accelerator,
     make_data,
     remove_if_empty,
+    set_aside_earlier_start,
     stream_plan,
 )
 from .single_file import teacher_folder
@@ -185,6 +186,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             accelerator.print(f"resumed from step {start}")
     if start >= cfg.max_steps:
         accelerator.print(f"the run is already at step {start} >= max_steps {cfg.max_steps}")
+    if start == 0 and accelerator.is_main_process and (aside := set_aside_earlier_start(cfg.out)):
+        accelerator.print(f"an earlier start that wrote no checkpoint left logs or previews; moved to {aside}")
 
     def save(step: int) -> None:
         data = run.batches.data_state(accelerator)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,24 @@ def check_new_run(out: Path) -> None:
         held = f"a checkpoint at step {found[-1][0]}" if found else "an exported generator/"
         raise RunError(f"--out '{out}' already holds a run ({held}): continue it with --resume, or give a new --out"
                        " (delete the folder to start over)")
+
+
+def set_aside_earlier_start(out: Path) -> Path | None:
+    """Move the logs and previews of an earlier start that wrote no checkpoint (stopped, diverged or
+    crashed before its first) into ``out/earlier-start-<time>/``, so that a run starting again from
+    step 0 does not mix its curves and preview grids with them. Returns that folder, None if none."""
+    stale = [out / name for name in ("logs", "previews") if (out / name).is_dir() and any((out / name).rglob("*"))]
+    if not stale:
+        return None
+    stamp = time.strftime("earlier-start-%Y%m%d-%H%M%S")
+    aside, n = out / stamp, 1
+    while aside.exists():
+        n += 1
+        aside = out / f"{stamp}-{n}"
+    aside.mkdir()
+    for folder in stale:
+        folder.rename(aside / folder.name)
+    return aside
 
 
 def check_replaceable_model_folder(out: Path) -> None:

@@ -177,6 +177,13 @@ def test_a_loss_that_is_not_finite_stops_the_run_too(digits_teacher: Path, tmp_p
     with pytest.raises(RunError, match=r"diverged by step 2: its losses are NaN or infinite \(loss/denoise\)"):
         run(digits_teacher, tmp_path / "run", max_steps=4, preview_every=100)  # log_every 1
     assert not ckpt.list_checkpoints(tmp_path / "run")
+    # Starting again (as its message says) sets the broken start's logs aside instead of mixing the curves.
+    monkeypatch.undo()
+    earlier = {p.name for p in (tmp_path / "run" / "logs").rglob("events.*")}
+    run(digits_teacher, tmp_path / "run", max_steps=1, preview_every=100)
+    (aside,) = (tmp_path / "run").glob("earlier-start-*")
+    assert earlier and {p.name for p in (aside / "logs").rglob("events.*")} == earlier
+    assert not earlier & {p.name for p in (tmp_path / "run" / "logs").rglob("events.*")}
 
 
 def test_a_run_that_diverges_again_right_after_resuming_names_the_checkpoint_before(tmp_path: Path):
