@@ -102,8 +102,11 @@ def caption_of(data: bytes, ext: str) -> str:
     return found.strip()
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+def print_warning(message: str) -> None:
+    """``warning: message`` on stderr, on its own line above a progress bar (tqdm's write)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------- image folder
@@ -126,7 +129,7 @@ def read_metadata(root: Path) -> dict[str, str]:
                     except json.JSONDecodeError:
                         bad.append(n)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
-            _warn(f"{meta} cannot be read ({e}); its images count as uncaptioned unless they have a .txt")
+            print_warning(f"{meta} cannot be read ({e}); its images count as uncaptioned unless they have a .txt")
             continue
         for n, row in rows:
             name = row.get("file_name") if isinstance(row, dict) else None
@@ -136,7 +139,7 @@ def read_metadata(root: Path) -> dict[str, str]:
             else:
                 bad.append(n)
         if bad:
-            _warn(f"{meta}: {len(bad)} rows (line {', '.join(map(str, sorted(bad)[:5]))}"
+            print_warning(f"{meta}: {len(bad)} rows (line {', '.join(map(str, sorted(bad)[:5]))}"
                   f"{', ...' if len(bad) > 5 else ''}) are not JSON / have no 'file_name' with a 'text';"
                   " their images count as uncaptioned")
     return captions
@@ -193,7 +196,7 @@ def tar_samples(path: Path, warn: bool = False) -> list[dict[str, tuple[int, int
                 raise tarfile.ReadError(f"a damaged or cut header at byte {end}")
     except (tarfile.TarError, OSError, EOFError) as e:
         if warn:
-            _warn(f"{path}: {e} after {len(samples)} samples; the rest of the shard is skipped")
+            print_warning(f"{path}: {e} after {len(samples)} samples; the rest of the shard is skipped")
     return samples
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
@@ -45,6 +44,7 @@ from .datasets import (
     first_readable,
     image_source,
     latent_facts,
+    print_warning,
     try_read,
 )
 from .export import permissions_by_umask
@@ -144,7 +144,7 @@ def encode_shard(backbone: Any, span: SourceSpan, path: Path, batch_size: int, w
         for _, _, why in items:
             if why:
                 report.skipped += 1
-                print(f"warning: skipped {why}", file=sys.stderr)
+                print_warning(f"skipped {why}")
         if not good:
             continue
         mean, std = backbone.encode_distribution(torch.stack([s.pixels for _, s in good]))

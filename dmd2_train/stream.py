@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -26,10 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from .data import DataError
-from .datasets import Sample, Source, try_read
+from .datasets import Sample, Source, print_warning, try_read
 
 SHOWN_SKIPS = 5  # unreadable samples named on stderr; the rest are only counted
 
@@ -207,8 +205,7 @@ class StreamReader:
                 if why in self._shown or len(self._shown) >= SHOWN_SKIPS:
                     continue
                 self._shown.add(why)
-                tqdm.write(f"warning: skipped an unreadable sample ({why}); the running count is logged"
-                           " as data/skipped", file=sys.stderr)  # on its own line, not the progress bar's
+                print_warning(f"skipped an unreadable sample ({why}); the running count is logged as data/skipped")
         self._buffer.append((mean, std, captions))
 
     def take(self, n: int) -> tuple[Tensor, Tensor, list[str]]:
