@@ -75,7 +75,7 @@ def load_image(data: bytes | Path, size: int, channels: int) -> Tensor:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from dmd2_serve.server.images import converted
+    from dmd2_serve.model.pixels import converted
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:

@@ -12,33 +12,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from PIL import Image
+from ..model.pixels import converted
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 # The largest image decoded: 16.8 megapixels (4096 x 4096; a 12 MP phone photo fits), about 67 MB
 # as RGBA while it is converted. The body limit bounds the file; this bounds what it expands to.
 MAX_INPUT_PIXELS = 4096 * 4096
-
-
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # Pillow's modes for 16-bit grey PNGs
-
-
-def converted(im: Image.Image, mode: str) -> Image.Image:
-    """``im.convert(mode)``, with 16-bit grey scaled to 8 bits first (Pillow's ``convert`` clips its
-    0..65535 at 255, which turns all but the darkest pixels white)."""
-    from PIL import Image
-
-    if im.mode in SIXTEEN_BIT_MODES:  # the high byte, in place: one copy at the source's width, then 8 bits
-        grey = np.array(im)
-        np.clip(grey, 0, 65535, out=grey)
-        grey >>= 8
-        im = Image.fromarray(grey.astype(np.uint8), "L")
-    return im.convert(mode)
 
 
 class BadImage(ValueError):
