@@ -140,8 +140,8 @@ def read_metadata(root: Path) -> dict[str, str]:
                 bad.append(n)
         if bad:
             print_warning(f"{meta}: {len(bad)} rows (line {', '.join(map(str, sorted(bad)[:5]))}"
-                  f"{', ...' if len(bad) > 5 else ''}) are not JSON / have no 'file_name' with a 'text';"
-                  " their images count as uncaptioned")
+                          f"{', ...' if len(bad) > 5 else ''}) are not JSON / have no 'file_name' with a 'text';"
+                          " their images count as uncaptioned")
     return captions
 
 
