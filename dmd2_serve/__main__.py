@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                         " place back)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait before 504 (-1: no limit)")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM or SIGINT: stop admitting (503, /health 503) and give the requests already"
+                   help="on SIGTERM, SIGINT or SIGHUP: stop admitting (503, /health 503) and give the requests already"
                         " admitted up to S seconds to finish before stopping (a process manager's stop timeout"
                         " should exceed it by ~10 s)")
     p.add_argument("--no-metadata", dest="metadata", action="store_false",

@@ -209,7 +209,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     # 4. The loop.
     stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: a closed terminal or SSH session
+    previous = {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in stop_signals}
     accelerator.init_trackers("dmd2", config={k: str(v) for k, v in cfg.model_dump().items()})
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="dmd2", unit="step")
     step, since, since_step = start, time.perf_counter(), start

@@ -132,11 +132,12 @@ class RealStream(IterableDataset):
 
 
 def _quiet_worker(_: int) -> None:
-    """Ctrl-C reaches the whole process group: workers leave it to the training process, which
-    finishes its step (from batches already prefetched) and saves. SIGTERM ends a worker with
-    exit code 0 (the DataLoader treats a worker killed by a signal as a crash; multiprocessing
-    ends workers with SIGTERM at exit)."""
+    """Ctrl-C (and a closed terminal's SIGHUP) reaches the whole process group: workers leave it to
+    the training process, which finishes its step (from batches already prefetched) and saves.
+    SIGTERM ends a worker with exit code 0 (the DataLoader treats a worker killed by a signal as a
+    crash; multiprocessing ends workers with SIGTERM at exit)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 

@@ -112,12 +112,12 @@ def test_grace_period_ends_the_wait_and_the_status_says_so():
             stuck = pool.submit(held_request, server, {"prompt": "a 2"}, release)
             wait_for(lambda: queue_depth(server) == 1, 20, "the request admitted")
             started = time.monotonic()
-            status = terminate(server.process, signal.SIGTERM, timeout=30)
+            status = terminate(server.process, signal.SIGHUP, timeout=30)  # a closed terminal: as SIGTERM
             took = time.monotonic() - started
             release.set()
             cut_off = stuck.result()  # its body never came: answered by the middleware, not cancelled (a bare 500)
         assert cut_off.status_code == 503, cut_off.text
-        assert cut_off.json()["detail"] == ("draining: SIGTERM received, the server is shutting down; the drain's"
+        assert cut_off.json()["detail"] == ("draining: SIGHUP received, the server is shutting down; the drain's"
                                             " --grace of 1 s ran out; it stopped before this request was answered:"
                                             " retry")
         assert cut_off.headers["retry-after"] == "1"

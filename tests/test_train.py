@@ -77,6 +77,22 @@ def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: 
     assert a["meta"]["ema_updates"] == b["meta"]["ema_updates"] == (3 if ema_decay else None)
 
 
+def test_a_closed_terminal_stops_the_run_with_a_checkpoint(digits_teacher: Path, tmp_path: Path):
+    """SIGHUP (an SSH session or terminal closed) ended the run on the spot, losing every step since
+    the last checkpoint; it now stops as SIGTERM and Ctrl-C do: the step finishes and is saved."""
+    import os
+    import signal
+
+    def hang_up(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(digits_teacher, tmp_path / "run", on_step=hang_up, max_steps=6, checkpoint_every=100, preview_every=100)
+    assert last_checkpoint(tmp_path / "run")["meta"]["step"] == 3
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # the caller's handler is back
+
+
 def test_ema_generator_is_what_gets_exported(digits_teacher: Path, tmp_path: Path):
     folder = run(digits_teacher, tmp_path / "run", max_steps=4, ratio=1, preview_every=100, ema_decay=0.5)
     state = last_checkpoint(tmp_path / "run")

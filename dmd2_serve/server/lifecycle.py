@@ -8,7 +8,7 @@ spot, and the children, which nothing ties to it, keep the port and go on answer
 
 ``SupervisedServer.serve`` owns shutdown instead:
 
-1. SIGTERM or SIGINT: stop admitting (generation requests get 503 with ``Retry-After``,
+1. SIGTERM, SIGINT or SIGHUP (a closed terminal or SSH session): stop admitting (generation requests get 503 with ``Retry-After``,
    ``/health`` 503 "draining"), wait until the admitted requests are answered or ``grace_s``
    passes (those left are answered 503 by the HTTP process), then let LitServe stop its
    processes. A second signal ends the wait.
@@ -38,6 +38,8 @@ from multiprocessing.process import BaseProcess
 import litserve as ls
 
 from .middleware import POLL_S
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each drains, then stops
 
 HTTP_STOP_S = 3.0  # uvicorn's own graceful shutdown, after our drain: only idle connections are left
 LIFESPAN_STOP_S = 2.0  # then LitServe's lifespan shutdown, before LitServe kills the HTTP process
@@ -149,6 +151,7 @@ def _after_fork_in_child() -> None:
         # The main process's handlers (drain on a signal) are not the child's: uvicorn installs
         # its own and restores these when it stops, and the Manager's SIGTERM must simply end it.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         bind_to_parent(_bound_parent)
 
@@ -178,11 +181,11 @@ class SupervisedServer(ls.LitServer):
         self._children: list[BaseProcess] = []
 
     def serve(self, host: str, port: int, grace_s: float = 30.0) -> int:
-        """Serve until SIGTERM, SIGINT or a dead child; return the exit status (module docstring)."""
+        """Serve until SIGTERM, SIGINT, SIGHUP or a dead child; return the exit status (module docstring)."""
         self.grace_s = grace_s
         self.uvicorn_graceful_timeout = HTTP_STOP_S
         _bind_forked_children_to(os.getpid())
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             self.run(host=host, port=port, num_api_servers=1, generate_client_file=False)
         except KeyboardInterrupt:  # raised by _on_signal while the workers were still starting
