@@ -171,6 +171,16 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a 4", extra_body={"steps": 99})
     assert e.value.param == "steps"
+    nulls = client.images.generate(prompt="a 4", n=None, response_format=None, extra_body={"seed": 5})  # nullable
+    assert nulls.data[0].b64_json == same[0]
+    with pytest.raises(openai.BadRequestError) as e:  # a Stream that yielded nothing, silently
+        client.images.generate(prompt="a 4", stream=True, partial_images=1)
+    assert e.value.param == "stream" and "streaming partial images is not supported" in str(e.value)
+    # /generate: null is the default too; a flood of unknown fields is one short error, not one each
+    assert httpx.post(f"{server.url}/generate", json={"prompt": "a 4", "num_images": None, "output_format": None},
+                      timeout=30).status_code == 200
+    r = httpx.post(f"{server.url}/generate", json={"prompt": "a 4", **{f"k{i}": 0 for i in range(50_000)}}, timeout=30)
+    assert r.status_code == 422 and len(r.content) < 1000 and "50,000 fields that /generate does not take" in r.text
     url = f"{server.url}/v1/images"
     cases = [  # (route, request, words in the message)
         ("generations", {"content": b'{"prompt":', "headers": {"content-type": "application/json"}},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 8
@@ -13,6 +14,7 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 16
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength: with 4 steps, the last 3 run
 MAX_LORA_SCALE = 2.0
+MAX_NAMED_UNKNOWN = 5  # unknown fields named one by one in a 422
 # An adapter is a sub-folder of --lora-dir: a plain folder name, never a path.
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -59,6 +61,25 @@ def _non_blank(value: str) -> str:
     return value
 
 
+def _null_is_default(*fields: str) -> Any:
+    """A validator reading an explicit JSON null in ``fields`` as the field's default (OpenAI's API marks
+    them nullable, and its client sends null for a Python None)."""
+    def default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
+    return field_validator(*fields, mode="before")(default)
+
+
+def _stream_field() -> Any:
+    return Field(None, description="refused when true: the images come whole, in one answer")
+
+
+def _no_streaming(value: bool | None) -> bool | None:
+    if value:
+        raise ValueError("streaming partial images is not supported: leave stream out (or false), and the whole"
+                         " images come in one answer")
+    return value
+
+
 def _steps_field(note: str = "") -> Any:
     return Field(None, ge=1, le=MAX_STEPS, description=f"{note}at most the trained schedule's length")
 
@@ -86,6 +107,20 @@ class GenerateRequest(BaseModel):
 
     _prompt = field_validator("prompt")(_non_blank)
     _seed = _seeds_fit("num_images")
+    _defaults = _null_is_default("num_images", "output_format")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: Any) -> Any:
+        """More than a few unknown fields are one error, not one each (600,000 keys made a 54 MB 422 and
+        held the HTTP process for seconds); a few are named each in its place by ``extra="forbid"``."""
+        if isinstance(data, dict) and len(unknown := [k for k in data if k not in cls.model_fields]) > MAX_NAMED_UNKNOWN:
+            shown = ", ".join(repr(k[:40]) for k in unknown[:MAX_NAMED_UNKNOWN])
+            raise PydanticCustomError("extra_forbidden", "{count} fields that /generate does not take ({shown}, ...);"
+                                      " its fields are {fields}",
+                                      {"count": f"{len(unknown):,}", "shown": shown,
+                                       "fields": ", ".join(cls.model_fields)})
+        return data
 
 
 class GeneratedImage(BaseModel):
@@ -124,11 +159,14 @@ class OpenAIImagesRequest(BaseModel):
     steps: int | None = _steps_field("not in OpenAI's API (extra_body={'steps': ...}): ")
     lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
     lora_scale: float | None = _lora_scale_field()
+    stream: bool | None = _stream_field()
     image: Any = Field(None, description="refused here: image to image is POST /v1/images/edits")
     strength: Any = Field(None, description="refused here: image to image is POST /v1/images/edits")
 
     _prompt = field_validator("prompt")(_non_blank)
     _seed = _seeds_fit("n")
+    _defaults = _null_is_default("n", "response_format")
+    _stream = field_validator("stream")(_no_streaming)
 
     @field_validator("image", "strength", mode="before")
     @classmethod
@@ -157,9 +195,11 @@ class OpenAIEditRequest(BaseModel):
     steps: int | None = _steps_field("not in OpenAI's API: ")
     lora: str | None = _lora_field()  # not in OpenAI's API
     lora_scale: float | None = _lora_scale_field()
+    stream: bool | None = _stream_field()
 
     _prompt = field_validator("prompt")(_non_blank)
     _seed = _seeds_fit("n")
+    _stream = field_validator("stream")(_no_streaming)
 
 
 class OpenAIImage(BaseModel):
