@@ -59,10 +59,33 @@ def _lora_dirs(specs: list[tuple[str | None, Path]], models: dict[str, Path]) ->
     return dirs
 
 
+HOSTS = {"127.0.0.1": "this machine only", "0.0.0.0": "every IPv4 interface", "::": "every interface"}
+
+
+def _host(text: str) -> str:
+    """An argparse type: an address LitServe can listen on (it takes these three; localhost is the first)."""
+    host = "127.0.0.1" if text == "localhost" else text
+    if host not in HOSTS:
+        raise argparse.ArgumentTypeError(
+            f"{text}: LitServe listens on {', '.join(HOSTS)} only; to reach one interface alone, listen on"
+            " 127.0.0.1 behind a reverse proxy (or a firewall rule) on that interface")
+    return host
+
+
+def _devices(text: str) -> str | int:
+    """An argparse type: auto or a number of devices, 1 or more."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a number of devices, 1 or more, or auto")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import BUNDLED_DIGITS_GENERATOR
 
-    p = argparse.ArgumentParser(prog="python -m dmd2_serve", description="Serve a few-step generator over HTTP.")
+    p = argparse.ArgumentParser(prog="python -m dmd2_serve", description="Serve a few-step generator over HTTP.",
+                                allow_abbrev=False)  # --workers must not pass for --workers-per-device
     p.add_argument("--model", type=_named_folder, action="append", metavar="[NAME=]DIR",
                    help="exported generator folder, or its lora/ folder (a LoRA run: served on the teacher it names);"
                         " repeat to serve several, chosen per request by 'model' (default: the first; a bare DIR is"
@@ -71,10 +94,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="a folder of exported LoRA folders that requests to model NAME (default: the first) may name"
                         " with 'lora'; added to the model per request (needs --backend eager); once per model")
     p.add_argument("--lora-cache", type=int, default=4, metavar="N",
-                   help="LoRA adapters kept loaded per model; the least recently used is dropped for the next")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch")
+                   help="LoRA adapters kept loaded per model; the least recently used is dropped for the next"
+                        " (default 4)")
+    p.add_argument("--host", type=_host, default="127.0.0.1",
+                   help=f"address to listen on: {', '.join(f'{h} ({w})' for h, w in HOSTS.items())}; default 127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch (default 8)")
     p.add_argument("--batch-timeout", type=float, default=0.0,
                    help="seconds a batch waits for more requests once it has taken every waiting one (default 0:"
                         " none; at one client the wait is pure latency, under load the queue fills the batches)")
@@ -119,20 +144,26 @@ def _parser() -> argparse.ArgumentParser:
                         " 'dmd2-fast[fp8]')")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="do not capture the sampling loop in CUDA graphs")
-    p.add_argument("--devices", default="auto", help="number of devices, or auto")
-    p.add_argument("--workers-per-device", type=int, default=1)
-    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 503")
+    p.add_argument("--devices", type=_devices, default="auto",
+                   help="GPUs to serve on, one inference worker set each: a number, or auto (every visible GPU; one"
+                        " CPU worker without a GPU)")
+    p.add_argument("--workers-per-device", type=int, default=1,
+                   help="inference workers per device, each with its own copy of the model (default 1)")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda")
+    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 503 (default 64)")
     p.add_argument("--max-body-mb", type=float, default=8.0,
-                   help="largest request body in MiB (an input image, base64 or uploaded, is most of it); larger: 413")
+                   help="largest request body in MiB (an input image, base64 or uploaded, is most of it); larger: 413"
+                        " (default 8)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds an admitted request's body may pause before 408 (a stalled upload gives its queue"
-                        " place back)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait before 504 (-1: no limit)")
+                   help="seconds an admitted request's body may take to arrive whole before 408 (a stalled or"
+                        " trickling upload gives its queue place back; default 30)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a request may wait in the queue before 504 (-1: no limit; default 30)")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, SIGINT or SIGHUP: stop admitting (503, /health 503) and give the requests already"
                         " admitted up to S seconds to finish before stopping (a process manager's stop timeout"
-                        " should exceed it by ~10 s)")
+                        " should exceed it by ~10 s; default 30)")
     p.add_argument("--no-metadata", dest="metadata", action="store_false",
                    help="do not write the prompt, seed, steps and model into the image files (PNG 'parameters' text,"
                         " EXIF UserComment for JPEG and WebP)")
@@ -186,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise ValueError("--accelerator cuda, but torch sees no CUDA device (torch.cuda.is_available() is"
                                  " False): check the driver and CUDA_VISIBLE_DEVICES, or use --accelerator auto")
-        devices = args.devices if args.devices == "auto" else int(args.devices)
+        devices = args.devices
+        check_port_free(args.host, args.port)  # before the model loads: uvicorn's own says only "Errno 98"
         server = build_server(
             models, lora_dirs=lora_dirs, lora_cache=args.lora_cache, max_batch_size=args.max_batch_size,
             batch_timeout=args.batch_timeout, bucket=args.bucket,
@@ -204,6 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     say("an API key is required on the generation and model routes" if args.api_key else
         "no API key: every route is open to whoever reaches this port (--api-key or DMD2_API_KEY to require one)")
     return server.serve(host=args.host, port=args.port, grace_s=args.grace)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """``ValueError`` naming the address when another process listens on it (bound as uvicorn binds)."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            why = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise ValueError(f"{host}:{port} {why}: stop that process or give another --port") from None
 
 
 def _check_api_key(key: str | None) -> None:

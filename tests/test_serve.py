@@ -203,8 +203,10 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
 
 def test_metrics(server: Server):
     generate(server, prompt="a 1")
+    httpx.get(f"{server.url}/v1/models/no-such-model")
     text = httpx.get(f"{server.url}/metrics").text
     assert 'dmd2_requests_total{endpoint="/generate",status="200"}' in text
+    assert 'dmd2_requests_total{endpoint="/v1/models/{id}",status="404"}' in text  # was "other"
     assert "dmd2_request_latency_seconds_bucket" in text
     assert "dmd2_batch_size_bucket" in text and "dmd2_queue_depth" in text
 
@@ -288,6 +290,22 @@ def test_bad_start_options_are_one_line(args: list[str], env: dict[str, str], wo
     assert "Traceback" not in r.stderr
 
 
+def test_a_port_in_use_is_named_before_the_model_loads_and_no_metrics_folder_is_left(tmp_path: Path):
+    """uvicorn said only '[Errno 98] Address already in use' (exit 3) after the workers had loaded the
+    model; every start left a /tmp/dmd2-metrics-* folder behind."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"TMPDIR": str(tmp_path)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "dmd2_serve", "--host", "localhost", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and f"127.0.0.1:{port} is in use by another process" in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.glob("dmd2-metrics-*"))
+
+
 @pytest.fixture(scope="module")
 def guarded():
     s = start_server("--api-key", "s3cret")
@@ -314,8 +332,9 @@ def test_api_key(guarded: Server):
     assert generate(guarded, prompt="a 1", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     import openai
 
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as e:
         openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="a 1")
+    assert e.value.code == "invalid_api_key"  # OpenAI's, which clients look for
     ok = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="s3cret", max_retries=0).images.generate(prompt="a 1")
     assert len(ok.data) == 1
 

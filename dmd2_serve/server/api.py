@@ -395,6 +395,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         max_payload_size=max_body_bytes, state=state,
         middlewares=[(ServingMiddleware, dict(generation_paths=(GENERATE_PATH, OPENAI_PATH, OPENAI_EDITS_PATH),
                                               known_paths=("/", "/health", "/metrics", MODELS_PATH),
+                                              item_prefixes=(MODELS_PATH + "/",),
                                               max_queue=max_queue, state=state, max_body_bytes=max_body_bytes,
                                               body_timeout_s=body_timeout_s))],
         model_metadata={"model": api.default_model, "family": api.facts.family, "models": [
@@ -557,7 +558,10 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if path.startswith("/v1/"):  # 400: a body the parsers could not read (bad UTF-8, a multipart without boundary)
             message = f"the request body could not be read: {exc.detail}" if exc.status_code == 400 else exc.detail
             kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-            return JSONResponse(openai_error(str(message), kind=kind), exc.status_code, headers=exc.headers)
+            body = openai_error(str(message), kind=kind)
+            if exc.status_code == 401:
+                body["error"]["code"] = "invalid_api_key"  # OpenAI's code for it, which its clients look for
+            return JSONResponse(body, exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)

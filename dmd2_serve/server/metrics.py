@@ -9,19 +9,28 @@ process (forked) and the inference workers (spawned) inherit the variable.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 
 def ensure_multiprocess_dir() -> str:
-    """Point prometheus-client at a fresh folder for this server's metric files."""
+    """Point prometheus-client at a fresh folder for this server's metric files; one made here is
+    removed when this process exits (a folder the user set is theirs)."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         path = tempfile.mkdtemp(prefix="dmd2-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        atexit.register(_remove_made_by, os.getpid(), path)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _remove_made_by(pid: int, path: str) -> None:
+    if os.getpid() == pid:  # not in a forked child that runs exit handlers
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if "prometheus_client" not in sys.modules:  # imported earlier without the folder: this process counts in memory

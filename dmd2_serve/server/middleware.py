@@ -86,8 +86,10 @@ class ServingMiddleware:
 
     def __init__(self, app: ASGIApp, *, generation_paths: tuple[str, ...], known_paths: tuple[str, ...],
                  max_queue: int, state: ServingState, health_path: str = "/health", retry_after_s: int = 1,
-                 max_body_bytes: int | None = None, body_timeout_s: float = 30.0) -> None:
+                 max_body_bytes: int | None = None, body_timeout_s: float = 30.0,
+                 item_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.item_prefixes = item_prefixes  # routes of one item (/v1/models/{id}): one endpoint label for all
         self.generation_paths = set(generation_paths)
         self.known_paths = set(known_paths) | self.generation_paths
         self.max_queue = max_queue
@@ -104,7 +106,8 @@ class ServingMiddleware:
         if scope["method"] == "HEAD":  # as GET (load balancers' health checks); uvicorn leaves the body out
             scope = {**scope, "method": "GET"}
         path = scope["path"]
-        endpoint = path if path in self.known_paths else "other"
+        endpoint = path if path in self.known_paths else next(
+            (f"{prefix}{{id}}" for prefix in self.item_prefixes if path.startswith(prefix)), "other")
         status = {"code": 500}
         started = time.perf_counter()
 
@@ -135,7 +138,7 @@ class ServingMiddleware:
             reason = self.state.stop_reason
             if not reason:
                 metrics.REJECTED.inc()
-                reason = f"the server is at its queue limit ({self.max_queue} requests)"
+                reason = f"the server is at its queue limit ({self.max_queue} request{'s' if self.max_queue > 1 else ''})"
             msg = f"{reason}; retry in {self.retry_after_s} s"
             await _json_response(send, 503, error_body(path, msg), [(b"retry-after", str(self.retry_after_s).encode())])
             return
