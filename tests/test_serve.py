@@ -7,9 +7,12 @@ import base64
 import io
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -293,8 +296,6 @@ def test_bad_start_options_are_one_line(args: list[str], env: dict[str, str], wo
 def test_a_port_in_use_is_named_before_the_model_loads_and_no_metrics_folder_is_left(tmp_path: Path):
     """uvicorn said only '[Errno 98] Address already in use' (exit 3) after the workers had loaded the
     model; every start left a /tmp/dmd2-metrics-* folder behind."""
-    import socket
-
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"TMPDIR": str(tmp_path)}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -397,7 +398,17 @@ def test_a_stalled_upload_gets_408_and_gives_its_place_back(hasty: Server):
     wait_for(lambda: queue_depth(hasty) == 0, 5, "its place given back")
     assert generate(hasty, prompt="a 1").status_code == 200
     status, _, body = raw_post(hasty, "/v1/images/generations", b'{"prompt":', content_length=100)
-    assert status == 408 and json.loads(body)["error"]["message"].startswith("the request body stopped arriving")
+    assert status == 408 and json.loads(body)["error"]["message"].startswith("the request body did not arrive whole")
+    # a body trickling in (a byte every 0.2 s) is timed whole, not by its pauses: it held a place for ever
+    host, port = hasty.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 100\r\n\r\n{".encode())
+        started = time.monotonic()
+        while not select.select([sock], [], [], 0.2)[0] and time.monotonic() - started < 10:
+            sock.sendall(b" ")  # JSON whitespace
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 4, (answer, time.monotonic() - started)
     # a body declared over --max-body-mb is refused at once, before any of it is read
     status, head, body = raw_post(hasty, "/generate", b"{", content_length=100 * 2**20, timeout=10)
     assert status == 413 and json.loads(body)["detail"][0]["loc"] == ["body"] and b"--max-body-mb" in body

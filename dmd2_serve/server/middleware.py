@@ -5,8 +5,8 @@
 - Draining: once the main process stops admitting (a SIGTERM, a dead worker; see ``lifecycle``),
   generation requests get 503 with ``Retry-After`` and ``/health`` 503 saying why.
 - Request bodies: one declared (Content-Length) over ``max_body_bytes`` gets 413 before it is
-  read; an admitted request whose body stops arriving for ``body_timeout_s`` gets 408 and gives
-  its place back (a stalled upload cannot hold a queue place for ever).
+  read; an admitted request whose body has not arrived whole ``body_timeout_s`` after admission
+  gets 408 and gives its place back (a stalled or trickling upload cannot hold a queue place).
 - An expired drain: once the main process gives up waiting (``--grace``), a generation request
   not yet answered gets 503 in the endpoint's error shape, not a cancelled task's bare 500.
 - Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
@@ -150,21 +150,20 @@ class ServingMiddleware:
             metrics.QUEUE_DEPTH.dec()
 
     async def _answer_in_time(self, scope: Scope, receive: Callable, send: Callable, path: str) -> None:
-        """Run the app, watched: before it has begun its answer, a body that stopped arriving for
-        ``body_timeout_s`` gets 408, and a request the main process's drain gave up on gets 503.
+        """Run the app, watched: before it has begun its answer, a body not whole ``body_timeout_s``
+        after admission gets 408, and a request the main process's drain gave up on gets 503.
 
-        Without the first, a stalled upload holds its queue place for ever; without the second,
-        the HTTP process's own stop cancels the request and its client gets a bare 500.
+        Without the first, a stalled upload holds its queue place for ever (and one that sends a
+        byte now and then, were the limit a pause between parts); without the second, the HTTP
+        process's own stop cancels the request and its client gets a bare 500.
         """
         started = whole = False
-        last_part = time.monotonic()
+        deadline = time.monotonic() + self.body_timeout_s
 
         async def timed_receive() -> Message:
-            nonlocal whole, last_part
+            nonlocal whole
             message = await receive()
-            if not whole:
-                last_part = time.monotonic()
-                whole = message["type"] != "http.request" or not message.get("more_body", False)
+            whole = whole or message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         async def tracked_send(message: Message) -> None:
@@ -180,8 +179,8 @@ class ServingMiddleware:
                 if self.state.abandoned:
                     status, body = 503, error_body(path, f"{self.state.stop_reason or 'the server is shutting down'};"
                                                    " it stopped before this request was answered: retry")
-                elif not whole and time.monotonic() - last_part > self.body_timeout_s:
-                    message = (f"the request body stopped arriving: nothing came for {self.body_timeout_s:g} s"
+                elif not whole and time.monotonic() > deadline:
+                    message = (f"the request body did not arrive whole within {self.body_timeout_s:g} s"
                                " (--body-timeout); send it again, whole")
                     status, body = 408, openai_error(message) if path.startswith("/v1/") else {"detail": message}
                 else:
