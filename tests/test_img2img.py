@@ -242,6 +242,7 @@ def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
         ({"prompt": "a 4"}, {"image": (None, "photo.png")}, "image", "must be a file part"),  # a text field
         ({"prompt": ""}, {"image": ("a.png", start_picture())}, "prompt", "an empty form field counts as none"),
         ({"prompt": "a 4"}, {"picture": ("a.png", start_picture())}, "image", "send the image to start from"),
+        ({"prompt": "a 4", "n": "1_0"}, {"image": ("a.png", start_picture())}, "n", "is not a whole number"),
     ]:
         r = httpx.post(url, data=form, files=files, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (form, r.text)

@@ -106,6 +106,8 @@ def test_formats_sizes_and_raw_image(server: Server):
     ({"prompt": "a 1", "steps": 5}, "steps"),
     ({"prompt": "a 1", "size": "12x12"}, "size"),
     ({"prompt": "a 1", "size": "huge"}, "size"),
+    ({"prompt": "a 1", "size": "\uff18x\uff18"}, "size"),  # fullwidth 8x8: \d took it
+    ({"prompt": "a 1", "size": "8x8\n"}, "size"),
     ({"prompt": "a 1", "colour": "red"}, "colour"),
     ({"prompt": "a 1", "seed": "42"}, "seed"),  # JSON's types as sent: no string for a number, no bool for an int
     ({"prompt": "a 1", "num_images": True}, "num_images"),

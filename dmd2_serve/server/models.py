@@ -173,7 +173,7 @@ class ModelFacts:
         """(width, height) for a ``WxH`` string, or the native size (None, ``auto``); RequestProblem if unsupported."""
         if size is None or size == "auto":
             return self.native, self.native
-        m = SIZE_PATTERN.match(size)
+        m = SIZE_PATTERN.fullmatch(size)
         if not m:
             raise RequestProblem("size", f"size must look like WIDTHxHEIGHT, e.g. {self.native}x{self.native}")
         w, h = int(m.group(1)), int(m.group(2))

@@ -137,7 +137,7 @@ class GenerateResponse(BaseModel):
         " the image files); batch_requests and group_requests: the requests in its batch and in its forward pass"))
 
 
-SIZE_PATTERN = re.compile(r"^(\d{1,4})x(\d{1,4})$")
+SIZE_PATTERN = re.compile(r"([0-9]{1,4})x([0-9]{1,4})")  # ASCII digits (\d takes "６４x６４")
 
 
 class OpenAIImagesRequest(BaseModel):
@@ -200,6 +200,14 @@ class OpenAIEditRequest(BaseModel):
     _prompt = field_validator("prompt")(_non_blank)
     _seed = _seeds_fit("n")
     _stream = field_validator("stream")(_no_streaming)
+
+    @field_validator("n", "seed", "steps", mode="before")
+    @classmethod
+    def _digits(cls, value: Any) -> Any:
+        """A form's whole numbers as digits only (Python's int() took "1_0" as 10, pydantic "2.0" as 2)."""
+        if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,20}", value.strip()):
+            raise ValueError(f"{value[:30]!r} is not a whole number: write it in digits, e.g. 2")
+        return value
 
 
 class OpenAIImage(BaseModel):
