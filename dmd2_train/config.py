@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dmd2_serve.model.errors import first_line
+
 # The bundled digits teacher, shipped inside the package.
 BUNDLED_DIGITS_TEACHER = Path(__file__).parent / "assets" / "digits-teacher"
 # ... and its noise schedule (dmd2_train/teacher.py: BETAS), the teacher command's default
@@ -96,7 +98,8 @@ class DistillConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_with: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="experiment trackers")
-    preview_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a mountain lake at dawn"])
+    preview_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a mountain lake at dawn"],
+                                       min_length=1)
 
     @field_validator("teacher", mode="before")
     @classmethod
@@ -195,7 +198,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not value.strip():
             raise ConfigError(f"override '{pair}' has no value: write {key}=VALUE, or leave the key out for its"
                               " default")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            hint = f"""{key}='"a #1"' or {key}='["a #1", "b"]'"""
+            raise ConfigError(f"override '{pair}' is not a valid YAML value ({first_line(e)}): quote it (# starts a"
+                              f" comment, * an alias, [ a list), e.g. {hint}") from None
     return out
 
 

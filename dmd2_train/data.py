@@ -124,17 +124,18 @@ def digits_data() -> TrainingData:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from a text file (one a line) or JSON lines (``text``, ``prompt`` or ``caption``)."""
+    """Prompts from a text file (one a line) or JSON lines (``.jsonl`` or ``.json``, any case; each line
+    an object with ``text``, ``prompt`` or ``caption``)."""
     if not path.is_file():
         raise DataError(f"prompt file '{path}' is a folder: give the file itself" if path.is_dir()
                         else f"prompt file '{path}' does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
     except UnicodeDecodeError as e:
         raise DataError(f"prompt file '{path}' is not UTF-8 text (byte {e.start}): give a .txt of prompts, one a"
                         " line, or a .jsonl with a 'text' field") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
+    if path.suffix.lower() not in (".jsonl", ".json"):
         return lines
     prompts = []
     for n, line in enumerate(lines, 1):
@@ -142,7 +143,7 @@ def read_prompts(path: Path) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n} is not valid JSON: {e}") from e
-        text = next((row[k] for k in ("text", "prompt", "caption") if k in row), None)
+        text = next((row[k] for k in ("text", "prompt", "caption") if k in row), None) if isinstance(row, dict) else None
         if not isinstance(text, str):
             raise DataError(f"{path}:{n} has no 'text', 'prompt' or 'caption' string")
         prompts.append(text)

@@ -73,6 +73,10 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     """The teacher, its adapter, the data and the trainer, on the accelerator's device."""
     teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)  # a single file: converted
     card = read_card(teacher)
+    if card.is_generator:  # a few-step student is no score model: DMD2 against it trains on nonsense
+        raise RunError(f"--teacher '{cfg.teacher}' is a distilled generator, not a teacher: give the diffusion model"
+                       f" it was distilled from; to start from this generator's weights (stage 2), add"
+                       f" init_from={cfg.teacher}")
     load_schedule(teacher, card)  # the teacher's own problems first (cheap), then the inputs, then minutes of loading
     check_data_given(cfg, bool(adapter(card.family).bundled_data))
     backbone = load_backbone(teacher, card, cfg.image_size).to(accelerator.device)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dmd2_serve.model.adapters import is_single_file, load_single_file
+from dmd2_serve.model.adapters import ModelFolderError, is_single_file, load_single_file
 
 from .export import folder_written_atomically
 
@@ -50,6 +50,9 @@ def teacher_folder(teacher: Path, teacher_config: Path | None, out: Path, accele
     """The diffusers folder of a run's teacher: the teacher itself when it is a folder; for a
     single file, ``<out>/teacher`` (the main process converts, the others wait for it)."""
     if not is_single_file(teacher):
+        if teacher_config is not None:
+            raise ModelFolderError(f"--teacher-config is for a single-file teacher, and '{teacher}' is not one (a folder"
+                                   " carries its own configs): leave --teacher-config out")
         return Path(teacher)
     folder = Path(out) / "teacher"
     if accelerator.is_main_process:

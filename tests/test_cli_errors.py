@@ -134,3 +134,32 @@ def test_eval_refuses_what_it_would_ignore_or_misread(capsys, monkeypatch):
         assert_user_error(run_main(capsys, "eval", "--generator", BUNDLED_DIGITS_GENERATOR, *flags), needle)
     assert_user_error(run_main(capsys, "eval", "--teacher", BUNDLED_DIGITS_GENERATOR),
                       f"is a distilled generator, not a teacher: score it with --generator {BUNDLED_DIGITS_GENERATOR}")
+
+
+@pytest.mark.parametrize("args, files, needle", [
+    (["--teacher", BUNDLED_DIGITS_GENERATOR], {}, "is a distilled generator, not a teacher"),  # it trained on it
+    (["--teacher-config", BUNDLED_DIGITS_TEACHER], {}, "--teacher-config is for a single-file teacher"),  # ignored
+    (["preview_prompts=[the #1 digit, a 2]"], {}, "is not a valid YAML value"),  # these were PyYAML tracebacks
+    (["real_images=*.tar"], {}, "is not a valid YAML value"),
+    (["preview_prompts=[]"], {}, "preview_prompts"),  # an IndexError at the first preview, after a checkpoint
+    (["--prompts", "{p.jsonl}", "gan=false"], {"p.jsonl": "5\n"}, "p.jsonl:1 has no 'text'"),  # TypeErrors
+    (["--prompts", "{p.JSONL}", "gan=false"], {"p.JSONL": '"a text"\n'}, "p.JSONL:1 has no 'text'"),
+])
+def test_distill_refuses_before_training(args: list[str], files: dict[str, str], needle: str, tmp_path: Path,
+                                          capsys, monkeypatch):
+    monkeypatch.setattr("dmd2_train.trainer.Trainer.__init__", never("the trainer"))
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for name in files:
+        args = [str(a).replace(f"{{{name}}}", str(tmp_path / name)) for a in args]
+    assert_user_error(run_main(capsys, "--out", tmp_path / "run", "--max-steps", "1", *args), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompt_files_json_lines_by_suffix_in_any_case_and_without_a_bom(tmp_path: Path):
+    from dmd2_train.data import read_prompts
+
+    (tmp_path / "p.json").write_text('{"text": "a handwritten 3"}\n')  # trained on the raw JSON as the prompt
+    (tmp_path / "p.txt").write_text("\ufeffa red cube\na blue ball\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "p.json") == ["a handwritten 3"]
+    assert read_prompts(tmp_path / "p.txt") == ["a red cube", "a blue ball"]
