@@ -118,6 +118,9 @@ def _distill(args: argparse.Namespace) -> None:
     flags: dict[str, Any] = {"teacher": args.teacher, "teacher_config": args.teacher_config, "out": args.out,
                              "max_steps": args.max_steps, "prompts": args.prompts, "real_images": args.real_images}
     layers = ([read_yaml(args.config)] if args.config else []) + [given(flags), overrides]
+    saved = _saved_config(layers) if args.resume else None
+    if saved is not None:  # the run's own settings, under what is given now
+        layers = [saved, *layers]
     if preset is None:  # from the teacher's family, wherever the teacher was given (a YAML file too)
         teacher = next((layer["teacher"] for layer in reversed(layers) if "teacher" in layer), None)  # null: bundled
         if teacher is None:
@@ -127,9 +130,30 @@ def _distill(args: argparse.Namespace) -> None:
 
             preset = teacher_adapter(Path(teacher)).default_preset  # a folder's or a single file's family
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
+    if saved is not None and os.environ.get("RANK", "0") == "0":
+        now = cfg.model_dump(mode="json")
+        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in saved if k != "out" and now.get(k) != saved[k]]
+        said = f"; changed now: {', '.join(changed)}" if changed else ""
+        print(f"resuming with the run's own settings (its newest checkpoint's meta.json){said}")
     from .loop import distill
 
     distill(cfg, resume=args.resume)
+
+
+def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The config a run saved in its newest checkpoint (the run folder: the last ``out`` given, else the
+    default), its keys this version knows; None when there is none to read (a damaged one is named later)."""
+    from .checkpoint import latest, read_meta
+    from .config import DistillConfig
+
+    out = next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
+               DistillConfig.model_fields["out"].default)
+    found = latest(Path(out))
+    try:
+        saved = read_meta(found[1]).get("config") if found else None
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in saved.items() if k in DistillConfig.model_fields} if isinstance(saved, dict) else None
 
 
 def _teacher(args: argparse.Namespace) -> None:

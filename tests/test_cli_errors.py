@@ -163,3 +163,21 @@ def test_prompt_files_json_lines_by_suffix_in_any_case_and_without_a_bom(tmp_pat
     (tmp_path / "p.txt").write_text("\ufeffa red cube\na blue ball\n", encoding="utf-8")
     assert read_prompts(tmp_path / "p.json") == ["a handwritten 3"]
     assert read_prompts(tmp_path / "p.txt") == ["a red cube", "a blue ball"]
+
+
+def test_resume_takes_the_runs_own_settings(tmp_path: Path, capsys):
+    """`--out DIR --resume` rebuilt the config from the preset: a finished one-step run went on toward
+    the preset's 1000 steps at its batch size, or re-exported its generator with the 4-step schedule."""
+    import json
+
+    out = tmp_path / "run"
+    common = ["--out", out, "preview_every=100", "checkpoint_every=100"]
+    assert run_main(capsys, *common, "--max-steps", "2", "batch_size=2", "ratio=2", "timesteps=[999]").returncode == 0
+    again = run_main(capsys, "--out", out, "--resume")
+    assert again.returncode == 0 and "resuming with the run's own settings" in again.stdout
+    assert "already at step 2 >= max_steps 2" in again.stdout
+    assert json.loads((out / "generator" / "dmd2.json").read_text())["timesteps"] == [999]
+    more = run_main(capsys, "--out", out, "--resume", "--max-steps", "3")
+    assert more.returncode == 0 and "changed now: max_steps 2 -> 3" in more.stdout, more.stdout
+    meta = json.loads(next((out / "checkpoints").glob("step_0000003/meta.json")).read_text())
+    assert meta["config"]["batch_size"] == 2 and meta["config"]["ratio"] == 2
