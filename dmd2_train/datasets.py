@@ -294,6 +294,19 @@ def check_latent_facts(folder: Path, facts: dict[str, Any], backbone: Any) -> No
                         f" differ by {differ:.0%}): {fix}")
 
 
+def latent_shard_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole latent shard (a header cut off or damaged, a part missing), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            if not {"mean", "std"} <= set(f.keys()) or "captions" not in (f.metadata() or {}):
+                return "it lacks the mean, std or captions of a latent shard"
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors, OSError: all mean the file is not whole
+        return first_line(e)
+    return None
+
+
 class LatentShardSource:
     """An ``encode-latents`` folder: fp16 mean and std of each image's latent distribution, with captions."""
 
@@ -315,6 +328,9 @@ class LatentShardSource:
         check_latent_facts(folder, manifest, backbone)
         self.unit_sizes = []
         for shard in self.shards:
+            if problem := latent_shard_problem(shard):
+                raise DataError(f"the latent shard '{shard}' cannot be read ({problem}): it is damaged or was cut off;"
+                                " delete it and run the same encode-latents command again to redo it")
             with safe_open(shard, framework="pt") as f:
                 self.unit_sizes.append(f.get_slice("mean").get_shape()[0])
         self._open: OrderedDict[int, tuple[Any, list[str]]] = OrderedDict()

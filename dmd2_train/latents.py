@@ -44,6 +44,7 @@ from .datasets import (
     first_readable,
     image_source,
     latent_facts,
+    latent_shard_problem,
     print_warning,
     try_read,
 )
@@ -173,6 +174,11 @@ def encode_latents(teacher: Path, images: Path, out: Path, batch_size: int = 16,
 
     if batch_size < 1 or shard_size < 1 or workers < 0:
         raise DataError("--batch-size and --shard-size must be at least 1, --workers at least 0")
+    if image_size is not None and image_size < 1:  # 0 read as not given; -4 blamed the images
+        raise DataError(f"--image-size {image_size}: give a side in pixels, 1 or more, or leave it out for the teacher's")
+    if (Path(out) / "checkpoints").is_dir() or (Path(out) / "dmd2.json").is_file():
+        raise DataError(f"--out '{out}' is a training run or a model folder: give the latent shards a folder of their"
+                        " own")
     env_rank, env_world, local = process_split()
     rank, world = env_rank if rank is None else rank, env_world if world is None else world
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -189,7 +195,9 @@ def encode_latents(teacher: Path, images: Path, out: Path, batch_size: int = 16,
     mine = shards_of(rank, world, count)
     for s in tqdm(mine, desc=f"encode-latents {rank}/{world}" if world > 1 else "encode-latents", unit="shard"):
         path = out / shard_name(s)
-        if path.is_file():
+        if path.is_file() and (problem := latent_shard_problem(path)):
+            print_warning(f"{path} is damaged ({problem}): encoding it again")
+        elif path.is_file():
             report.kept += 1
             continue
         span = SourceSpan(source, s * shard_size, min((s + 1) * shard_size, total))

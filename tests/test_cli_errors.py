@@ -181,3 +181,13 @@ def test_resume_takes_the_runs_own_settings(tmp_path: Path, capsys):
     assert more.returncode == 0 and "changed now: max_steps 2 -> 3" in more.stdout, more.stdout
     meta = json.loads(next((out / "checkpoints").glob("step_0000003/meta.json")).read_text())
     assert meta["config"]["batch_size"] == 2 and meta["config"]["ratio"] == 2
+
+
+def test_encode_latents_refuses_a_side_below_1_and_a_run_folder(tmp_path: Path, capsys):
+    """--image-size 0 encoded at the teacher's size, -4 blamed the images; --out a run folder filled it."""
+    common = ["encode-latents", "--teacher", BUNDLED_DIGITS_TEACHER, "--images", tmp_path]
+    for size in ("0", "-4"):
+        assert_user_error(run_main(capsys, *common, "--out", tmp_path / "lat", "--image-size", size),
+                          f"--image-size {size}: give a side in pixels")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert_user_error(run_main(capsys, *common, "--out", tmp_path / "run"), "is a training run or a model folder")

@@ -74,6 +74,18 @@ def test_killed_encoding_resumes_with_the_missing_shards_only(latent_folder: Pat
     assert {n: (out / n).stat().st_mtime_ns for n in kept if n != "latents-000002.safetensors"} == {
         n: t for n, t in kept.items() if n != "latents-000002.safetensors"}
     assert not list(out.glob(".*.partial"))
+    # a shard cut short (a full disk, a copy stopped): training names it; the same command redoes it
+    from dmd2_serve.model.adapters import load_backbone
+    from dmd2_train.datasets import open_real_source
+
+    cut = out / "latents-000001.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-600])  # the header's lengths no longer fit: a traceback in training
+    with pytest.raises(DataError, match="latents-000001.safetensors' cannot be read .*run the same encode-latents"):
+        open_real_source(out, load_backbone(sd15_teacher))
+    report = encode_latents(sd15_teacher, latent_folder.parent / "images", out, batch_size=2, shard_size=2, workers=0)
+    assert (report.written, report.kept) == (1, 2)  # it was counted as done
+    first, redone = shard_tensors(latent_folder), shard_tensors(out)  # (before: mmapped from the file cut in place)
+    assert all(torch.equal(first[n][k], redone[n][k]) for n in first for k in ("mean", "std"))
     with pytest.raises(DataError, match="other settings .*shard_size"):
         encode_latents(sd15_teacher, latent_folder.parent / "images", out, shard_size=3, workers=0)
 
