@@ -11,11 +11,12 @@ from PIL import Image
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_playground_generates_images_in_a_browser(server, tmp_path):
+NEEDS_CHROMIUM = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+
+
+def chromium():
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -23,9 +24,18 @@ def test_playground_generates_images_in_a_browser(server, tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+
+
+@NEEDS_CHROMIUM
+def test_playground_generates_images_in_a_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium()
     try:
         driver.get(server.url + "/")
+        assert not driver.find_element(By.ID, "key-box").is_displayed()  # no --api-key: no field
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys("the number three")
@@ -55,3 +65,27 @@ def test_playground_generates_images_in_a_browser(server, tmp_path):
         driver.save_screenshot(str(tempfile.gettempdir()) + "/dmd2-playground.png")
     finally:
         driver.quit()
+
+
+@NEEDS_CHROMIUM
+def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url():
+    """Its only way was ?key=... in the address, which the access log then held."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from serving import start_server, stop_server
+
+    server, driver = start_server("--api-key", "s3cret"), chromium()
+    try:
+        driver.get(server.url + "/#key=s3cret")  # a link with the key: kept in the tab, taken off the address
+        assert driver.current_url.rstrip("/") == server.url
+        assert driver.find_element(By.ID, "key").get_attribute("value") == "s3cret"
+        driver.find_element(By.ID, "key").clear()
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 30).until(lambda d: "asks for an API key" in d.find_element(By.ID, "status").text)
+        driver.find_element(By.ID, "key").send_keys("s3cret")
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 4)
+    finally:
+        driver.quit()
+        stop_server(server)
+    assert "s3cret" not in server.log()
