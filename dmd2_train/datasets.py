@@ -123,7 +123,7 @@ def read_metadata(root: Path) -> dict[str, str]:
                 with open(meta, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
                     rows = list(enumerate(csv.DictReader(f), 2))
             else:
-                for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+                for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
                     try:
                         rows += [(n, json.loads(line))] if line.strip() else []
                     except json.JSONDecodeError:
@@ -131,17 +131,24 @@ def read_metadata(root: Path) -> dict[str, str]:
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             print_warning(f"{meta} cannot be read ({e}); its images count as uncaptioned unless they have a .txt")
             continue
+        missing: list[str] = []
         for n, row in rows:
             name = row.get("file_name") if isinstance(row, dict) else None
             text = next((row[k] for k in CAPTION_FIELDS if isinstance(row.get(k), str)), None) if name else None
             if isinstance(name, str) and text is not None:
-                captions[(base / name).as_posix()] = text.strip()
+                key = (base / name.replace("\\", "/")).as_posix()  # a path written on Windows
+                captions[key] = text.strip()
+                if not (root / key).is_file():
+                    missing.append(name)
             else:
                 bad.append(n)
         if bad:
             print_warning(f"{meta}: {len(bad)} rows (line {', '.join(map(str, sorted(bad)[:5]))}"
                           f"{', ...' if len(bad) > 5 else ''}) are not JSON / have no 'file_name' with a 'text';"
                           " their images count as uncaptioned")
+        if missing:
+            print_warning(f"{meta}: {len(missing)} rows name files that are not there (first: {missing[0]!r});"
+                          " file_name is a path relative to the metadata file's folder")
     return captions
 
 

@@ -7,6 +7,7 @@ trainer and the training benchmark.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,9 @@ def make_accelerator(cfg: DistillConfig) -> Any:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not cuda and os.environ.get("RANK", "0") == "0":  # accelerate drops it silently
+        print("warning: mixed_precision=fp16 does nothing on the CPU (accelerate trains in fp32 there); bf16 runs on"
+              " the CPU, fp16 on a GPU", file=sys.stderr)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -191,3 +191,12 @@ def test_encode_latents_refuses_a_side_below_1_and_a_run_folder(tmp_path: Path, 
                           f"--image-size {size}: give a side in pixels")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     assert_user_error(run_main(capsys, *common, "--out", tmp_path / "run"), "is a training run or a model folder")
+
+
+def test_fp16_on_the_cpu_is_said_to_do_nothing(tmp_path: Path, capsys):
+    """accelerate trains fp32 on the CPU whatever mixed_precision says: fp16 was a silent no-op there."""
+    from dmd2_train.config import DistillConfig
+    from dmd2_train.run import make_accelerator
+
+    make_accelerator(DistillConfig(out=tmp_path / "run", mixed_precision="fp16"))
+    assert "mixed_precision=fp16 does nothing on the CPU" in capsys.readouterr().err
