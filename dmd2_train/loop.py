@@ -27,6 +27,7 @@ from dmd2_serve.model.adapters import Backbone, ModelCard, adapter, load_backbon
 from dmd2_serve.model.backends import FastPath
 from dmd2_serve.model.errors import first_line
 from dmd2_serve.model.pipeline import FewStepPipeline
+from dmd2_serve.terminal import leave_hung_up_terminal
 
 from . import checkpoint as ckpt
 from .config import BUNDLED_DIGITS_TEACHER, DistillConfig
@@ -213,8 +214,13 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     # 4. The loop.
     stop = {"signal": None}
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: a closed terminal or SSH session
-    previous = {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in stop_signals}
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:  # a closed terminal or SSH session: the run saves without writing to it
+            leave_hung_up_terminal()
+        stop.update(signal=signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     accelerator.init_trackers("dmd2", config={k: str(v) for k, v in cfg.model_dump().items()})
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="dmd2", unit="step")
     step, since, since_step = start, time.perf_counter(), start

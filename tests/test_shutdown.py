@@ -103,6 +103,31 @@ def test_signal_drains_admitted_requests_then_frees_the_port(sig: int, port: int
         stop_server(server)
 
 
+def test_a_closed_terminal_drains_too():
+    """SIGHUP comes with a terminal that is gone: every write to it fails (EIO). The drain's first log
+    line raised in the supervisor, which stopped the server at once and lost the requests in flight."""
+    import pty
+
+    from dmd2_serve.server.launch import launch, stop
+
+    main_side, terminal = pty.openpty()
+    server = launch(log=terminal)
+    os.close(terminal)
+    try:
+        release = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(held_request, server, {"prompt": "a 2", "seed": 4}, release)
+            wait_for(lambda: queue_depth(server) == 1, 20, "the request admitted")
+            os.close(main_side)  # the terminal hangs up ...
+            server.process.send_signal(signal.SIGHUP)  # ... and says so to the session's processes
+            wait_for(lambda: health(server) == 503, 5, "/health 503 while draining")
+            release.set()
+            assert held.result().status_code == 200, held.result().text
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        stop(server.process)
+
+
 def test_grace_period_ends_the_wait_and_the_status_says_so():
     server = start_server("--grace", "1")
     try:

@@ -37,6 +37,7 @@ from multiprocessing.process import BaseProcess
 
 import litserve as ls
 
+from ..terminal import leave_hung_up_terminal
 from .middleware import POLL_S
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each drains, then stops
@@ -47,7 +48,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def say(message: str) -> None:
-    print(f"dmd2_serve: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"dmd2_serve: {message}", file=sys.stderr, flush=True)
+    except OSError:  # a terminal that hung up: the drain goes on without its log
+        pass
 
 
 class ServingState:
@@ -204,6 +208,8 @@ class SupervisedServer(ls.LitServer):
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signal = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            leave_hung_up_terminal()  # its messages would fail, and end the drain with them
         if not self._serving:
             raise KeyboardInterrupt  # start-up has nothing to drain; serve stops what it started
         if self._stop.is_set():
