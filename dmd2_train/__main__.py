@@ -111,7 +111,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from .config import DISTILL_PRESETS, DistillConfig, build_config, given, parse_overrides, read_yaml
+    from .config import (
+        DISTILL_PRESETS,
+        ConfigError,
+        DistillConfig,
+        build_config,
+        given,
+        parse_overrides,
+        read_yaml,
+        resumable,
+    )
 
     preset = args.preset
     overrides = parse_overrides(args.overrides)
@@ -120,6 +129,9 @@ def _distill(args: argparse.Namespace) -> None:
     layers = ([read_yaml(args.config)] if args.config else []) + [given(flags), overrides]
     saved = _saved_config(layers) if args.resume else None
     if saved is not None:  # the run's own settings, under what is given now
+        if preset is not None:
+            raise ConfigError(f"--preset {preset} with --resume: a resumed run keeps its own settings (its"
+                              " checkpoint's meta.json); give what should change as key=value")
         layers = [saved, *layers]
     if preset is None:  # from the teacher's family, wherever the teacher was given (a YAML file too)
         teacher = next((layer["teacher"] for layer in reversed(layers) if "teacher" in layer), None)  # null: bundled
@@ -131,8 +143,8 @@ def _distill(args: argparse.Namespace) -> None:
             preset = teacher_adapter(Path(teacher)).default_preset  # a folder's or a single file's family
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
     if saved is not None and os.environ.get("RANK", "0") == "0":
-        now = cfg.model_dump(mode="json")
-        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in saved if k != "out" and now.get(k) != saved[k]]
+        now = resumable(cfg)  # as the checkpoint keeps it: paths absolute, the bundled teacher null
+        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in saved if now.get(k) != saved[k]]
         said = f"; changed now: {', '.join(changed)}" if changed else ""
         print(f"resuming with the run's own settings (its newest checkpoint's meta.json){said}")
     from .loop import distill
@@ -142,18 +154,26 @@ def _distill(args: argparse.Namespace) -> None:
 
 def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The config a run saved in its newest checkpoint (the run folder: the last ``out`` given, else the
-    default), its keys this version knows; None when there is none to read (a damaged one is named later)."""
-    from .checkpoint import latest, read_meta
+    default), its keys this version knows, without ``init_from`` (the checkpoint holds the weights); None
+    when there is no checkpoint."""
+    from .checkpoint import META, checkpoint_dir, latest, read_meta
     from .config import DistillConfig
+    from .run import RunError
 
-    out = next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
-               DistillConfig.model_fields["out"].default)
-    found = latest(Path(out))
-    try:
-        saved = read_meta(found[1]).get("config") if found else None
-    except (OSError, ValueError):
+    out = Path(next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
+                    DistillConfig.model_fields["out"].default))
+    found = latest(out)
+    if found is None:
         return None
-    return {k: v for k, v in saved.items() if k in DistillConfig.model_fields} if isinstance(saved, dict) else None
+    try:
+        saved = read_meta(found[1]).get("config")
+    except (OSError, ValueError) as e:
+        raise RunError(f"the checkpoint {found[1]} cannot be read ({type(e).__name__}: {str(e)[:200]}): its {META}"
+                       f" is damaged; move it out of {checkpoint_dir(out)} and --resume again to continue from the"
+                       " one before") from None
+    if not isinstance(saved, dict):
+        return None  # a checkpoint of a version that kept no config: the layers as given
+    return {k: v for k, v in saved.items() if k in DistillConfig.model_fields and k != "init_from"}
 
 
 def _teacher(args: argparse.Namespace) -> None:

@@ -228,6 +228,22 @@ def given(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
 
 
+RUN_PATHS = ("teacher", "teacher_config", "out", "init_from", "prompts", "real_images")
+
+
+def resumable(cfg: DistillConfig) -> dict[str, Any]:
+    """The config as a checkpoint keeps it (``--resume`` starts from it): JSON, its paths absolute (a
+    resume may start in another folder), the bundled teacher as null (the installed package's, wherever
+    that is by then)."""
+    data = cfg.model_dump(mode="json")
+    for key in RUN_PATHS:
+        if data.get(key) is not None:
+            data[key] = str(Path(data[key]).absolute())
+    if cfg.teacher.resolve() == BUNDLED_DIGITS_TEACHER.resolve():
+        data["teacher"] = None
+    return data
+
+
 def build_config(model: type[_Strict], presets: dict[str, dict[str, Any]], preset: str | None,
                  layers: list[dict[str, Any]]) -> Any:
     """Preset, then each layer (file, CLI flags, overrides) on top; validate once at the end. A layer's

@@ -30,7 +30,7 @@ from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_serve.terminal import leave_hung_up_terminal
 
 from . import checkpoint as ckpt
-from .config import BUNDLED_DIGITS_TEACHER, DistillConfig
+from .config import BUNDLED_DIGITS_TEACHER, DistillConfig, resumable
 from .export import export_generator
 from .init_from import read_initial_weights
 from .memory import out_of_memory_message
@@ -184,8 +184,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             except (RuntimeError, ValueError, KeyError) as e:
                 raise RunError(
                     f"the checkpoint {found[1]} does not fit this configuration (teacher, gan, ... changed?):"
-                    f" {first_line(e)}; resume with the run's own settings"
-                    " (kept in its meta.json under 'config') or use a new --out"
+                    f" {first_line(e)}; resume without the settings changed now (a resume starts from the run's"
+                    " own, kept in its meta.json under 'config'), or use a new --out"
                 ) from None
             run.batches.restore_data(ckpt.read_meta(found[1]).get("data"))  # the real-data stream's position
             accelerator.print(f"resumed from step {start}")
@@ -196,7 +196,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     def save(step: int) -> None:
         data = run.batches.data_state(accelerator)
-        trainer.save(cfg.out, step, {"config": cfg.model_dump(mode="json")} | ({"data": data} if data else {}))
+        trainer.save(cfg.out, step, {"config": resumable(cfg)} | ({"data": data} if data else {}))
 
     def preview(step: int) -> None:
         """Every process renders its share of the prompts (sharded nets need all of them), no CUDA

@@ -179,8 +179,13 @@ def test_resume_takes_the_runs_own_settings(tmp_path: Path, capsys):
     assert json.loads((out / "generator" / "dmd2.json").read_text())["timesteps"] == [999]
     more = run_main(capsys, "--out", out, "--resume", "--max-steps", "3")
     assert more.returncode == 0 and "changed now: max_steps 2 -> 3" in more.stdout, more.stdout
-    meta = json.loads(next((out / "checkpoints").glob("step_0000003/meta.json")).read_text())
+    meta_path = out / "checkpoints" / "step_0000003" / "meta.json"
+    meta = json.loads(meta_path.read_text())
     assert meta["config"]["batch_size"] == 2 and meta["config"]["ratio"] == 2
+    assert meta["config"]["teacher"] is None and Path(meta["config"]["out"]).is_absolute()  # a moved venv, another cwd
+    assert_user_error(run_main(capsys, "--out", out, "--resume", "--preset", "digits"), "--preset digits with --resume")
+    meta_path.write_text("{")  # it fell back to the preset, and the checkpoint then did not fit
+    assert_user_error(run_main(capsys, "--out", out, "--resume"), "its meta.json is damaged; move it out")
 
 
 def test_encode_latents_refuses_a_side_below_1_and_a_run_folder(tmp_path: Path, capsys):
