@@ -243,13 +243,13 @@ def check_port_free(host: str, port: int) -> None:
     import errno
     import socket
 
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # no IPv6: raises here
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-        except OSError as e:
-            why = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
-            raise ValueError(f"{host}:{port} {why}: stop that process or give another --port") from None
+    except OSError as e:
+        why = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        raise ValueError(f"{host}:{port} {why}: stop that process or give another --port") from None
 
 
 def _check_api_key(key: str | None) -> None:

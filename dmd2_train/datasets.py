@@ -131,24 +131,17 @@ def read_metadata(root: Path) -> dict[str, str]:
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             print_warning(f"{meta} cannot be read ({e}); its images count as uncaptioned unless they have a .txt")
             continue
-        missing: list[str] = []
         for n, row in rows:
             name = row.get("file_name") if isinstance(row, dict) else None
             text = next((row[k] for k in CAPTION_FIELDS if isinstance(row.get(k), str)), None) if name else None
             if isinstance(name, str) and text is not None:
-                key = (base / name.replace("\\", "/")).as_posix()  # a path written on Windows
-                captions[key] = text.strip()
-                if not (root / key).is_file():
-                    missing.append(name)
+                captions[(base / name.replace("\\", "/")).as_posix()] = text.strip()  # "\\": written on Windows
             else:
                 bad.append(n)
         if bad:
             print_warning(f"{meta}: {len(bad)} rows (line {', '.join(map(str, sorted(bad)[:5]))}"
                           f"{', ...' if len(bad) > 5 else ''}) are not JSON / have no 'file_name' with a 'text';"
                           " their images count as uncaptioned")
-        if missing:
-            print_warning(f"{meta}: {len(missing)} rows name files that are not there (first: {missing[0]!r});"
-                          " file_name is a path relative to the metadata file's folder")
     return captions
 
 
@@ -164,6 +157,10 @@ class ImageFolderSource:
         self.files = [p.relative_to(root).as_posix() for p in files]
         self.captions = read_metadata(root)
         self.unit_sizes = [len(self.files)]
+        listed = set(self.files)
+        if missing := [name for name in self.captions if name not in listed]:  # they would train uncaptioned
+            print_warning(f"{root}: {len(missing)} metadata rows name files that are not there (first: {missing[0]!r});"
+                          " file_name is a path relative to its metadata file's folder")
 
     def name_of(self, unit: int, k: int) -> str:
         return self.files[k]
@@ -337,7 +334,7 @@ class LatentShardSource:
         for shard in self.shards:
             if problem := latent_shard_problem(shard):
                 raise DataError(f"the latent shard '{shard}' cannot be read ({problem}): it is damaged or was cut off;"
-                                " delete it and run the same encode-latents command again to redo it")
+                                " run the same encode-latents command again: it encodes that shard anew")
             with safe_open(shard, framework="pt") as f:
                 self.unit_sizes.append(f.get_slice("mean").get_shape()[0])
         self._open: OrderedDict[int, tuple[Any, list[str]]] = OrderedDict()

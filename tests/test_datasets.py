@@ -272,11 +272,12 @@ def test_sixteen_bit_grey_is_scaled_not_clipped_to_white():
 def test_metadata_paths_written_on_windows_and_rows_naming_no_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """A backslash path (written on Windows) and a row naming a file that is not there were dropped
     silently: their images trained uncaptioned."""
-    from dmd2_train.datasets import read_metadata
+    from dmd2_train.datasets import ImageFolderSource
 
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "d.png")
     rows = [{"file_name": "sub\\d.png", "text": "a digit"}, {"file_name": "gone.png", "text": "lost"}]
     (tmp_path / "metadata.jsonl").write_text("\ufeff" + "\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    assert read_metadata(tmp_path)["sub/d.png"] == "a digit"  # the BOM did not spoil the first row either
-    assert "1 rows name files that are not there (first: 'gone.png')" in capsys.readouterr().err
+    source = ImageFolderSource(tmp_path, [tmp_path / "sub" / "d.png"], 8, 3)
+    assert source.read(0, 0).caption == "a digit"  # the BOM did not spoil the first row either
+    assert "1 metadata rows name files that are not there (first: 'gone.png')" in capsys.readouterr().err

@@ -237,12 +237,15 @@ def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
     with pytest.raises(openai.BadRequestError) as e:  # the image given to the route that draws from noise
         client.images.generate(prompt="a 4", extra_body={"strength": 0.5})
     assert e.value.param == "strength" and "/v1/images/edits" in str(e.value)
+    assert client.images.generate(prompt="a 4", extra_body={"image": None, "strength": None}).data  # null: none
     url = f"{server.url}/v1/images/edits"
     for form, files, param, words in [
         ({"prompt": "a 4"}, {"image": (None, "photo.png")}, "image", "must be a file part"),  # a text field
         ({"prompt": ""}, {"image": ("a.png", start_picture())}, "prompt", "an empty form field counts as none"),
         ({"prompt": "a 4"}, {"picture": ("a.png", start_picture())}, "image", "send the image to start from"),
         ({"prompt": "a 4", "n": "1_0"}, {"image": ("a.png", start_picture())}, "n", "is not a whole number"),
+        ({"prompt": "a 4"}, [("image", ("a.png", start_picture())), ("image", ("b.png", start_picture()))], "image",
+         "2 images were sent"),  # the last one was taken
     ]:
         r = httpx.post(url, data=form, files=files, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (form, r.text)

@@ -488,7 +488,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
               dependencies=[Depends(api.authorize)])
     async def openai_edits(
         body: Annotated[OpenAIEditRequest, Form()],
-        image: Annotated[UploadFile | None, File(description="the PNG, JPEG or WebP to start from")] = None,
+        image: Annotated[list[UploadFile] | None, File(description="the PNG, JPEG or WebP to start from: one")] = None,
         images: Annotated[list[UploadFile] | None, File(alias="image[]", description="OpenAI's list form of"
                                                          " image (a client's image=[file]): one file")] = None,
         mask: Annotated[UploadFile | None, File(description="refused: inpainting is not supported yet")] = None,
@@ -500,18 +500,16 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
             message = ("mask: inpainting is not supported yet; send the image without a mask to redraw all of it"
                        " (image to image; strength sets how far)")
             return JSONResponse(openai_error(message, "mask"), 400)
-        given = [image] if image is not None else []
-        given += images or []
+        given = [*(image or []), *(images or [])]  # every file sent as image or image[] (the last one was taken)
         if len(given) != 1:
             message = ("image: send the image to start from as a file (multipart, e.g. curl -F image=@photo.png)"
                        if not given else f"image: {len(given)} images were sent; this server redraws one image per"
                        " request: send one")
             return JSONResponse(openai_error(message, "image"), 400)
-        image = given[0]
         request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
                                   seed=body.seed, output_format=body.output_format or "png", model=body.model,
                                   lora=body.lora, lora_scale=body.lora_scale, steps=body.steps)
-        return await openai_answer(request, body.response_format, await image.read())
+        return await openai_answer(request, body.response_format, await given[0].read())
 
     def listed(facts: ModelFacts) -> OpenAIModel:
         return OpenAIModel(id=facts.name, created=facts.created)

@@ -171,7 +171,9 @@ class OpenAIImagesRequest(BaseModel):
     @field_validator("image", "strength", mode="before")
     @classmethod
     def _not_here(cls, v: Any) -> Any:
-        """Image to image has its own route; dropping these would answer a text-to-image picture."""
+        """Image to image has its own route; dropping these would answer a text-to-image picture (null: none)."""
+        if v is None:
+            return v
         raise ValueError("image to image is POST /v1/images/edits (client.images.edit(image=..., prompt=...),"
                          " with strength there); /v1/images/generations draws from noise")
 
@@ -206,7 +208,7 @@ class OpenAIEditRequest(BaseModel):
     def _digits(cls, value: Any) -> Any:
         """A form's whole numbers as digits only (Python's int() took "1_0" as 10, pydantic "2.0" as 2)."""
         if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,20}", value.strip()):
-            raise ValueError(f"{value[:30]!r} is not a whole number: write it in digits, e.g. 2")
+            raise ValueError(f"{value[:30]!r} is not a whole number of 0 or more: write it in digits, e.g. 2")
         return value
 
 
