@@ -154,10 +154,11 @@ def _distill(args: argparse.Namespace) -> None:
 
 def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The config a run saved in its newest checkpoint (the run folder: the last ``out`` given, else the
-    default), its keys this version knows, without ``init_from`` (the checkpoint holds the weights); None
+    default), its keys this version knows, without ``init_from`` (the checkpoint holds the weights) and
+    without the launch's own keys (``sharding``: a sharded run resumes on one plain process too); None
     when there is no checkpoint."""
     from .checkpoint import META, checkpoint_dir, latest, read_meta
-    from .config import DistillConfig
+    from .config import LAUNCH_KEYS, DistillConfig
     from .run import RunError
 
     out = Path(next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
@@ -173,7 +174,7 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
                        " one before") from None
     if not isinstance(saved, dict):
         return None  # a checkpoint of a version that kept no config: the layers as given
-    return {k: v for k, v in saved.items() if k in DistillConfig.model_fields and k != "init_from"}
+    return {k: v for k, v in saved.items() if k in DistillConfig.model_fields and k not in ("init_from", *LAUNCH_KEYS)}
 
 
 def _teacher(args: argparse.Namespace) -> None:

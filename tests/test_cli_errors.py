@@ -200,8 +200,14 @@ def test_encode_latents_refuses_a_side_below_1_and_a_run_folder(tmp_path: Path, 
 
 def test_fp16_on_the_cpu_is_said_to_do_nothing(tmp_path: Path, capsys):
     """accelerate trains fp32 on the CPU whatever mixed_precision says: fp16 was a silent no-op there."""
+    from accelerate.state import AcceleratorState
+
     from dmd2_train.config import DistillConfig
     from dmd2_train.run import make_accelerator
 
-    make_accelerator(DistillConfig(out=tmp_path / "run", mixed_precision="fp16"))
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's precision holds otherwise
+    try:
+        make_accelerator(DistillConfig(out=tmp_path / "run", mixed_precision="fp16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # nor does this one's hold for later tests
     assert "mixed_precision=fp16 does nothing on the CPU" in capsys.readouterr().err
