@@ -1,6 +1,5 @@
 """The worker's loop (dmd2_serve/server/loop.py): every waiting request at once, answers from a thread."""
 
-import pickle
 import queue
 import threading
 import time
@@ -105,8 +104,47 @@ def test_requests_past_the_request_timeout_are_answered_as_timed_out():
     assert len(taken) == 1 and expired == [(0, "uid-0"), (0, "uid-1")]
 
 
-def test_the_loop_travels_to_a_spawned_worker():
-    assert isinstance(pickle.loads(pickle.dumps(ServingLoop())), ServingLoop)
+def cancelled_in_worker(loop: ServingLoop, go, tickets: list[int], answers) -> None:
+    """A spawned worker's view of ``tickets`` once ``go`` is set."""
+    go.wait(60)
+    answers.put([ticket in loop.cancellations for ticket in tickets])
+
+
+def test_the_loop_travels_to_a_spawned_worker_and_sees_cancellations_made_after():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # as LitServe starts its inference workers
+    worker, go, answers = ServingLoop(), ctx.Event(), ctx.Queue()
+    worker.cancellations.cancel(5)
+    process = ctx.Process(target=cancelled_in_worker, args=(worker, go, [5, 7, 9], answers))
+    process.start()
+    try:
+        worker.cancellations.cancel(7)  # after the worker started: the ring is shared memory
+        go.set()
+        assert answers.get(timeout=60) == [True, True, False]
+    finally:
+        process.join(30)
+    assert process.exitcode == 0
+
+
+def test_jobs_whose_client_went_away_are_left_out_of_the_batch():
+    from dmd2_serve.server import metrics
+    from dmd2_serve.server.cancel import Cancellations
+
+    q = SlowQueue()
+    for i in range(4):
+        q.put((0, f"uid-{i}", time.monotonic(), SimpleNamespace(ticket=100 + i)))
+    worker = ServingLoop()
+    worker.cancellations.cancel(101)
+    worker.cancellations.cancel(103)
+    before = metrics.CANCELLED._value.get()
+    taken, _ = worker.get_batch_requests(api(), q, None)
+    assert uids(taken) == ["uid-0", "uid-2"] and metrics.CANCELLED._value.get() == before + 2
+    # the ring keeps the newest cancellations: an old one pushed out is run as before (its answer dropped)
+    ring = Cancellations(size=2)
+    for ticket in (1, 2, 3):
+        ring.cancel(ticket)
+    assert [t in ring for t in (1, 2, 3)] == [False, True, True] and len(ring) == 3
 
 
 class SlowTransport:
@@ -145,7 +183,7 @@ def test_answers_go_from_a_thread_in_order_while_the_worker_goes_on(capfd):
     # in order; the answer that could not go became an error answer (a 500), so its request does not hang
     assert transport.sent == [("a", "OK"), ("b", "ERROR"), ("c", "OK"), ("d", "OK")]
     assert "an answer could not be sent (BrokenPipeError" in capfd.readouterr().err
-    assert pickle.loads(pickle.dumps(worker))._outbox is None  # the thread stays in the worker that made it
+    assert worker.__getstate__()["_outbox"] is None  # the thread stays in the worker that made it
 
 
 class EchoAPI:

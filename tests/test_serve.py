@@ -216,6 +216,36 @@ def test_metrics(server: Server):
     assert "dmd2_batch_size_bucket" in text and "dmd2_queue_depth" in text
 
 
+def metric_sum(server: Server, prefix: str) -> float:
+    """The sum of every sample on ``/metrics`` whose line starts with ``prefix`` (0 when none)."""
+    lines = httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
+
+
+def test_a_request_whose_client_left_is_not_run(server: Server):
+    """A client that closes its connection while its request waits: the worker skips it, the metrics say 499
+    (LitServe ran it, answered into the void and counted 200: a retrying client multiplied the load)."""
+    run_before = metric_sum(server, "dmd2_model_requests_total{")
+    skipped_before = metric_sum(server, "dmd2_cancelled_total ")
+    gone_before = metric_sum(server, 'dmd2_requests_total{endpoint="/generate",status="499"}')
+    with ThreadPoolExecutor(32) as pool:  # batches of 8 eight-image requests ahead of it: seconds of work
+        burst = [pool.submit(generate, server, prompt=f"a {i % 10}", num_images=8) for i in range(32)]
+        # (the first batches may be answered before the last of the burst comes in)
+        wait_for(lambda: queue_depth(server) >= 16, 20, "the burst admitted")
+        host, port = server.url.removeprefix("http://").split(":")
+        body = b'{"prompt": "a 7"}'
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.3)  # read and queued behind the burst; then the client goes
+        assert [f.result().status_code for f in burst] == [200] * 32
+    wait_for(lambda: queue_depth(server) == 0, 10, "every place given back")
+    assert metric_sum(server, "dmd2_model_requests_total{") == run_before + 32  # not 33
+    assert metric_sum(server, "dmd2_cancelled_total ") == skipped_before + 1
+    assert metric_sum(server, 'dmd2_requests_total{endpoint="/generate",status="499"}') == gone_before + 1
+    assert generate(server, prompt="a 7").status_code == 200
+
+
 def test_head_is_get_without_its_body(server: Server):
     """Load balancers probe with HEAD; a POST-only route still says which method it takes."""
     for path in ("/health", "/metrics", "/v1/models", "/"):

@@ -41,6 +41,7 @@ from ..model.backends import FastPath, adapter_conflict
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
+from .cancel import ForgettingRequestHandler, new_ticket
 from .encoding import (
     MEDIA_TYPES,
     OPENAPI_RESPONSES,
@@ -102,6 +103,7 @@ class Job:
     lora_folder: Path | None = None
     lora_scale: float = 1.0
     received: float = field(default_factory=time.perf_counter)  # set in the HTTP process: a system-wide clock
+    ticket: int = field(default_factory=new_ticket)  # cancelled when its client goes (cancel.py)
 
 
 @dataclass
@@ -384,7 +386,6 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     ``models``, ``lora_dirs``, ``lora_cache``: what is served (:class:`FewStepAPI`).
     ``metadata``: write each image's prompt, seed, steps and model into its file (``--no-metadata``: not).
     """
-    from litserve.server import RegularRequestHandler
 
     api = FewStepAPI(models, lora_dirs=lora_dirs, lora_cache=lora_cache, max_batch_size=max_batch_size,
                      batch_timeout=batch_timeout, bucket=bucket, api_key=api_key, threads=threads, fast=fast,
@@ -405,7 +406,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     app = server.app
     # LitServe's index, and its /generate, which would hand the raw body to the worker: ours prepares it first.
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", GENERATE_PATH)]
-    handler = RegularRequestHandler(api, server)
+    handler = ForgettingRequestHandler(api, server, api.loop.cancellations)
 
     # Images decoded at once (each can take ~100 MB at the pixel limit), so that their memory stays bounded.
     decoding = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))

@@ -24,6 +24,9 @@ receives the whole answer: a 512x512 image's pixels (0.8 MB) cost ~1.1 ms, a 102
 :class:`ServingLoop` hands the answers to a sender thread of the worker instead, which sends
 them in order while the worker runs the next batch (and, when the loop stops, before it ends).
 An answer that cannot be sent is answered with a 500, so that its request does not wait forever.
+
+**Cancelled requests.** A request whose client went away while it waited is left out of the batch
+(see ``cancel``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from litserve.loops.base import collate_requests
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, dump_exception
 
+from . import metrics
+from .cancel import Cancellations
 from .lifecycle import say
 
 IDLE_WAIT_S = 0.5  # an idle worker blocks this long on the queue per look (LitServe's loop polls every 1 ms)
@@ -77,6 +82,7 @@ class ServingLoop(BatchedLoop):
         self._outbox: queue.SimpleQueue | None = None  # made in the worker, with the sender, on the first answer
         self._sender: threading.Thread | None = None
         self._sending = threading.Lock()  # one thread at a time on the transport (a ZMQ socket is not thread-safe)
+        self.cancellations = Cancellations()  # written by the HTTP processes, read here
 
     def __getstate__(self) -> dict[str, Any]:
         state = {**self.__dict__, "_outbox": None, "_sender": None}  # the loop travels to spawned workers
@@ -136,11 +142,16 @@ class ServingLoop(BatchedLoop):
             say(f"nor could its error ({type(e).__name__}: {e})")
 
     def get_batch_requests(self, lit_api: Any, request_queue: Queue, transport: Any) -> tuple[list, list]:
-        """(requests, timed-out requests) of the next batch; both empty when none came within ``IDLE_WAIT_S``."""
+        """(requests, timed-out requests) of the next batch, without the requests whose client went away;
+        both empty when none came within ``IDLE_WAIT_S``."""
         first = self.get_request(request_queue, timeout=IDLE_WAIT_S)
         if first is None:
             return [], []
-        return take_batch(self, lit_api, _First(first, request_queue), transport)
+        taken, expired = take_batch(self, lit_api, _First(first, request_queue), transport)
+        wanted = [request for request in taken if getattr(request[2], "ticket", None) not in self.cancellations]
+        if len(wanted) < len(taken):
+            metrics.CANCELLED.inc(len(taken) - len(wanted))
+        return wanted, expired
 
 
 def take_batch(loop: Any, lit_api: Any, queue: Any, transport: Any) -> tuple[list, list]:

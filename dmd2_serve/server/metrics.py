@@ -56,6 +56,7 @@ QUEUE_DEPTH = Gauge("dmd2_queue_depth", "Generation requests admitted and not ye
 BATCH_SIZE = Histogram("dmd2_batch_size", "Requests per model forward batch", buckets=(1, 2, 4, 8, 16, 32, 64))
 BATCH_IMAGES = Histogram("dmd2_batch_images", "Images per model forward batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 REJECTED = Counter("dmd2_rejected_total", "Requests refused because the queue was full")
+CANCELLED = Counter("dmd2_cancelled_total", "Queued requests skipped because their client went away")
 # Per served model (the worker knows which model and adapter ran each request; the HTTP counters above do not).
 MODEL_REQUESTS = Counter("dmd2_model_requests_total", "Generation requests run, by model and LoRA adapter ('': none)",
                          ["model", "lora"])

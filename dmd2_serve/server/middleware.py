@@ -9,6 +9,8 @@
   gets 408 and gives its place back (a stalled or trickling upload cannot hold a queue place).
 - An expired drain: once the main process gives up waiting (``--grace``), a generation request
   not yet answered gets 503 in the endpoint's error shape, not a cancelled task's bare 500.
+- A client gone before its answer began: its route is cancelled (its job is skipped, see
+  ``cancel``), its place given back, and it counts as status 499 ("client closed request").
 - Metrics: requests by endpoint and status, latency, queue depth (see ``metrics``).
 - HEAD is answered as GET without the body (``/health`` probes that use HEAD).
 
@@ -35,6 +37,7 @@ Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 POLL_S = 0.25  # how often a waiting request looks at its body's clock and at the drain
+CLIENT_GONE = 499  # the status a request whose client closed the connection counts as (nginx's)
 # On answers sent before the body was read whole: the connection's next bytes would be the body's rest.
 CLOSE = (b"connection", b"close")
 
@@ -124,7 +127,8 @@ class ServingMiddleware:
             if self.max_body_bytes is not None and declared is not None and declared > self.max_body_bytes:
                 await _json_response(tracked_send, 413, too_large_body(path, self.max_body_bytes), [CLOSE])
             elif path in self.generation_paths and scope["method"] == "POST":
-                await self._generation(scope, receive, tracked_send, path)
+                if await self._generation(scope, receive, tracked_send, path):
+                    status["code"] = CLIENT_GONE
             elif path == self.health_path and (reason := self.state.stop_reason):
                 await _respond(tracked_send, 503, reason.encode(), b"text/plain; charset=utf-8")
             else:
@@ -133,7 +137,8 @@ class ServingMiddleware:
             metrics.REQUESTS.labels(endpoint, str(status["code"])).inc()
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _generation(self, scope: Scope, receive: Callable, send: Callable, path: str) -> None:
+    async def _generation(self, scope: Scope, receive: Callable, send: Callable, path: str) -> bool:
+        """Admit and answer a generation request; True when its client went away before its answer."""
         if not self.state.admit(self.max_queue):
             reason = self.state.stop_reason
             if not reason:
@@ -141,29 +146,46 @@ class ServingMiddleware:
                 reason = f"the server is at its queue limit ({self.max_queue} request{'s' if self.max_queue > 1 else ''})"
             msg = f"{reason}; retry in {self.retry_after_s} s"
             await _json_response(send, 503, error_body(path, msg), [(b"retry-after", str(self.retry_after_s).encode())])
-            return
+            return False
         metrics.QUEUE_DEPTH.inc()
         try:
-            await self._answer_in_time(scope, receive, send, path)
+            return await self._answer_in_time(scope, receive, send, path)
         finally:
             self.state.release()
             metrics.QUEUE_DEPTH.dec()
 
-    async def _answer_in_time(self, scope: Scope, receive: Callable, send: Callable, path: str) -> None:
+    async def _answer_in_time(self, scope: Scope, receive: Callable, send: Callable, path: str) -> bool:
         """Run the app, watched: before it has begun its answer, a body not whole ``body_timeout_s``
-        after admission gets 408, and a request the main process's drain gave up on gets 503.
+        after admission gets 408, a request the main process's drain gave up on gets 503, and one
+        whose client closed the connection is cancelled unanswered (True).
 
         Without the first, a stalled upload holds its queue place for ever (and one that sends a
         byte now and then, were the limit a pause between parts); without the second, the HTTP
-        process's own stop cancels the request and its client gets a bare 500.
+        process's own stop cancels the request and its client gets a bare 500; without the third,
+        a request nobody waits for is run all the same (and a retrying client's load multiplied).
+        Once the body is whole the app reads no more, so the next ``receive`` is the peer's
+        ``http.disconnect`` (uvicorn answers it when the connection closes, or once the answer is sent).
         """
-        started = whole = False
+        started = whole = client_left = False
+        watch: asyncio.Future | None = None  # the connection's next message, once the body is whole
         deadline = time.monotonic() + self.body_timeout_s
 
+        async def watch_connection() -> None:
+            nonlocal client_left
+            try:
+                message = await receive()
+            except Exception:  # noqa: BLE001 - a connection that cannot be read is for uvicorn to report
+                return
+            if message.get("type") == "http.disconnect" and not started:
+                client_left = True
+                app.cancel()
+
         async def timed_receive() -> Message:
-            nonlocal whole
+            nonlocal whole, watch
             message = await receive()
             whole = whole or message["type"] != "http.request" or not message.get("more_body", False)
+            if whole and watch is None:
+                watch = asyncio.ensure_future(watch_connection())
             return message
 
         async def tracked_send(message: Message) -> None:
@@ -191,7 +213,12 @@ class ServingMiddleware:
                     app.exception()  # retrieved: whatever it ended with is superseded by this answer
                 retry = [(b"retry-after", str(self.retry_after_s).encode())] if status == 503 else []
                 await _json_response(send, status, body, retry + ([] if whole else [CLOSE]))
-                return
+                return False
         finally:
             app.cancel()  # a no-op once it is done; else this request was cancelled from outside
+            if watch is not None:
+                watch.cancel()
+        if client_left and app.cancelled():
+            return True
         app.result()
+        return False
