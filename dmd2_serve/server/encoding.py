@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,10 @@ from .schemas import GenerateResponse
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # output_format -> Pillow's format name
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# PNG's deflate with zlib's run-length strategy: on PNG's filtered rows it finds nearly every match the
+# default search finds, at a fraction of the time. A 512x512 photo: 77 -> 21 ms, 489 KB either way; at
+# 1024x1024, 350 -> 74 ms, 1443 -> 1446 KB (Pillow 13, one core of the development machine, 2026-12-07).
+SAVE_OPTIONS = {"png": {"compress_type": zlib.Z_RLE}, "jpeg": {}, "webp": {}}
 USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF UserComment's character code for UTF-16 text
 
 
@@ -160,7 +165,7 @@ def encode_image(image: np.ndarray | torch.Tensor, fmt: str, size: tuple[int, in
             comment = USER_COMMENT_UNICODE + text.encode("utf-16-be")
             metadata["exif"].get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
     out = io.BytesIO()
-    pil.save(out, format=FORMATS[fmt], **metadata)
+    pil.save(out, format=FORMATS[fmt], **SAVE_OPTIONS[fmt], **metadata)
     return out.getvalue()
 
 
