@@ -134,12 +134,16 @@ def test_jobs_whose_client_went_away_are_left_out_of_the_batch():
     q = SlowQueue()
     for i in range(4):
         q.put((0, f"uid-{i}", time.monotonic(), SimpleNamespace(ticket=100 + i)))
+    q.put(_SENTINEL_VALUE)  # LitServe's stop, behind them
     worker = ServingLoop()
-    worker.cancellations.cancel(101)
-    worker.cancellations.cancel(103)
+    for ticket in (100, 101, 103):
+        worker.cancellations.cancel(ticket)
     before = metrics.CANCELLED._value.get()
-    taken, _ = worker.get_batch_requests(api(), q, None)
-    assert uids(taken) == ["uid-0", "uid-2"] and metrics.CANCELLED._value.get() == before + 2
+    taken, _ = worker.get_batch_requests(api(max_batch_size=1), q, None)  # they take no place in the batch
+    assert uids(taken) == ["uid-2"] and metrics.CANCELLED._value.get() == before + 2
+    with pytest.raises(_StopLoopError):  # the stop still reaches the loop
+        worker.get_batch_requests(api(), q, None)
+    assert metrics.CANCELLED._value.get() == before + 3
     # the ring keeps the newest cancellations: an old one pushed out is run as before (its answer dropped)
     ring = Cancellations(size=2)
     for ticket in (1, 2, 3):

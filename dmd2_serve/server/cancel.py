@@ -10,8 +10,14 @@ client multiplied the load exactly when the server was too slow. Now:
   place is given back at once;
 - :class:`ForgettingRequestHandler` (the route's LitServe handler) then drops the request's answer
   slot and writes its job's ticket into :class:`Cancellations`;
-- the worker's loop skips every job whose ticket is there when it forms a batch
-  (``dmd2_cancelled_total``). A job already in a running batch is finished; its answer is dropped.
+- the worker's loop skips every job whose ticket is there as it takes requests for a batch
+  (``dmd2_cancelled_total``), so they take no place in it. A job already in a running batch is
+  finished; its answer is dropped.
+
+The queue place goes back at once, while the skipped job stays in LitServe's queue until the worker
+next takes requests: for the length of one batch that queue may hold more than ``--max-queue`` jobs
+(cancelled ones, skipped at no cost). Linux only, as the rest of the server (fork; and the ring
+pickles only while a worker is being spawned).
 
 :class:`Cancellations` is a ring of tickets in shared memory: written by the HTTP processes (forked,
 under a lock), read by the inference workers (spawned: it travels with the loop) without a round

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
 
 from fastapi import HTTPException
-from litserve.loops.base import collate_requests
+from litserve.loops.base import _SENTINEL_VALUE, collate_requests
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, dump_exception
 
@@ -61,17 +62,33 @@ class _Window:
     stream: bool
 
 
-class _First:
-    """A request queue with one request already taken from it put back in front."""
+class _Waiting:
+    """The request queue as a batch sees it: one request already taken put back in front, and the
+    requests whose client went away taken out as they come (counted), so they take no place in it."""
 
-    def __init__(self, first: Any, rest: Queue) -> None:
-        self._first, self._queue = [first], rest
+    def __init__(self, first: Any, rest: Queue, cancellations: Cancellations) -> None:
+        self._first, self._queue, self._cancellations = [first], rest, cancellations
 
     def get_nowait(self) -> Any:
-        return self._first.pop() if self._first else self._queue.get_nowait()
+        return self.get(block=False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        return self._first.pop() if self._first else self._queue.get(block, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._first:
+                request = self._first.pop()
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                request = self._queue.get(block, left)
+            if not self._cancelled(request):
+                return request
+
+    def _cancelled(self, request: Any) -> bool:
+        """Whether ``request`` (LitServe's (queue id, uid, time, job), or its stop sentinel) was cancelled."""
+        if request == _SENTINEL_VALUE or getattr(request[3], "ticket", None) not in self._cancellations:
+            return False
+        metrics.CANCELLED.inc()
+        return True
 
 
 class ServingLoop(BatchedLoop):
@@ -147,11 +164,7 @@ class ServingLoop(BatchedLoop):
         first = self.get_request(request_queue, timeout=IDLE_WAIT_S)
         if first is None:
             return [], []
-        taken, expired = take_batch(self, lit_api, _First(first, request_queue), transport)
-        wanted = [request for request in taken if getattr(request[2], "ticket", None) not in self.cancellations]
-        if len(wanted) < len(taken):
-            metrics.CANCELLED.inc(len(taken) - len(wanted))
-        return wanted, expired
+        return take_batch(self, lit_api, _Waiting(first, request_queue, self.cancellations), transport)
 
 
 def take_batch(loop: Any, lit_api: Any, queue: Any, transport: Any) -> tuple[list, list]:
