@@ -266,8 +266,10 @@ def format_validation_error(e: ValidationError) -> str:
     """One line per bad key: 'unknown key foo' or 'key bar: <why>'."""
     lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in err["loc"])
+        if not key:  # a check across keys: its message names them (the input would be the whole config)
+            lines.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'")
         else:
             lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")

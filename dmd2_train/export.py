@@ -105,7 +105,7 @@ def export_generator(
 
     out = Path(out)
     card = ModelCard(**{"family": backbone.family, "timesteps": [int(t) for t in timesteps],
-                        "teacher": str(teacher), **backbone.meta(), **(extra or {})})
+                        "teacher": str(Path(teacher).absolute()), **backbone.meta(), **(extra or {})})
     with folder_written_atomically(out) as tmp:
         if lora is not None:
             lora.save(weights, tmp / LORA_FOLDER, next(iter(backbone.pipeline_classes), "StableDiffusionPipeline"))

@@ -8,17 +8,27 @@ module reads the weights only (no optimiser state, no step count) from
   fake score's UNet (the GAN head too when both runs have one);
 * an exported generator folder (``dmd2.json`` with a schedule, ``unet/``): the generator only;
   the fake score starts from the teacher, as in a fresh run.
+
+LoRA weights start a LoRA run of the same rank, targets and ``lora_fake``; another ``lora_alpha``
+is carried over: B is scaled by (alpha_then / r) / (alpha_now / r), so that ``(alpha / r) B A``,
+and with it each network, starts as the earlier run left it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
 from dmd2_serve.model.card import CARD_FILE, ModelCard
+from dmd2_serve.model.lora import LORA_WEIGHTS
 
 from . import checkpoint as ckpt
+from .config import DistillConfig
+from .lora import lora_settings
 from .run import RunError
 
 # Which weights to start from: {"generator": state dict, "fake": state dict (optional)}.
@@ -32,12 +42,17 @@ def _checkpoint_folder(path: Path) -> Path | None:
     return found[1] if found else None
 
 
-def read_initial_weights(path: Path) -> InitialWeights:
-    """The weights ``init_from=path`` names; ``RunError`` with the fix when it names none."""
+def read_initial_weights(path: Path, cfg: DistillConfig | None = None) -> InitialWeights:
+    """The weights ``init_from=path`` names, fitted to the LoRA settings of ``cfg`` (the run they start);
+    ``RunError`` with the fix when it names none or they cannot fit."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"init_from '{path}' {'is not a folder' if path.exists() else 'does not exist'}; give a run"
                        " folder, a checkpoint folder (checkpoints/step_XXXXXXX) or an exported generator folder")
+    if (path / LORA_WEIGHTS).is_file():
+        raise RunError(f"init_from '{path}' is a LoRA export ({LORA_WEIGHTS}); give its run folder to start from"
+                       f" its adapters (init_from={path.parent.parent}), or the merged generator beside it"
+                       f" (init_from={path.parent})")
     card_path = path / CARD_FILE
     if card_path.is_file() and ModelCard.read(card_path).is_generator:
         from safetensors.torch import load_file
@@ -55,7 +70,30 @@ def read_initial_weights(path: Path) -> InitialWeights:
     generator = dict(state["generator"])
     if state.get("generator_ema"):  # the weights the run served: its EMA
         generator.update(state["generator_ema"])
-    return {"generator": generator, "fake": dict(state["fake"])}
+    init = {"generator": generator, "fake": dict(state["fake"])}
+    then = state["meta"].get("config")
+    return fit_lora(init, then, cfg, path) if cfg is not None and isinstance(then, dict) else init
+
+
+def fit_lora(init: InitialWeights, then: Mapping[str, Any], cfg: DistillConfig, path: Path) -> InitialWeights:
+    """``init``, from a run configured as ``then``, for a run configured as ``cfg``: refused when their
+    adapters differ in shape, its B weights rescaled when only ``lora_alpha`` differs (module docstring)."""
+    old, new = lora_settings(then), lora_settings(cfg.model_dump())
+    if not (old["lora_rank"] and new["lora_rank"]):
+        return init  # LoRA against full weights: apply_initial_weights says so
+    differ = [key for key in ("lora_rank", "lora_targets", "lora_fake") if old[key] != new[key]]
+    if differ:
+        raise RunError(f"init_from '{path}' was trained with {', '.join(f'{k}={old[k]}' for k in differ)} and this"
+                       f" run has {', '.join(f'{k}={new[k]}' for k in differ)}: LoRA weights start a run with the"
+                       " same lora_rank, lora_targets and lora_fake; give those (lora_alpha may differ)")
+    factor = (old["lora_alpha"] / old["lora_rank"]) / (new["lora_alpha"] / new["lora_rank"])
+    if factor == 1:
+        return init
+    if os.environ.get("RANK", "0") == "0":
+        print(f"init_from: lora_alpha {old['lora_alpha']:g} -> {new['lora_alpha']:g}; the adapters' B weights are"
+              f" scaled by {factor:g}, so the networks start as that run left them")
+    return {net: {k: v * factor if ".lora_B." in k else v for k, v in weights.items()}
+            for net, weights in init.items()}
 
 
 def apply_initial_weights(generator: nn.Module, fake: nn.Module, init: InitialWeights) -> None:

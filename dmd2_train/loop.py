@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from .config import BUNDLED_DIGITS_TEACHER, DistillConfig, resumable
 from .export import export_generator
 from .init_from import read_initial_weights
+from .lora import lora_changes
 from .memory import out_of_memory_message
 from .previews import save_grid
 from .run import (
@@ -87,7 +88,7 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     # the known texts (the bundled digits: 14,470 captions, 100 distinct) encoded once, up front
     encoder = PromptEncoder(backbone, data.texts() + list(cfg.preview_prompts), limit=8192)
     batches = RunBatches(data, encoder, backbone, stream_plan(cfg, accelerator))
-    init = read_initial_weights(cfg.init_from) if cfg.init_from is not None else None
+    init = read_initial_weights(cfg.init_from, cfg) if cfg.init_from is not None else None
     trainer = Trainer(cfg, accelerator, load_unet(teacher), backbone.sample_shape, backbone.schedule, batches,
                       backbone.unconditional(1), backbone.bottleneck, init)
     return PreparedRun(card, backbone, trainer, teacher, batches)
@@ -166,12 +167,21 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             accelerator.print(f"no checkpoint in {ckpt.checkpoint_dir(cfg.out)}; starting from the teacher")
         else:
             try:
+                saved = ckpt.read_meta(found[1]).get("config")
+                if isinstance(saved, dict) and (changed := lora_changes(saved, cfg.model_dump())):
+                    raise RunError(
+                        f"the checkpoint {found[1]} holds adapters trained with other LoRA settings"
+                        f" ({', '.join(changed)}); a resume keeps them: leave those settings out, or start a new"
+                        f" --out with init_from={cfg.out} (the same lora_rank, lora_fake and lora_targets; another"
+                        " lora_alpha is carried over)")
                 try:
                     start = trainer.load(found[1])
                 except RuntimeError as e:  # torch.load of a shard cut short inside its data
                     if not any(m in str(e) for m in ("PytorchStreamReader", "zip archive", "central directory")):
                         raise
                     raise EOFError(first_line(e)) from None
+            except RunError:
+                raise
             except (EOFError, OSError, pickle.UnpicklingError, json.JSONDecodeError) as e:
                 before = [p for step, p in ckpt.list_checkpoints(cfg.out) if step < found[0]]
                 then = f"from {before[-1].name}" if before else "from the teacher (it is the only one)"

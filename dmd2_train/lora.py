@@ -17,8 +17,10 @@ none), so the scale ``alpha / r`` is folded into B: it loads with the same outpu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,24 @@ from dmd2_serve.model.lora import LORA_WEIGHTS
 from .config import ConfigError, DistillConfig
 
 ADAPTER = "default"  # peft's adapter name: the state dict's keys carry it (``to_q.lora_A.default.weight``)
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_fake", "lora_targets")
+
+
+def lora_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's LoRA settings (a config, or the one a checkpoint keeps) as they act: ``lora_rank`` 0 alone
+    for a run that trains every weight, ``lora_alpha`` as a number (null: the rank), targets sorted."""
+    rank = int(config.get("lora_rank") or 0)
+    if not rank:
+        return {"lora_rank": 0}
+    targets = config.get("lora_targets") or DistillConfig.model_fields["lora_targets"].default
+    return {"lora_rank": rank, "lora_alpha": float(config.get("lora_alpha") or rank),
+            "lora_fake": bool(config.get("lora_fake")), "lora_targets": sorted(targets)}
+
+
+def lora_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """The LoRA settings that differ between two configs, as 'key old -> new'."""
+    old, new = lora_settings(before), lora_settings(after)
+    return [f"{key} {old.get(key)} -> {new.get(key)}" for key in LORA_KEYS if old.get(key) != new.get(key)]
 
 
 @dataclass(frozen=True)

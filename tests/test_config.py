@@ -50,6 +50,8 @@ def test_null_is_a_value_and_a_left_out_flag_is_not(tmp_path: Path):
     (["ratio"], "is not key=value"),
     (["guidance_scale=inf"], "config key 'guidance_scale'.*finite number"),  # trained with no DM term at all
     (["lr_generator=nan"], "config key 'lr_generator'"),
+    # a check across keys says only its message (it was "config key 'config'" and the whole config)
+    (["lora_fake=true"], "^lora_fake=true needs lora_rank > 0 .*e.g. lora_rank=64$"),
 ])
 def test_bad_keys_are_named(pairs, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):

@@ -14,9 +14,10 @@ from dmd2_serve.model.pipeline import FewStepPipeline
 from dmd2_train import checkpoint as ckpt
 from dmd2_train.config import DISTILL_PRESETS, ConfigError, DistillConfig, build_config, parse_overrides
 from dmd2_train.export import export_generator
+from dmd2_train.init_from import read_initial_weights
 from dmd2_train.loop import distill, prepare_run
 from dmd2_train.lora import LoraSpec
-from dmd2_train.run import make_accelerator
+from dmd2_train.run import RunError, make_accelerator
 
 PROMPTS = ["a red cube", "a small dog"]
 
@@ -166,6 +167,10 @@ def test_lora_folder_with_a_missing_teacher_says_what_to_do(sd15_teacher: Path, 
     (folder / "lora" / "dmd2.json").write_text(json.dumps({**meta, "base": str(tmp_path / "moved")}))
     with pytest.raises(ModelFolderError, match="not on this machine.*set 'base'"):
         FewStepPipeline.from_folder(folder / "lora")
+    import os  # a relative base is read from the card's folder, wherever the process runs
+
+    (folder / "lora" / "dmd2.json").write_text(json.dumps({**meta, "base": os.path.relpath(sd15_teacher, folder / "lora")}))
+    assert FewStepPipeline.from_folder(folder / "lora").unet is not None
 
 
 def test_a_lora_with_nan_weights_is_refused_when_loaded(sd15_teacher: Path, tmp_path: Path):
@@ -208,6 +213,25 @@ def test_lora_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_p
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
     assert all(".lora_" in k for k in a["generator_ema"])
+
+    # Another lora_alpha: a resume refuses it (it rescaled the adapters and replaced the export); init_from
+    # carries it over, B scaled so that each network starts as the run left it.
+    with pytest.raises(RunError, match=r"^the checkpoint .* other LoRA settings \(lora_alpha 2.0 -> 4.0\); a resume"):
+        distill(DistillConfig(teacher=digits_teacher, out=tmp_path / "cut",
+                              **tiny_run_overrides(**{**common, "lora_alpha": 4.0})), resume=True)
+    start = DistillConfig(teacher=digits_teacher, out=tmp_path / "next", **tiny_run_overrides(**{**common, "lora_alpha": 4.0}))
+    init = read_initial_weights(tmp_path / "straight", start)
+    for net in ("generator", "fake"):
+        weights = a["generator_ema"] if net == "generator" else a["fake"]
+        scaled = [k for k in weights if ".lora_B." in k]
+        assert scaled and all(torch.equal(init[net][k], weights[k] / 2) for k in scaled)
+        assert all(torch.equal(init[net][k], weights[k]) for k in weights if k not in scaled)
+    with pytest.raises(RunError, match=r"trained with lora_rank=2 and this run has lora_rank=3"):
+        read_initial_weights(tmp_path / "straight", start.model_copy(update={"lora_rank": 3}))
+    with pytest.raises(RunError, match=r"trained with lora_fake=True and this run has lora_fake=False"):
+        read_initial_weights(tmp_path / "straight", start.model_copy(update={"lora_fake": False}))
+    with pytest.raises(RunError, match=r"is a LoRA export .*init_from=.*straight\)"):
+        read_initial_weights(tmp_path / "straight" / "generator" / "lora", start)
 
 
 def test_server_serves_the_lora_folder(sd15_teacher: Path, tmp_path: Path):
