@@ -75,6 +75,9 @@ def made(sd15_teacher: Path, sdxl_teacher: Path, sd2v_teacher: Path, tmp_path_fa
     tensors = load_file(loras / "A" / LORA_WEIGHTS)
     tensors[key][0, 0] = float("nan")
     save_file(tensors, loras / "nan" / LORA_WEIGHTS)
+    # nocard: the weights without their dmd2.json (a LoRA from elsewhere looks like this)
+    shutil.copytree(loras / "A", loras / "nocard")
+    (loras / "nocard" / "dmd2.json").unlink()
     return Made(base, root / "A" / "lora", root / "B" / "lora", loras)
 
 
@@ -222,6 +225,10 @@ def test_lora_requests_equal_the_adapter_loaded_alone(server: Server, pipes: dic
     r = generate(server, prompt=prompt, seed=seed, model="sd", lora="A", lora_scale=0)  # the model alone
     made_by = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))).text["parameters"]
     assert made_by.endswith("Model: sd"), made_by
+    # a LoRA export served as the model: scale 0 is its teacher alone, not the model, and its file says so
+    r = generate(server, prompt=prompt, seed=seed, model="sdA", lora="A", lora_scale=0)
+    made_by = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))).text["parameters"]
+    assert made_by.endswith("Model: sdA, Lora: A, Lora scale: 0"), made_by
     # the OpenAI route takes the same fields (extra_body in the official client)
     r = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": prompt, "model": "sd", "lora": "B"})
     assert r.status_code == 200, r.text
@@ -246,6 +253,7 @@ def test_lru_of_one_adapter_reloads_and_stays_right(server: Server, pipes: dict[
     ({"lora": "broken"}, "lora", "not a readable safetensors file"),
     ({"lora": "unpaired"}, "lora", "do not pair"),
     ({"lora": "nan"}, "lora", "holds NaN or infinite values"),
+    ({"lora": "nocard"}, "lora", "has pytorch_lora_weights.safetensors but no dmd2.json"),
     ({"lora": "../loras/A"}, "lora", "pattern"),
     ({"lora": "A", "lora_scale": 2.5}, "lora_scale", "less than or equal to 2"),
     ({"lora_scale": 0.5}, "lora_scale", "send lora too"),

@@ -38,13 +38,15 @@ _LORA_KEY = re.compile(r"unet\.(.+)\.lora_([AB])\.weight")  # diffusers' UNet Lo
 
 
 def lora_base(folder: Path, card: ModelCard) -> Path | None:
-    """The teacher folder a LoRA export adapts (None for a full generator folder).
+    """The teacher folder a LoRA export adapts (None for a full generator folder); a relative ``base``
+    in the card is relative to the card's folder.
 
     Raises ``ModelFolderError`` when the recorded teacher or the adapter file is not there.
     """
     if card.base is None:
         return None
-    folder, base = Path(folder), Path(card.base)
+    folder = Path(folder)
+    base = folder / card.base  # a relative base (a card edited by hand) is read from the card's folder
     if not (folder / LORA_WEIGHTS).is_file():
         raise ModelFolderError(f"'{folder}' is a LoRA export without its '{LORA_WEIGHTS}'; export the run again")
     if not base.is_dir():

@@ -246,7 +246,7 @@ class FewStepAPI(ls.LitAPI):
         seed = request.seed if request.seed is not None else secrets.randbelow(largest_seed(request.num_images) + 1)
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
                    request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
-                   lora=request.lora if lora_folder is not None else None,  # scale 0 ran the model alone
+                   lora=request.lora if lora_folder is not None or lora_scale == 0 else None,
                    lora_folder=lora_folder, lora_scale=lora_scale)
 
     def decode_request(self, request):  # a Job from prepare(); unannotated: LitServe's route (replaced) parses nothing
@@ -353,8 +353,10 @@ def _adapter(facts: ModelFacts, request: GenerateRequest) -> tuple[Path | None, 
         return facts.own_lora, 1.0
     folder = facts.lora_folder(request.lora)
     scale = 1.0 if request.lora_scale is None else request.lora_scale
-    if scale == 0:  # the adapter adds nothing: the UNet alone, batched with the requests that have no adapter
-        return None, 1.0
+    if scale == 0:  # the adapter adds nothing: the UNet alone. For a full model that is the model, batched with
+        # the requests that name no adapter; for a LoRA export served as the model, its teacher without its own
+        # adapter: scale 0 is kept, so that the image's file says which adapter at what scale made it
+        return None, 1.0 if facts.own_lora is None else 0.0
     return folder, scale
 
 
