@@ -154,11 +154,12 @@ def _distill(args: argparse.Namespace) -> None:
 
 def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The config a run saved in its newest checkpoint (the run folder: the last ``out`` given, else the
-    default), its keys this version knows, without ``init_from`` (the checkpoint holds the weights) and
-    without the launch's own keys (``sharding``: a sharded run resumes on one plain process too); None
-    when there is no checkpoint."""
+    default), its keys this version knows, without ``init_from`` (the checkpoint holds the weights); None
+    when there is no checkpoint. ``sharding=fsdp2`` is kept for a distributed launch (torchrun sets
+    ``WORLD_SIZE``) and left out of a plain one, which cannot shard: a checkpoint resumes on any number
+    of processes."""
     from .checkpoint import META, checkpoint_dir, latest, read_meta
-    from .config import LAUNCH_KEYS, DistillConfig
+    from .config import DistillConfig
     from .run import RunError
 
     out = Path(next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
@@ -174,7 +175,12 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
                        " one before") from None
     if not isinstance(saved, dict):
         return None  # a checkpoint of a version that kept no config: the layers as given
-    return {k: v for k, v in saved.items() if k in DistillConfig.model_fields and k not in ("init_from", *LAUNCH_KEYS)}
+    saved = {k: v for k, v in saved.items() if k in DistillConfig.model_fields and k != "init_from"}
+    if saved.get("sharding") == "fsdp2" and "WORLD_SIZE" not in os.environ:
+        print("the run was sharded (sharding=fsdp2) over the processes of a distributed launch; this plain one"
+              " resumes it unsharded")
+        del saved["sharding"]
+    return saved
 
 
 def _teacher(args: argparse.Namespace) -> None:

@@ -229,7 +229,6 @@ def given(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 RUN_PATHS = ("teacher", "teacher_config", "out", "init_from", "prompts", "real_images")
-LAUNCH_KEYS = ("sharding",)  # how this launch spreads the run: a resume picks its own (fsdp2 -> 1 plain process)
 
 
 def resumable(cfg: DistillConfig) -> dict[str, Any]:

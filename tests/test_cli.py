@@ -242,8 +242,9 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(digits_teache
         assert moved > 0 and apart < 0.01 * moved, f"{net}: fsdp2 vs ddp differ by {apart / moved:.2%} of the update"
 
     # 2 -> 1: nothing left to train, so the export is the checkpoint as one process loaded it
-    one = cli(*common(2, "--resume"))
+    one = cli(*common(2, "--resume"))  # the run's own settings, without the sharding a plain launch cannot do
     assert one.returncode == 0 and "already at step 2" in one.stdout + one.stderr, one.stderr[-3000:]
+    assert "this plain one resumes it unsharded" in one.stdout
     assert all(torch.equal(v, exported_unet(out)[k]) for k, v in written_by_two.items())
     one = cli(*common(3, "--resume"))  # and the optimiser states load: it trains on
     assert one.returncode == 0 and "resumed from step 2" in one.stdout + one.stderr, one.stderr[-3000:]
@@ -257,6 +258,10 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(digits_teache
     two = torchrun(2, 29543, *common(4, "--resume"), "sharding=fsdp2")
     assert two.returncode == 0 and "resumed from step 3" in two.stdout + two.stderr, two.stderr[-3000:]
     assert ckpt.read_meta(ckpt.latest(out)[1])["updates"] == {"generator": 2, "fake": 4}
+    two = torchrun(2, 29545, *common(5, "--resume"))  # a distributed resume keeps the run's sharding
+    assert two.returncode == 0 and "resumed from step 4" in two.stdout + two.stderr, two.stderr[-3000:]
+    step, newest = ckpt.latest(out)
+    assert step == 5 and ckpt.read_meta(newest)["config"]["sharding"] == "fsdp2"
 
 
 def test_tiny_sdxl_trains_in_bf16_with_gradient_checkpointing(sdxl_teacher: Path, sd_data, tmp_path: Path):
