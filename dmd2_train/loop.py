@@ -167,7 +167,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
             accelerator.print(f"no checkpoint in {ckpt.checkpoint_dir(cfg.out)}; starting from the teacher")
         else:
             try:
-                saved = ckpt.read_meta(found[1]).get("config")
+                meta = ckpt.read_meta(found[1])
+                saved = meta.get("config")
                 if isinstance(saved, dict) and (changed := lora_changes(saved, cfg.model_dump())):
                     raise RunError(
                         f"the checkpoint {found[1]} holds adapters trained with other LoRA settings"
@@ -197,7 +198,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                     f" {first_line(e)}; resume without the settings changed now (a resume starts from the run's"
                     " own, kept in its meta.json under 'config'), or use a new --out"
                 ) from None
-            run.batches.restore_data(ckpt.read_meta(found[1]).get("data"))  # the real-data stream's position
+            run.batches.restore_data(meta.get("data"))  # the real-data stream's position
             accelerator.print(f"resumed from step {start}")
     if start >= cfg.max_steps:
         accelerator.print(f"the run is already at step {start} >= max_steps {cfg.max_steps}")

@@ -106,11 +106,11 @@ class LoraCatalog:
     def resolve(self, name: str) -> Path:
         """The folder of adapter ``name``, checked against the model; RequestProblem naming ``lora`` if unusable."""
         folder = self.folder / name
-        if LORA_NAME.fullmatch(name) and (folder / LORA_WEIGHTS).is_file() and not (folder / META_FILE).is_file():
-            raise RequestProblem("lora", f"the LoRA adapter '{name}' has {LORA_WEIGHTS} but no {META_FILE} (the card"
-                                         " that names its base and schedule): serve adapters exported by a LoRA"
-                                         " distillation run (its generator/lora folder)")
         if not LORA_NAME.fullmatch(name) or not (folder / META_FILE).is_file():
+            if LORA_NAME.fullmatch(name) and (folder / LORA_WEIGHTS).is_file():
+                raise RequestProblem("lora", f"the LoRA adapter '{name}' has {LORA_WEIGHTS} but no {META_FILE} (the"
+                                             " card that names its base and schedule): serve adapters exported by a"
+                                             " LoRA distillation run (its generator/lora folder)")
             known = self.names()
             listing = f"; it has {', '.join(known[:20])}" if known else "; it has none"
             raise RequestProblem("lora", f"no LoRA adapter named '{name}' for this model{listing}")
