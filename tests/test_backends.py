@@ -65,8 +65,11 @@ def test_compile_backend_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pa
     torch.testing.assert_close(two, want[:2], atol=CPU_TOLERANCE, rtol=0)
 
 
-def test_frozen_compile_gives_the_eager_images(sd15_teacher: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_options_together_give_the_eager_images(sd15_teacher: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freezing, the sliced decode and the folded upsamplers in one compile (each is a lever of its own
+    in the benchmark; together here, since every compile of the tiny pipeline costs the suite ~50 s):
+    each option did its part, and the images are eager's."""
     from torch._inductor import freezing
 
     frozen = []  # per graph Inductor's freezing pass ran on: how many of its inputs became constants
@@ -80,49 +83,34 @@ def test_frozen_compile_gives_the_eager_images(sd15_teacher: Path, tmp_path: Pat
     monkeypatch.setattr(freezing, "freeze", spy)
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)  # Dynamo's default (a regional test may raise it)
     eager, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
-    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, freeze=True))
-    want = eager(PROMPTS, SEEDS)
-    torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
-    torch.testing.assert_close(fast(PROMPTS[:1], SEEDS[:1]), want[:1], atol=CPU_TOLERANCE, rtol=0)
-    # UNet and decoder, at batch 3 (dynamic) and at batch 1; each with its weights as constants (given to
-    # Inductor only through torch.compile's options, the pass ran but found no weights to freeze)
-    assert len(frozen) == 4 and min(frozen) > 10, frozen
-    assert torch._dynamo.config.cache_size_limit >= 64  # room for a graph pair per generator (identity guards)
-    with pytest.raises(BackendError, match="needs --backend compile, not aoti .aoti packages take the module's"):
-        check_fast_path(FastPath(backend="aoti", freeze=True))
-    with pytest.raises(BackendError, match="--compile-freeze needs --compile-scope full"):
-        check_fast_path(FastPath(backend="compile", freeze=True, compile_scope="regional"))
-    with pytest.raises(BackendError, match="--compile-freeze with --precision fp8 has not been tried"):
-        check_fast_path(FastPath(backend="compile", freeze=True, precision="fp8"))
-
-
-def test_sliced_decode_gives_the_eager_images_with_one_batch_1_decoder_graph(sd15_teacher: Path,
-                                                                             tmp_path: Path) -> None:
-    eager, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
-    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, vae_slicing=True))
+    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, freeze=True, vae_slicing=True,
+                             subpixel_upsample=True))
+    folded = [m for m in [*fast.unet.modules(), *fast.backbone.vae.decoder.modules()] if isinstance(m, SubpixelUpsample)]
+    assert len(folded) == 2  # the tiny UNet's one upsampler and the decoder's one
     decoder = fast.backbone.vae.decoder
     compiled, seen = decoder._compiled_call_impl, []
     decoder._compiled_call_impl = lambda x, *a, **k: seen.append(x.shape[0]) or compiled(x, *a, **k)
     want = eager(PROMPTS, SEEDS)
     torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
     torch.testing.assert_close(fast(PROMPTS[:2], SEEDS[:2]), want[:2], atol=CPU_TOLERANCE, rtol=0)
-    assert seen == [1] * 5  # three images, then two: the compiled decoder never saw a batch
-    fast.accelerate(FastPath(backend="eager"))  # and the option goes with the backend that set it
+    torch.testing.assert_close(fast(PROMPTS[:1], SEEDS[:1]), want[:1], atol=CPU_TOLERANCE, rtol=0)
+    assert seen == [1] * 6  # three images, two, one: the compiled decoder never saw a batch
+    # The UNet at batch 3 (dynamic) and at batch 1, the decoder at batch 1 only; each with its weights as
+    # constants (given to Inductor only through torch.compile's options, the pass ran but found no weights)
+    assert len(frozen) == 3 and min(frozen) > 10, frozen
+    assert torch._dynamo.config.cache_size_limit >= 64  # room for a graph pair per generator (identity guards)
+    fast.accelerate(FastPath(backend="eager"))  # the options go with the backend that set them
     assert not fast.backbone.vae.use_slicing
-    with pytest.raises(BackendError, match="--vae-slicing with --backend tensorrt has not been tried"):
-        check_fast_path(FastPath(backend="tensorrt", vae_slicing=True))
-
-
-def test_subpixel_upsample_compiled_gives_the_eager_images(sd15_teacher: Path, tmp_path: Path) -> None:
-    eager, fast = pipeline(sd15_teacher), pipeline(sd15_teacher)
-    fast.accelerate(FastPath(backend="compile", cache_dir=tmp_path, subpixel_upsample=True))
-    folded = [m for m in [*fast.unet.modules(), *fast.backbone.vae.decoder.modules()] if isinstance(m, SubpixelUpsample)]
-    assert len(folded) == 2  # the tiny UNet's one upsampler and the decoder's one
-    want = eager(PROMPTS, SEEDS)
-    torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
-    fast.accelerate(FastPath(backend="eager"))  # the option goes with the backend that set it
     assert not any(isinstance(m, SubpixelUpsample) for m in [*fast.unet.modules(), *fast.backbone.vae.modules()])
     torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
+    with pytest.raises(BackendError, match="needs --backend compile, not aoti .aoti packages take the module's"):
+        check_fast_path(FastPath(backend="aoti", freeze=True))
+    with pytest.raises(BackendError, match="--compile-freeze needs --compile-scope full"):
+        check_fast_path(FastPath(backend="compile", freeze=True, compile_scope="regional"))
+    with pytest.raises(BackendError, match="--compile-freeze with --precision fp8 has not been tried"):
+        check_fast_path(FastPath(backend="compile", freeze=True, precision="fp8"))
+    with pytest.raises(BackendError, match="--vae-slicing with --backend tensorrt has not been tried"):
+        check_fast_path(FastPath(backend="tensorrt", vae_slicing=True))
     with pytest.raises(BackendError, match="--subpixel-upsample with --backend tensorrt has not been tried"):
         check_fast_path(FastPath(backend="tensorrt", subpixel_upsample=True))
 
