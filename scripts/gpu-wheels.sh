@@ -4,7 +4,7 @@
 # version this venv holds, for the host's Python 3.12 on x86_64. Run here, in the repository root,
 # before the first device call of a session:
 #
-#   bash scripts/gpu-wheels.sh [DIR]        (default .whl; ~22 wheels, ~15 MB)
+#   bash scripts/gpu-wheels.sh [DIR]        (default .whl; ~23 wheels, ~18 MB)
 #
 # fastapi needs opentelemetry-api and annotated-doc, importlib_metadata needs lazy-importer,
 # litserve asks for uvicorn[standard] (httptools, python-dotenv, watchfiles, websockets).
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 dest=${1:-.whl}
 packages=(diffusers importlib_metadata zipp pydantic pydantic-core annotated-types typing-inspection torchao
           litserve fastapi starlette uvicorn pyzmq python-multipart braceexpand lazy-importer opentelemetry-api
-          annotated-doc httptools python-dotenv watchfiles websockets)
+          annotated-doc httptools python-dotenv watchfiles websockets fastapi-offline)
 pinned=()
 for name in "${packages[@]}"; do
   version=$(python3 -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')

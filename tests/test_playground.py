@@ -67,14 +67,24 @@ def test_playground_generates_images_in_a_browser(server, tmp_path):
         driver.quit()
 
 
+@pytest.fixture(scope="module")
+def key_server():
+    """The bundled generator behind --api-key s3cret."""
+    from serving import start_server, stop_server
+
+    server = start_server("--api-key", "s3cret")
+    yield server
+    stop_server(server)
+    assert "s3cret" not in server.log()  # the playground's old ?key=... went into the access log
+
+
 @NEEDS_CHROMIUM
-def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url():
+def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url(key_server):
     """Its only way was ?key=... in the address, which the access log then held."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from serving import start_server, stop_server
 
-    server, driver = start_server("--api-key", "s3cret"), chromium()
+    server, driver = key_server, chromium()
     try:
         driver.get(server.url + "/#key=s3cret")  # a link with the key: kept in the tab, taken off the address
         assert driver.current_url.rstrip("/") == server.url
@@ -87,5 +97,40 @@ def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url():
         WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 4)
     finally:
         driver.quit()
-        stop_server(server)
-    assert "s3cret" not in server.log()
+
+
+@NEEDS_CHROMIUM
+def test_docs_work_offline_and_try_it_out_sends_the_key(key_server):
+    """/docs and /redoc on a host without internet (this one: FastAPI's pages fetched their scripts from
+    cdn.jsdelivr.net and stayed blank): Swagger UI lists the routes, its Authorize takes the API key and
+    "Try it out" on /generate answers 200; ReDoc shows the same schema."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, driver = key_server, chromium()
+    try:
+        driver.get(server.url + "/docs")
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "operations-default-generate_generate_post"))
+        assert "dmd2-serve" in driver.find_element(By.CSS_SELECTOR, ".info .title").text
+        driver.find_element(By.CSS_SELECTOR, ".auth-wrapper .authorize").click()
+        driver.find_element(By.CSS_SELECTOR, ".modal-ux input").send_keys("s3cret")
+        driver.find_element(By.CSS_SELECTOR, ".modal-ux .auth-btn-wrapper .authorize").click()
+        driver.find_element(By.CSS_SELECTOR, ".modal-ux .btn-done").click()
+        operation = driver.find_element(By.ID, "operations-default-generate_generate_post")
+        operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        WebDriverWait(driver, 10).until(lambda d: operation.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+        operation.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+        body = operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text")
+        body.send_keys(Keys.CONTROL, "a")
+        body.send_keys(Keys.DELETE)
+        body.send_keys('{"prompt": "the number seven", "seed": 7}')
+        operation.find_element(By.CSS_SELECTOR, ".execute").click()
+        status = ".live-responses-table tr.response .response-col_status"
+        WebDriverWait(driver, 60).until(lambda d: operation.find_elements(By.CSS_SELECTOR, status))
+        assert operation.find_element(By.CSS_SELECTOR, status).text.strip() == "200"
+        assert "Bearer s3cret" in operation.find_element(By.CSS_SELECTOR, ".curl-command").text
+        driver.get(server.url + "/redoc")
+        WebDriverWait(driver, 30).until(lambda d: "/generate" in d.find_element(By.TAG_NAME, "body").text)
+    finally:
+        driver.quit()

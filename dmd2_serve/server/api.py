@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,10 +31,11 @@ import anyio.to_thread
 import litserve as ls
 import numpy as np
 import torch
-from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, File, Form, HTTPException, Request, Security, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.adapters import ModelFolderError, adapter
@@ -42,6 +44,7 @@ from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
 from .cancel import ForgettingRequestHandler, new_ticket
+from .docs import serve_docs_offline
 from .encoding import (
     MEDIA_TYPES,
     OPENAPI_RESPONSES,
@@ -406,8 +409,17 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
              "loras": m.loras is not None} for m in api.models.values()]},
     )
     app = server.app
+    app.title, app.version = "dmd2-serve", package_version("dmd2-fast")
+    app.description = (f"Few-step text to image (DMD2 generators). Serving: {', '.join(api.models)}."
+                       " POST /generate, or the OpenAI Images API under /v1; the playground is at /.")
     # LitServe's index, and its /generate, which would hand the raw body to the worker: ours prepares it first.
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", GENERATE_PATH)]
+    if (online_docs := serve_docs_offline(app)) is not None:  # FastAPI's pages fetch their scripts from a CDN
+        say(online_docs)
+    # The key is checked by api.authorize; with one required, the schema also says so (a bearer scheme on the
+    # generation routes), so /docs has an Authorize button and its "Try it out" sends the key.
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
+    guarded = [Depends(api.authorize), *([Security(bearer)] if api.api_key else [])]
     handler = ForgettingRequestHandler(api, server, api.loop.cancellations)
 
     # Images decoded at once (each can take ~100 MB at the pixel limit), so that their memory stays bounded.
@@ -441,7 +453,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         return EncodedImages(files, result.seeds, MEDIA_TYPES[result.output_format], result.model, timings)
 
     @app.post(GENERATE_PATH, response_model=GenerateResponse, responses={**OPENAPI_RESPONSES, 404: MODEL_NOT_FOUND},
-              dependencies=[Depends(api.authorize)])
+              dependencies=guarded)
     async def generate(body: GenerateRequest, request: Request, response: Response) -> GenerateResponse | Response:
         """Text to image; image to image with ``image`` (and ``strength``). ``Accept: image/png`` (or
         jpeg, webp) answers the one image's file, made in that format whatever ``output_format`` says;
@@ -478,7 +490,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         return JSONResponse({"created": int(time.time()), "data": [{"b64_json": data} for data in images]})
 
     @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
-              dependencies=[Depends(api.authorize)])
+              dependencies=guarded)
     async def openai_images(body: OpenAIImagesRequest) -> JSONResponse:
         """The OpenAI Images API: ``client.images.generate(...)`` works unchanged."""
         return await openai_answer(GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size,
@@ -488,7 +500,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
                                    body.response_format)
 
     @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
-              dependencies=[Depends(api.authorize)])
+              dependencies=guarded)
     async def openai_edits(
         body: Annotated[OpenAIEditRequest, Form()],
         image: Annotated[list[UploadFile] | None, File(description="the PNG, JPEG or WebP to start from: one")] = None,
@@ -517,13 +529,13 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     def listed(facts: ModelFacts) -> OpenAIModel:
         return OpenAIModel(id=facts.name, created=facts.created)
 
-    @app.get(MODELS_PATH, response_model=OpenAIModelList, dependencies=[Depends(api.authorize)])
+    @app.get(MODELS_PATH, response_model=OpenAIModelList, dependencies=guarded)
     async def list_models() -> OpenAIModelList:
         """The served models, in OpenAI's shape (``client.models.list()``); the first is the default."""
         return OpenAIModelList(data=[listed(facts) for facts in api.models.values()])
 
     @app.get(MODELS_PATH + "/{model_id}", response_model=OpenAIModel, responses={404: MODEL_NOT_FOUND},
-             dependencies=[Depends(api.authorize)])
+             dependencies=guarded)
     async def get_model(model_id: str) -> OpenAIModel:
         """One served model (``client.models.retrieve(id)``); 404 in OpenAI's shape if not served."""
         return listed(api.model_facts(model_id))
