@@ -12,6 +12,10 @@ imported on first use of the name, so the command line starts fast).
 from pathlib import Path
 from typing import Any
 
+from .import_noise import quiet_import_noise
+
+quiet_import_noise()  # torchao's import warnings about kernels this project never calls (see import_noise)
+
 # The generator distilled from the bundled digits teacher by ``python -m dmd2_train --preset digits``.
 BUNDLED_DIGITS_GENERATOR = Path(__file__).parent / "assets" / "digits-generator"
 

@@ -1,0 +1,40 @@
+"""Import-time warnings of optional libraries that say nothing about this project's work.
+
+With torchao installed (the ``fp8`` and ``lowmem`` extras), the first diffusers model import brings
+in diffusers' torchao quantizer, which imports torchao. torchao then warns for each CUDA extension
+built for another torch or Python (``Failed to load .../torchao/_C_mxfp8...so``: MX and CUTLASS
+kernels this project never calls; its fp8 path is ``torch._scaled_mm``), diffusers warns that
+torchao's checkpoint tensor classes moved (it only matters for checkpoints saved quantised by
+torchao, which this project does not write), and torch warns about an Enum torchao registers.
+On every start of the server, its workers and the trainer those lines read like a broken install.
+:func:`quiet_import_noise` drops exactly those records; every other warning of these loggers stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# logger name -> the messages dropped from it
+NOISE = {
+    "torchao": re.compile(r"Failed to load .*torchao[/\\]_C"),
+    "diffusers.quantizers.torchao.torchao_quantizer": re.compile(r"Unable to import `torchao` Tensor objects"),
+    "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_import_noise() -> None:
+    """Attach a filter for :data:`NOISE` to each of its loggers (once; nothing is imported)."""
+    for name, pattern in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(pattern))
