@@ -123,12 +123,18 @@ def digits_data() -> TrainingData:
     return TrainingData(prompts, CaptionedImages(images, caps))
 
 
+def prompt_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a prompt file (it is missing, or a folder); None when it is a file."""
+    if path.is_file():
+        return None
+    return f"prompt file '{path}' is a folder: give the file itself" if path.is_dir() else f"prompt file '{path}' does not exist"
+
+
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one a line) or JSON lines (``.jsonl`` or ``.json``, any case; each line
     an object with ``text``, ``prompt`` or ``caption``)."""
-    if not path.is_file():
-        raise DataError(f"prompt file '{path}' is a folder: give the file itself" if path.is_dir()
-                        else f"prompt file '{path}' does not exist")
+    if (problem := prompt_file_problem(path)) is not None:
+        raise DataError(problem)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
     except UnicodeDecodeError as e:

@@ -386,6 +386,15 @@ def first_readable(source: Source) -> tuple[int, int]:
                     " damaged files or point real_images at another source")
 
 
+def real_images_problem(path: Path) -> str | None:
+    """Why ``real_images`` cannot be read, where that is known without reading it: a path (not a shard
+    pattern) that does not exist. None otherwise (the source's own checks come when it is opened)."""
+    if any(c in str(path) for c in "*?[{") or Path(path).exists():
+        return None
+    return (f"real images '{path}' do not exist; pass an image folder, WebDataset .tar shards or an encode-latents"
+            " folder")
+
+
 def image_source(path: Path, size: int, channels: int) -> ImageFolderSource | TarShardSource:
     """The raw-image source at ``path``: an image folder, or WebDataset shards (file, folder, glob or
     WebDataset's brace notation)."""
@@ -399,9 +408,8 @@ def image_source(path: Path, size: int, channels: int) -> ImageFolderSource | Ta
             raise DataError(f"no .tar shards match '{path}'; check the pattern (e.g. 'shards/*.tar' or"
                             " 'shards/{000000..000099}.tar')")
         return TarShardSource(f"WebDataset shards '{path}'", shards, size, channels)
-    if not path.exists():
-        raise DataError(f"real images '{path}' do not exist; pass an image folder, WebDataset .tar shards"
-                        " or an encode-latents folder")
+    if (problem := real_images_problem(path)) is not None:
+        raise DataError(problem)
     if path.is_file():
         if path.suffix != ".tar":
             raise DataError(f"'{path}' is a file but not a WebDataset .tar shard; pass a folder of images or shards")

@@ -23,7 +23,16 @@ from typing import Any
 
 import torch
 
-from dmd2_serve.model.adapters import Backbone, ModelCard, adapter, load_backbone, load_schedule, load_unet, read_card
+from dmd2_serve.model.adapters import (
+    Backbone,
+    ModelCard,
+    adapter,
+    is_single_file,
+    load_backbone,
+    load_schedule,
+    load_unet,
+    read_card,
+)
 from dmd2_serve.model.backends import FastPath
 from dmd2_serve.model.errors import first_line
 from dmd2_serve.model.pipeline import FewStepPipeline
@@ -43,6 +52,7 @@ from .run import (
     check_data_given,
     check_new_run,
     check_output_folder,
+    data_path_problems,
     make_accelerator,
     make_data,
     remove_if_empty,
@@ -73,6 +83,8 @@ class PreparedRun:
 
 def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     """The teacher, its adapter, the data and the trainer, on the accelerator's device."""
+    if cfg.teacher is not None and is_single_file(cfg.teacher) and (problems := data_path_problems(cfg)):
+        raise RunError("; and ".join(problems))  # before the conversion's minutes (the teacher's checks are in it)
     teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)  # a single file: converted
     card = read_card(teacher)
     if card.is_generator:  # a few-step student is no score model: DMD2 against it trains on nonsense

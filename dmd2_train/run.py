@@ -19,8 +19,8 @@ from torch import Tensor
 from dmd2_serve.model.adapters import META_FILE, Backbone, Conditioning
 
 from .config import DistillConfig
-from .data import CaptionedImages, TrainingData, digits_data, read_prompts
-from .datasets import StreamedImages, open_real_source
+from .data import CaptionedImages, TrainingData, digits_data, prompt_file_problem, read_prompts
+from .datasets import StreamedImages, open_real_source, real_images_problem
 from .step import RealBatch
 from .stream import StreamBatch, StreamPlan, StreamReader
 
@@ -283,7 +283,8 @@ def needs_real_images(cfg: DistillConfig) -> bool:
 
 
 def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
-    """Before a model loads: every missing input named in one message (the prompt set, real images)."""
+    """Before a model loads: every missing input named in one message (the prompt set, real images), and
+    a given prompt file or real-image path that does not exist."""
     if bundled_data and cfg.prompts is None and cfg.real_images is None:
         return  # the family's bundled data
     if cfg.real_images is not None and not needs_real_images(cfg):
@@ -302,8 +303,21 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
         missing.append("real images for the GAN: pass real_images=FOLDER, or gan=false" if cfg.gan else
                        "real images (backward_simulation=false noises them as the generator's inputs):"
                        " pass real_images=FOLDER, or backward_simulation=true")
-    if missing:
-        raise RunError("this teacher needs " + "; and ".join(missing))
+    problems = (["this teacher needs " + "; and ".join(missing)] if missing else []) + data_path_problems(cfg)
+    if problems:
+        raise RunError("; and ".join(problems))
+
+
+def data_path_problems(cfg: DistillConfig) -> list[str]:
+    """A given prompt file or real-image path (one the run reads) that does not exist: a mistyped path,
+    found before minutes of loading, or converting, the teacher."""
+    problems = []
+    if cfg.prompts is not None and (problem := prompt_file_problem(Path(cfg.prompts))) is not None:
+        problems.append(problem)
+    if (cfg.real_images is not None and needs_real_images(cfg)
+            and (problem := real_images_problem(Path(cfg.real_images))) is not None):
+        problems.append(problem)
+    return problems
 
 
 def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:

@@ -207,6 +207,21 @@ def refused(args: list[str], capsys) -> str:
     return errors[0]
 
 
+def test_a_mistyped_data_path_is_refused_before_the_teacher_is_converted(sd15_teacher: Path, sd_data, tmp_path: Path,
+                                                                         capsys):
+    """A single file's conversion takes minutes for SDXL; the data paths were first opened after it."""
+    file, config = write_single_file(sd15_teacher, tmp_path / "single")
+    prompts, images = sd_data
+    out = tmp_path / "run"
+    line = refused(["--teacher", str(file), "--teacher-config", str(config), "--out", str(out),
+                    "--prompts", str(prompts) + ".tx", "--real-images", str(images) + "s", "gan=true"], capsys)
+    assert f"prompt file '{prompts}.tx' does not exist" in line and f"real images '{images}s' do not exist" in line
+    assert not out.exists()  # nothing converted, no folder left
+    line = refused(["--teacher", str(sd15_teacher), "--out", str(out), "--prompts", str(prompts),
+                    "--real-images", str(images / "nothere"), "gan=true"], capsys)  # a folder teacher: before it loads
+    assert f"real images '{images / 'nothere'}' do not exist" in line and not out.exists()
+
+
 def sd_folder_with(teacher: Path, folder: Path, scheduler: dict | None = None, drop: str | None = None) -> Path:
     shutil.copytree(teacher, folder)
     if scheduler is not None:
