@@ -106,9 +106,10 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     return PreparedRun(card, backbone, trainer, teacher, batches)
 
 
-def kept(out: Path) -> str:
-    """What a run that stops on an error leaves: its newest checkpoint, if any."""
-    last = ckpt.latest(out)
+def kept(out: Path, found: list[tuple[int, Path]] | None = None) -> str:
+    """What a run that stops on an error leaves: its newest checkpoint, if any (``found``: the run's
+    checkpoints, when the caller has listed them already)."""
+    last = ckpt.latest(out) if found is None else (found[-1] if found else None)
     return f"the last checkpoint ({last[1]}) is intact" if last else "no checkpoint was written yet"
 
 
@@ -142,7 +143,7 @@ def diverged_message(cfg: DistillConfig, broken: list[str], bad_losses: list[str
                 f" {'; '.join(helps)}")
     again = "the same command with --resume and" if kept_now else "a new run with"
     return (f"training diverged by step {step}: {'; '.join(what)}, so no checkpoint was written from them;"
-            f" {kept(cfg.out)}; try {again} {'; '.join(helps)}")
+            f" {kept(cfg.out, kept_now)}; try {again} {'; '.join(helps)}")
 
 
 def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:

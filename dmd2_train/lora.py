@@ -34,6 +34,11 @@ ADAPTER = "default"  # peft's adapter name: the state dict's keys carry it (``to
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_fake", "lora_targets")
 
 
+def effective_alpha(rank: int, alpha: float | None) -> float:
+    """``lora_alpha`` as it acts: unset (null) is the rank, so the adapter's scale alpha / r is 1."""
+    return float(alpha or rank)
+
+
 def lora_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """A run's LoRA settings (a config, or the one a checkpoint keeps) as they act: ``lora_rank`` 0 alone
     for a run that trains every weight, ``lora_alpha`` as a number (null: the rank), targets sorted."""
@@ -41,7 +46,7 @@ def lora_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     if not rank:
         return {"lora_rank": 0}
     targets = config.get("lora_targets") or DistillConfig.model_fields["lora_targets"].default
-    return {"lora_rank": rank, "lora_alpha": float(config.get("lora_alpha") or rank),
+    return {"lora_rank": rank, "lora_alpha": effective_alpha(rank, config.get("lora_alpha")),
             "lora_fake": bool(config.get("lora_fake")), "lora_targets": sorted(targets)}
 
 
@@ -64,7 +69,7 @@ class LoraSpec:
         """The run's adapter, or None when it trains every weight (``lora_rank = 0``)."""
         if not cfg.lora_rank:
             return None
-        return cls(cfg.lora_rank, float(cfg.lora_alpha or cfg.lora_rank), tuple(cfg.lora_targets))
+        return cls(cfg.lora_rank, effective_alpha(cfg.lora_rank, cfg.lora_alpha), tuple(cfg.lora_targets))
 
     @property
     def scale(self) -> float:
