@@ -5,7 +5,7 @@ in diffusers' torchao quantizer, which imports torchao. torchao then warns for e
 built for another torch or Python (``Failed to load .../torchao/_C_mxfp8...so``: MX and CUTLASS
 kernels this project never calls; its fp8 path is ``torch._scaled_mm``), diffusers warns that
 torchao's checkpoint tensor classes moved (it only matters for checkpoints saved quantised by
-torchao, which this project does not write), and torch warns about an Enum torchao registers.
+torchao, which this project does not write), and torch warns about the Enums torchao registers.
 On every start of the server, its workers and the trainer those lines read like a broken install.
 :func:`quiet_import_noise` drops exactly those records; every other warning of these loggers stays.
 """
@@ -23,13 +23,21 @@ NOISE = {
 }
 
 
+def _from_torchao(record: logging.LogRecord) -> bool:
+    """Whether the record's first argument (torch's Enum notice names the class it was given) is torchao's."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return bool(args) and str(getattr(args[0], "__module__", "")).startswith("torchao")
+
+
 class _DropNoise(logging.Filter):
-    def __init__(self, pattern: re.Pattern[str]) -> None:
+    def __init__(self, name: str, pattern: re.Pattern[str]) -> None:
         super().__init__()
         self.pattern = pattern
+        self.torchao_only = name == "torch.utils._pytree"  # the same notice for another library's Enum stays
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.pattern.search(record.getMessage())
+        noise = self.pattern.search(record.getMessage()) and (not self.torchao_only or _from_torchao(record))
+        return not noise
 
 
 def quiet_import_noise() -> None:
@@ -37,4 +45,4 @@ def quiet_import_noise() -> None:
     for name, pattern in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise(pattern))
+            logger.addFilter(_DropNoise(name, pattern))

@@ -287,10 +287,7 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
     a given prompt file or real-image path that does not exist."""
     if bundled_data and cfg.prompts is None and cfg.real_images is None:
         return  # the family's bundled data
-    if cfg.real_images is not None and not needs_real_images(cfg):
-        if not Path(cfg.real_images).exists():
-            raise RunError(f"real_images '{cfg.real_images}' does not exist (and this run would not use it: gan=false"
-                           " with backward_simulation=true); fix the path or leave real_images out")
+    if cfg.real_images is not None and not needs_real_images(cfg) and real_images_problem(Path(cfg.real_images)) is None:
         print(f"warning: real_images '{cfg.real_images}' is not used by this run: gan=false with"
               " backward_simulation=true trains from prompts and noise alone (the GAN's stage, e.g. --preset"
               " sd15-stage2, reads it)", file=sys.stderr)
@@ -309,14 +306,15 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
 
 
 def data_path_problems(cfg: DistillConfig) -> list[str]:
-    """A given prompt file or real-image path (one the run reads) that does not exist: a mistyped path,
-    found before minutes of loading, or converting, the teacher."""
+    """A given prompt file that is missing (or a folder), a given real-image path that does not exist:
+    a mistyped path, found before minutes of loading, or converting, the teacher."""
     problems = []
     if cfg.prompts is not None and (problem := prompt_file_problem(Path(cfg.prompts))) is not None:
         problems.append(problem)
-    if (cfg.real_images is not None and needs_real_images(cfg)
-            and (problem := real_images_problem(Path(cfg.real_images))) is not None):
-        problems.append(problem)
+    if cfg.real_images is not None and (problem := real_images_problem(Path(cfg.real_images))) is not None:
+        problems.append(problem if needs_real_images(cfg) else
+                        f"real_images '{cfg.real_images}' does not exist (and this run would not use it: gan=false"
+                        " with backward_simulation=true); fix the path or leave real_images out")
     return problems
 
 

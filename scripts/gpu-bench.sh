@@ -60,7 +60,7 @@
 #
 # The GPU host has torch, triton, accelerate and transformers; the rest travels as wheels in
 # .whl/ (git-ignored, so a new checkout has none): `bash scripts/gpu-wheels.sh` downloads them here,
-# each at the version this venv holds (22 wheels, 15 MB, ~40 s).
+# each at the version this venv holds (23 wheels, 18 MB, ~40 s).
 # then, e.g.: run(command="bash scripts/gpu-bench.sh sd15 served", carry=[".whl"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."

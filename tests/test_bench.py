@@ -65,19 +65,21 @@ def test_every_variant_names_fast_path_options() -> None:
 def test_bench_compile_variants_at_toy_size(tmp_path: Path) -> None:
     """The compile levers run one at a time; batch 1's breakdown is reported; fp8 fails alone, with its reason;
     a second process starts from the warm cache and says where its seconds went, for compile and for aoti.
-    (aoti stands for every option lever: each is an entry of VARIANTS on the same path, and its images are
-    checked against eager in test_backends; each one here costs 30 s or more of Inductor.)"""
+    (sliced stands for every option lever: each is an entry of VARIANTS on the same path, labelled
+    "compile full, NAME", and its images are checked against eager in test_backends; sliced is the one whose
+    graphs the default's left in the cache (an option that changes the graphs costs 30 s or more of Inductor
+    here); aoti is a backend of its own.)"""
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "2,1", "--backends",
-         "compile", "--scopes", "full", "--variants", "default,fp8:2,aoti:1",
+         "compile", "--scopes", "full", "--variants", "default,fp8:2,aoti:1,sliced:1",
          "--no-preflight", "--no-kernel", "--no-eager-rows",
          "--budget-s", "400", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = {(r["batch"], r["backend"]): r for r in result["rows"] if r.get("kind") != "profile"}
-    compiled = [(2, "compile full"), (1, "aoti full")]
+    compiled = [(2, "compile full"), (1, "aoti full"), (1, "compile full, sliced")]
     assert {(1, "compile full"), *compiled} <= set(rows)
     assert not {"plain", "eager"} & {backend for _, backend in rows}  # --no-eager-rows: only their images, as reference
     assert all(rows[k]["psnr_db"] > 60 for k in compiled)

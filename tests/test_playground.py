@@ -22,7 +22,10 @@ def chromium():
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+                 # an air-gapped host: no name resolves but the server's loopback address (a page that
+                 # fetched a script from a CDN would break here, wherever the tests run)
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(flag)
     return webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
 
@@ -111,6 +114,7 @@ def test_docs_work_offline_and_try_it_out_sends_the_key(key_server):
     server, driver = key_server, chromium()
     try:
         driver.get(server.url + "/docs")
+        assert "cdn.jsdelivr.net" not in driver.page_source
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "operations-default-generate_generate_post"))
         assert "dmd2-serve" in driver.find_element(By.CSS_SELECTOR, ".info .title").text
         driver.find_element(By.CSS_SELECTOR, ".auth-wrapper .authorize").click()
@@ -134,3 +138,22 @@ def test_docs_work_offline_and_try_it_out_sends_the_key(key_server):
         WebDriverWait(driver, 30).until(lambda d: "/generate" in d.find_element(By.TAG_NAME, "body").text)
     finally:
         driver.quit()
+
+
+def test_docs_assets_are_served_and_the_key_is_in_the_schema_only_with_one(server, key_server):
+    """Without a browser: the pages point at the server's own files, which it serves; the bearer scheme
+    is declared where a key is required, on the generation routes alone."""
+    import httpx
+
+    for page, asset in (("/docs", "/docs-assets/swagger-ui-bundle.js"), ("/redoc", "/docs-assets/redoc.standalone.js")):
+        html = httpx.get(server.url + page).text
+        assert asset in html and "cdn.jsdelivr.net" not in html and "fonts.googleapis.com" not in html
+        answer = httpx.get(server.url + asset)
+        assert answer.status_code == 200 and "javascript" in answer.headers["content-type"] and len(answer.content) > 10**5
+    assert "securitySchemes" not in httpx.get(server.url + "/openapi.json").json().get("components", {})
+    schema = httpx.get(key_server.url + "/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {
+        "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
+    secured = {path for path, ops in schema["paths"].items() for op in ops.values() if op.get("security")}
+    assert secured == {"/generate", "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model_id}"}
+    assert schema["info"]["title"] == "dmd2-serve"

@@ -217,6 +217,9 @@ def test_a_mistyped_data_path_is_refused_before_the_teacher_is_converted(sd15_te
                     "--prompts", str(prompts) + ".tx", "--real-images", str(images) + "s", "gan=true"], capsys)
     assert f"prompt file '{prompts}.tx' does not exist" in line and f"real images '{images}s' do not exist" in line
     assert not out.exists()  # nothing converted, no folder left
+    line = refused(["--teacher", str(file), "--teacher-config", str(config), "--out", str(out), "--prompts",
+                    str(prompts), "--real-images", str(images) + "s"], capsys)  # the preset's stage 1 reads none
+    assert f"real_images '{images}s' does not exist (and this run would not use it" in line and not out.exists()
     line = refused(["--teacher", str(sd15_teacher), "--out", str(out), "--prompts", str(prompts),
                     "--real-images", str(images / "nothere"), "gan=true"], capsys)  # a folder teacher: before it loads
     assert f"real images '{images / 'nothere'}' do not exist" in line and not out.exists()

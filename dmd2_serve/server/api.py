@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
@@ -380,6 +381,15 @@ def _check_models(models: Mapping[str, Path], lora_dirs: Mapping[str, Path], lor
         raise ValueError("--lora-cache must be at least 1")
 
 
+def project_version() -> str:
+    """This project's installed version; ``0+unknown`` when it runs from a checkout on ``PYTHONPATH``
+    (the GPU benchmark host's way), which has no distribution metadata."""
+    try:
+        return package_version("dmd2-fast")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, Path] | None = None,
                  lora_cache: int = 4, max_batch_size: int = 8, batch_timeout: float = 0.0,
                  bucket: int | Sequence[int] = 8, api_key: str | None = None, devices: int | str = "auto",
@@ -409,9 +419,9 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
              "loras": m.loras is not None} for m in api.models.values()]},
     )
     app = server.app
-    app.title, app.version = "dmd2-serve", package_version("dmd2-fast")
-    app.description = (f"Few-step text to image (DMD2 generators). Serving: {', '.join(api.models)}."
-                       " POST /generate, or the OpenAI Images API under /v1; the playground is at /.")
+    app.title, app.version = "dmd2-serve", project_version()
+    app.description = ("Few-step text to image (DMD2 generators): POST /generate, or the OpenAI Images API under /v1"
+                       " (the served models: GET /v1/models); the playground is at /.")
     # LitServe's index, and its /generate, which would hand the raw body to the worker: ours prepares it first.
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", GENERATE_PATH)]
     if (online_docs := serve_docs_offline(app)) is not None:  # FastAPI's pages fetch their scripts from a CDN

@@ -42,15 +42,17 @@ def serve_docs_offline(app: FastAPI) -> str | None:
     app.mount(ASSETS_PATH, StaticFiles(directory=folder), name="docs-assets")
     redirect = app.swagger_ui_oauth2_redirect_url
 
+    def root(request: Request) -> str:  # behind a proxy's path prefix (as FastAPI's own pages: no trailing /)
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
     def assets(request: Request) -> str:
-        return f"{request.scope.get('root_path', '')}{ASSETS_PATH}"
+        return f"{root(request)}{ASSETS_PATH}"
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=f"{root}{redirect}" if redirect else None,
+            openapi_url=f"{root(request)}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root(request)}{redirect}" if redirect else None, init_oauth=app.swagger_ui_init_oauth,
             swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
             swagger_css_url=f"{assets(request)}/swagger-ui.css",
             swagger_favicon_url=f"{assets(request)}/favicon.png",
@@ -59,7 +61,7 @@ def serve_docs_offline(app: FastAPI) -> str | None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
-            openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}", title=f"{app.title} - ReDoc",
+            openapi_url=f"{root(request)}{app.openapi_url}", title=f"{app.title} - ReDoc",
             redoc_js_url=f"{assets(request)}/redoc.standalone.js",
             redoc_favicon_url=f"{assets(request)}/favicon.png", with_google_fonts=False)
     return None
