@@ -155,5 +155,6 @@ def test_docs_assets_are_served_and_the_key_is_in_the_schema_only_with_one(serve
     assert schema["components"]["securitySchemes"] == {
         "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
     secured = {path for path, ops in schema["paths"].items() for op in ops.values() if op.get("security")}
-    assert secured == {"/generate", "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model_id}"}
+    assert secured == {"/generate", "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model_id}",
+                       "/info"}
     assert schema["info"]["title"] == "dmd2-serve"

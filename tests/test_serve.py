@@ -370,6 +370,20 @@ def test_api_key(guarded: Server):
     assert e.value.code == "invalid_api_key"  # OpenAI's, which clients look for
     ok = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="s3cret", max_retries=0).images.generate(prompt="a 1")
     assert len(ok.data) == 1
+    # The key before the body: a bad body without the key was a 422 that described the body (and a queue place
+    # was held while it arrived); a stalled upload without the key is answered at once, its body left unread.
+    started = time.monotonic()
+    status, head, body = raw_post(guarded, "/generate", b'{"prompt": "x",', content_length=4096, timeout=20)
+    assert status == 401 and b"www-authenticate: bearer" in head and b"connection: close" in head
+    assert json.loads(body) == {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"}
+    assert time.monotonic() - started < 5  # not the --body-timeout's 30 s
+    answer = httpx.post(f"{guarded.url}/v1/images/generations", content=b"{not json", timeout=10,
+                        headers={"content-type": "application/json", "authorization": "Bearer wrong"})
+    assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+    # LitServe's /info is behind the key too, and the schema says so (Swagger UI's Try it out sends the key)
+    assert httpx.get(f"{guarded.url}/info").status_code == 401
+    info = httpx.get(f"{guarded.url}/info", headers={"Authorization": "Bearer s3cret"})
+    assert info.status_code == 200 and info.json()["model"]["model"] == "digits-generator"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ when ``decode_request`` raises, so a bad request there would fail the good ones 
 
 # FastAPI reads the routes' annotations at runtime (the OpenAPI schema): no `from __future__ import annotations`.
 import asyncio
-import hmac
 import math
 import os
 import secrets
@@ -59,7 +58,7 @@ from .encoding import (
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say, thread_lock_for_progress_bars
 from .loop import ServingLoop
-from .middleware import ServingMiddleware, openai_error, too_large_body
+from .middleware import KEY_MESSAGE, WWW_AUTHENTICATE, ServingMiddleware, key_matches, openai_error, too_large_body
 from .models import ModelFacts, RequestProblem, UnknownModel
 from .schemas import (
     DEFAULT_STRENGTH,
@@ -82,6 +81,7 @@ VARY_ACCEPT = {"Vary": "Accept"}  # /generate's answer depends on Accept: a shar
 MODEL_NOT_FOUND = {"model": OpenAIError, "description": "no served model has that name (OpenAI's error shape,"
                                                         " code model_not_found)"}
 STATIC = Path(__file__).parent / "static"
+INFO_PATH = "/info"  # LitServe's info_path
 
 
 @dataclass
@@ -193,14 +193,12 @@ class FewStepAPI(ls.LitAPI):
 
     # -- auth (runs in the HTTP process, as a FastAPI dependency) --------------------------------
     def authorize(self, request: Request) -> None:
-        """``Authorization: Bearer <key>`` on generation endpoints, compared in constant time."""
+        """``Authorization: Bearer <key>`` on the guarded routes (the middleware checks the generation
+        routes' before their bodies are read; this covers the rest)."""
         if not self.api_key or request.url.path in ("/health", "/", "/metrics"):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise HTTPException(401, detail="missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+        if not key_matches(request.headers.get("authorization", ""), self.api_key):
+            raise HTTPException(401, detail=KEY_MESSAGE, headers=WWW_AUTHENTICATE)
 
     # -- the four phases (run in the inference worker) ------------------------------------------
     def setup(self, device: str) -> None:
@@ -410,10 +408,10 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device, timeout=timeout,
         max_payload_size=max_body_bytes, state=state,
         middlewares=[(ServingMiddleware, dict(generation_paths=(GENERATE_PATH, OPENAI_PATH, OPENAI_EDITS_PATH),
-                                              known_paths=("/", "/health", "/metrics", MODELS_PATH),
+                                              known_paths=("/", "/health", "/metrics", INFO_PATH, MODELS_PATH),
                                               item_prefixes=(MODELS_PATH + "/",),
                                               max_queue=max_queue, state=state, max_body_bytes=max_body_bytes,
-                                              body_timeout_s=body_timeout_s))],
+                                              body_timeout_s=body_timeout_s, api_key=api.api_key))],
         model_metadata={"model": api.default_model, "family": api.facts.family, "models": [
             {"name": m.name, "family": m.family, "steps": m.steps, "image_size": m.native,
              "loras": m.loras is not None} for m in api.models.values()]},
@@ -430,6 +428,11 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
     # generation routes), so /docs has an Authorize button and its "Try it out" sends the key.
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
     guarded = [Depends(api.authorize), *([Security(bearer)] if api.api_key else [])]
+    # LitServe's /info (the served models and the server's settings; behind the key) declared as guarded too
+    info = next(r for r in app.router.routes if getattr(r, "path", None) == INFO_PATH)
+    app.router.routes.remove(info)
+    app.add_api_route(INFO_PATH, info.endpoint, methods=["GET"], dependencies=guarded,
+                      summary="The served models and the server's settings (LitServe's)")
     handler = ForgettingRequestHandler(api, server, api.loop.cancellations)
 
     # Images decoded at once (each can take ~100 MB at the pixel limit), so that their memory stays bounded.

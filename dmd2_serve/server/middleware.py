@@ -1,5 +1,8 @@
 """ASGI middleware around the LitServe app: admission control and metrics.
 
+- The API key first: with ``api_key`` set, a generation request without it gets 401 before its
+  body is read or a queue place taken (an unauthenticated client learns nothing of the body's
+  checks and cannot hold a place while it uploads).
 - A bounded queue: at most ``max_queue`` generation requests are admitted at once; the next one
   gets 503 with ``Retry-After`` at once instead of waiting in an ever-growing queue.
 - Draining: once the main process stops admitting (a SIGTERM, a dead worker; see ``lifecycle``),
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +54,25 @@ def openai_error(message: str, param: str | None = None, kind: str = "invalid_re
 def error_body(path: str, message: str) -> dict[str, Any]:
     """An error body in the shape the endpoint's clients expect."""
     return openai_error(message, kind="server_error") if path.startswith("/v1/") else {"detail": message}
+
+
+KEY_MESSAGE = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+WWW_AUTHENTICATE = {"WWW-Authenticate": "Bearer"}
+
+
+def key_matches(authorization: str, api_key: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <api_key>`` (compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def unauthorized_body(path: str) -> dict[str, Any]:
+    """The 401 body in the endpoint's error shape (on /v1/, OpenAI's, with the code its clients look for)."""
+    if not path.startswith("/v1/"):
+        return {"detail": KEY_MESSAGE}
+    body = openai_error(KEY_MESSAGE)
+    body["error"]["code"] = "invalid_api_key"
+    return body
 
 
 def too_large_body(path: str, limit: int) -> dict[str, Any]:
@@ -90,8 +113,9 @@ class ServingMiddleware:
     def __init__(self, app: ASGIApp, *, generation_paths: tuple[str, ...], known_paths: tuple[str, ...],
                  max_queue: int, state: ServingState, health_path: str = "/health", retry_after_s: int = 1,
                  max_body_bytes: int | None = None, body_timeout_s: float = 30.0,
-                 item_prefixes: tuple[str, ...] = ()) -> None:
+                 item_prefixes: tuple[str, ...] = (), api_key: str | None = None) -> None:
         self.app = app
+        self.api_key = api_key
         self.item_prefixes = item_prefixes  # routes of one item (/v1/models/{id}): one endpoint label for all
         self.generation_paths = set(generation_paths)
         self.known_paths = set(known_paths) | self.generation_paths
@@ -126,6 +150,9 @@ class ServingMiddleware:
         try:
             if self.max_body_bytes is not None and declared is not None and declared > self.max_body_bytes:
                 await _json_response(tracked_send, 413, too_large_body(path, self.max_body_bytes), [CLOSE])
+            elif path in self.generation_paths and scope["method"] == "POST" and not self._authorized(scope):
+                await _json_response(tracked_send, 401, unauthorized_body(path),
+                                     [(b"www-authenticate", b"Bearer"), CLOSE])  # the body is left unread
             elif path in self.generation_paths and scope["method"] == "POST":
                 if await self._generation(scope, receive, tracked_send, path):
                     status["code"] = CLIENT_GONE
@@ -136,6 +163,13 @@ class ServingMiddleware:
         finally:
             metrics.REQUESTS.labels(endpoint, str(status["code"])).inc()
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+
+    def _authorized(self, scope: Scope) -> bool:
+        """No key is required, or the request's ``Authorization`` header carries it."""
+        if not self.api_key:
+            return True
+        given = [value for name, value in scope.get("headers", ()) if name == b"authorization"]
+        return len(given) == 1 and key_matches(given[0].decode("latin-1"), self.api_key)
 
     async def _generation(self, scope: Scope, receive: Callable, send: Callable, path: str) -> bool:
         """Admit and answer a generation request; True when its client went away before its answer."""
