@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import shutil
 import tempfile
 
@@ -108,7 +109,6 @@ def test_docs_work_offline_and_try_it_out_sends_the_key(key_server):
     cdn.jsdelivr.net and stayed blank): Swagger UI lists the routes, its Authorize takes the API key and
     "Try it out" on /generate answers 200; ReDoc shows the same schema."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     server, driver = key_server, chromium()
@@ -125,10 +125,9 @@ def test_docs_work_offline_and_try_it_out_sends_the_key(key_server):
         operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
         WebDriverWait(driver, 10).until(lambda d: operation.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
         operation.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
-        body = operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text")
-        body.send_keys(Keys.CONTROL, "a")
-        body.send_keys(Keys.DELETE)
-        body.send_keys('{"prompt": "the number seven", "seed": 7}')
+        # the body it starts from is the schema's example (without one: every field, "model": "string" too, a 404)
+        body = operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text").get_attribute("value")
+        assert json.loads(body) == {"prompt": "a lighthouse at dusk", "num_images": 1, "seed": 42}
         operation.find_element(By.CSS_SELECTOR, ".execute").click()
         status = ".live-responses-table tr.response .response-col_status"
         WebDriverWait(driver, 60).until(lambda d: operation.find_elements(By.CSS_SELECTOR, status))

@@ -87,7 +87,11 @@ def _steps_field(note: str = "") -> Any:
 class GenerateRequest(BaseModel):
     """``POST /generate``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON's types as they are: no "42" for 42
+    # JSON's types as they are: no "42" for 42. The example is the body /docs' "Try it out" starts from (without
+    # one, Swagger UI fills every field, "model": "string" included, and the request fails).
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"prompt": "a lighthouse at dusk", "num_images": 1,
+                                                               "seed": 42}]})
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
@@ -144,7 +148,8 @@ class OpenAIImagesRequest(BaseModel):
     """``POST /v1/images/generations``: the OpenAI Images API request (OpenAI's parameters that do not
     apply here, such as ``quality`` or ``background``, are accepted and ignored)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"examples": [
+        {"prompt": "a lighthouse at dusk", "n": 1, "response_format": "b64_json"}]})  # for "Try it out", as above
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=256, description=MODEL_HELP)
