@@ -199,11 +199,21 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
          "the request body could not be read: Missing boundary"),
         ("generations", {"content": b'{"prompt": "\xff"}', "headers": {"content-type": "application/json"}},
          "could not be read"),
+        ("edits", {"data": {"prompt": "a 4", "n": "two"}, "files": {"image": b"x"}},
+         "'two' is not a whole number: write it in digits"),  # our words alone (was "Value error, ...")
     ]
     for route, request, words in cases:
         r = httpx.post(f"{url}/{route}", timeout=30, **request)
         assert r.status_code == 400 and words in r.json()["error"]["message"], (route, request, r.text)
-        assert r.json()["error"]["param"] in (None, "seed") and "detail" not in r.json()
+        assert r.json()["error"]["param"] in (None, "seed", "n") and "detail" not in r.json()
+        assert "Value error" not in r.text
+    # /generate says what is wrong with a body that is no JSON or none (it said "JSON decode error", "Field required")
+    r = httpx.post(f"{server.url}/generate", content=b'{"prompt": "x",', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"].startswith(
+        "the body is not valid JSON: Expecting property name enclosed in double quotes at character 15")
+    r = httpx.post(f"{server.url}/generate", timeout=30, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"].startswith("the body is empty: send a JSON object")
 
 
 def test_metrics(server: Server):

@@ -596,10 +596,12 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if request.url.path.startswith("/v1/"):
             message, param = openai_validation_message(request, errors)
             return JSONResponse(openai_error(message, param), 400)
-        detail = [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]
+        detail = [{"loc": e.get("loc"), "msg": problem_message(e), "type": e.get("type")} for e in errors]
         content_type = request.headers.get("content-type", "")
         if detail and tuple(detail[0]["loc"] or ()) == ("body",) and "json" not in content_type:
             detail[0]["msg"] = not_json(request.url.path, content_type)  # curl -d sends a form
+        elif detail and tuple(detail[0]["loc"] or ()) == ("body",) and detail[0]["type"] == "missing":
+            detail[0]["msg"] = f"the body is empty: send a JSON object with at least a prompt, e.g. {EXAMPLE_BODY}"
         return JSONResponse({"detail": detail}, 422)
 
     return server
@@ -618,6 +620,19 @@ def not_json(path: str, content_type: str) -> str:
     return f"{path} takes a JSON body (Content-Type: application/json), not '{content_type or 'no content type'}'"
 
 
+EXAMPLE_BODY = '{"prompt": "a lighthouse at dusk"}'
+
+
+def problem_message(error: Mapping[str, Any]) -> str:
+    """One validation error's message as the client should read it: without pydantic's "Value error, "
+    before our validators' own words, and for a body that is no JSON, where the parser stopped and why."""
+    if error.get("type") == "json_invalid":
+        loc = tuple(error.get("loc", ()))[1:]
+        where = f" at character {loc[0]}" if loc else ""
+        return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}{where}"
+    return str(error.get("msg", "invalid")).removeprefix("Value error, ")
+
+
 def openai_validation_message(request: Request, errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """The first problem of a request to an OpenAI route, as OpenAI's error message and parameter."""
     first = errors[0] if errors else {}
@@ -627,12 +642,11 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
         return (f"{OPENAI_EDITS_PATH} takes multipart/form-data (the image as a file, the other parameters as form"
                 f" fields), as OpenAI's client sends it, not '{content_type or 'no content type'}'"), None
     if first.get("type") == "json_invalid":
-        where = f" at character {loc[0]}" if loc else ""
-        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}{where}", None
+        return problem_message(first), None
     if not loc and "json" not in content_type:
         return not_json(request.url.path, content_type), None
     if not loc:  # the body as a whole: absent, or not an object
-        return f"the body must be a JSON object with at least a prompt: {first.get('msg', 'invalid')}", None
+        return f"the body must be a JSON object with at least a prompt, e.g. {EXAMPLE_BODY}: {problem_message(first)}", None
     if loc and loc[0] in ("image", "image[]", "mask") and "UploadFile" in str(first.get("msg")):
         return (f"{loc[0]}: must be a file part of the multipart body (e.g. curl -F {loc[0]}=@photo.png), not a text"
                 " field"), "image" if loc[0] == "image[]" else loc[0]
@@ -640,7 +654,7 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
         form = " (an empty form field counts as none)" if request.url.path == OPENAI_EDITS_PATH else ""
         return f"prompt: a prompt is required{form}: say what to draw", "prompt"
     param = ".".join(str(p) for p in loc)
-    return f"{param}: {first.get('msg', 'invalid request')}", param
+    return f"{param}: {problem_message(first)}", param
 
 
 def default_threads(workers: int) -> int:

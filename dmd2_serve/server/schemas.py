@@ -213,7 +213,7 @@ class OpenAIEditRequest(BaseModel):
     def _digits(cls, value: Any) -> Any:
         """A form's whole numbers as digits only (Python's int() took "1_0" as 10, pydantic "2.0" as 2)."""
         if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,20}", value.strip()):
-            raise ValueError(f"{value[:30]!r} is not a whole number of 0 or more: write it in digits, e.g. 2")
+            raise ValueError(f"{value[:30]!r} is not a whole number: write it in digits, e.g. 2")
         return value
 
 
