@@ -61,6 +61,8 @@ def test_first_health_200_means_it_serves(server: Server):
     # launch() returned at the first 200; before it the port was closed (LitServe opens it once a
     # worker is ready) or said 503. A generation request is answered at once.
     assert server.health_seen[-1] == 200 and set(server.health_seen[:-1]) <= {503}, server.health_seen
+    with open(server.log_path, encoding="utf-8") as log:  # the operator's sign that it serves, and what
+        assert f"dmd2_serve: ready on {server.url}: serving digits-generator (every worker set up" in log.read()
     assert generate(server, prompt="a 5", seed=5, timeout=20).status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
 

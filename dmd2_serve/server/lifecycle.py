@@ -183,10 +183,12 @@ class SupervisedServer(ls.LitServer):
         self._crashed: BaseProcess | None = None
         self._drained = True
         self._children: list[BaseProcess] = []
+        self._address = ""  # http://host:port, once serve is called
 
     def serve(self, host: str, port: int, grace_s: float = 30.0) -> int:
         """Serve until SIGTERM, SIGINT, SIGHUP or a dead child; return the exit status (module docstring)."""
         self.grace_s = grace_s
+        self._address = f"http://{host}:{port}"
         self.uvicorn_graceful_timeout = HTTP_STOP_S
         _bind_forked_children_to(os.getpid())
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
@@ -223,6 +225,9 @@ class SupervisedServer(ls.LitServer):
         self.uvicorn_graceful_timeout = HTTP_STOP_S + LIFESPAN_STOP_S  # uvicorn's config keeps HTTP_STOP_S
         self._children = [*self.inference_workers, *http]
         self._serving = True
+        names = [m["name"] for m in (self.model_metadata or {}).get("models", [])]
+        say(f"ready on {self._address or 'its port'}: serving {', '.join(names) or 'the model'} (every worker"
+            " set up and warmed; the playground at /, the API's pages at /docs)")
         threading.Thread(target=self._supervise, args=(list(self.inference_workers), http), daemon=True,
                          name="dmd2-supervisor").start()
 
