@@ -38,21 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dmd2_train",
         description="Distil a diffusion teacher into a few-step generator with DMD2.",
-        epilog="Commands: distill (the default) and teacher. `python -m dmd2_train teacher --help` for the other.",
+        epilog="Commands: distill (the default), teacher, eval, encode-latents and table; `python -m dmd2_train"
+               " COMMAND --help` for each.",
     )
     sub = p.add_subparsers(dest="command")
     d = sub.add_parser(
         "distill", help="DMD2 distillation (the default command)", prog="python -m dmd2_train [distill]",
         description="Distil a diffusion teacher into a few-step generator with DMD2.",
-        epilog="Other command: `python -m dmd2_train teacher --help` (retrain the bundled digits teacher).",
+        epilog="Other commands: teacher (retrain the bundled digits teacher), eval, encode-latents, table;"
+               " `python -m dmd2_train COMMAND --help` for each.",
     )
-    d.add_argument("--preset", help="digits (bundled, CPU), sd15 or sdxl; default: from the teacher's family")
+    d.add_argument("--preset", help="digits (bundled, CPU), sd15, sd15-stage2, sd15-4step or sdxl (README: Presets);"
+                   " default: from the teacher's family")
     d.add_argument("--config", type=Path, help="YAML file of config keys")
     d.add_argument("--teacher", type=Path, help="diffusers-format SD 1.x / 2.x / SDXL folder, or a single-file"
                    " .safetensors checkpoint with --teacher-config (default: the bundled digits teacher)")
     d.add_argument("--teacher-config", type=Path, help="for a single-file teacher: the model's diffusers config"
                    " folder (model_index.json, component configs, tokenizers; no weights needed)")
-    d.add_argument("--out", type=Path, help="run folder (checkpoints, logs, previews, generator/)")
+    d.add_argument("--out", type=Path, help="run folder (checkpoints, logs, previews, generator/); default runs/dmd2")
     d.add_argument("--max-steps", type=int, help="total training steps")
     d.add_argument("--prompts", type=Path, help="prompt file (.txt, one a line, or .jsonl)")
     d.add_argument("--real-images", type=Path, help="real images for the GAN: an image folder, WebDataset .tar"
@@ -265,7 +268,8 @@ def _saved(args: argparse.Namespace) -> str:
     from .checkpoint import list_checkpoints
 
     found = list_checkpoints(args.out)
-    return (f"the checkpoint at step {found[-1][0]} is saved; continue with --resume" if found
+    return (f"the checkpoint at step {found[-1][0]} is saved ({found[-1][1]}); continue with: python -m dmd2_train"
+            f" --out {args.out} --resume" if found
             else "before the first checkpoint, so the run starts over next time")
 
 

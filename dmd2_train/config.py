@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -258,18 +260,20 @@ def build_config(model: type[_Strict], presets: dict[str, dict[str, Any]], prese
     try:
         return model(**values)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, known=model.model_fields)) from None
 
 
-def format_validation_error(e: ValidationError) -> str:
-    """One line per bad key: 'unknown key foo' or 'key bar: <why>'."""
+def format_validation_error(e: ValidationError, known: Collection[str] = ()) -> str:
+    """One line per bad key: 'unknown key foo' (with the ``known`` key it most looks like, if one does) or
+    'key bar: <why>'."""
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])
         if not key:  # a check across keys: its message names them (the input would be the whole config)
             lines.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{key}'")
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            lines.append(f"unknown config key '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
         else:
             lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
     return "; ".join(lines)

@@ -126,7 +126,7 @@ def digits_data() -> TrainingData:
 def prompt_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be a prompt file (it is missing, or a folder); None when it is a file."""
     if path.is_file():
-        return None
+        return f"prompt file '{path}' is empty; give a file with at least one prompt" if path.stat().st_size == 0 else None
     return f"prompt file '{path}' is a folder: give the file itself" if path.is_dir() else f"prompt file '{path}' does not exist"
 
 
@@ -141,6 +141,8 @@ def read_prompts(path: Path) -> list[str]:
         raise DataError(f"prompt file '{path}' is not UTF-8 text (byte {e.start}): give a .txt of prompts, one a"
                         " line, or a .jsonl with a 'text' field") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"prompt file '{path}' holds no prompts (only blank lines); give at least one")
     if path.suffix.lower() not in (".jsonl", ".json"):
         return lines
     prompts = []

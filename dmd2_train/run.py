@@ -32,6 +32,8 @@ class RunError(RuntimeError):
 
 def check_output_folder(out: Path, flag: str = "--out") -> None:
     """Fail early, with a clear message naming ``flag``, when the folder cannot be made or written."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{flag} '{out}' is a file, not a folder; pass {flag} DIR with a new or writable folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

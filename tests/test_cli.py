@@ -299,7 +299,8 @@ def test_a_signal_to_one_process_stops_all_at_one_checkpoint(digits_teacher: Pat
     step, folder = found[0]
     meta = ckpt.read_meta(folder)
     assert step % 4 == 0 and 0 < step < 500 and meta["world_size"] == 2
-    assert f"interrupted: the checkpoint at step {step} is saved; continue with --resume" in stderr, stderr[-3000:]
+    assert (f"interrupted: the checkpoint at step {step} is saved ({folder}); continue with: python -m dmd2_train"
+            f" --out {out} --resume") in stderr, stderr[-3000:]
     resumed = torchrun(2, 29548, "--teacher", digits_teacher, "--out", out, "--max-steps", step + 2, "--resume", *FAST)
     assert resumed.returncode == 0 and f"resumed from step {step}" in resumed.stdout + resumed.stderr, \
         resumed.stderr[-3000:]

@@ -144,6 +144,11 @@ def test_eval_refuses_what_it_would_ignore_or_misread(capsys, monkeypatch):
     (["preview_prompts=[]"], {}, "preview_prompts"),  # an IndexError at the first preview, after a checkpoint
     (["--prompts", "{p.jsonl}", "gan=false"], {"p.jsonl": "5\n"}, "p.jsonl:1 has no 'text'"),  # TypeErrors
     (["--prompts", "{p.JSONL}", "gan=false"], {"p.JSONL": '"a text"\n'}, "p.JSONL:1 has no 'text'"),
+    # from a QA pass: these named no file, offered no key, or quoted the OS ("File exists")
+    (["--prompts", "{e.txt}", "gan=false"], {"e.txt": ""}, "prompt file '{e.txt}' is empty"),
+    (["--prompts", "{b.txt}", "gan=false"], {"b.txt": "\n  \n"}, "prompt file '{b.txt}' holds no prompts"),
+    (["lr_generatr=1e-4"], {}, "unknown config key 'lr_generatr' (did you mean lr_generator?)"),
+    (["--out", "{f.txt}"], {"f.txt": "x"}, "--out '{f.txt}' is a file, not a folder"),
 ])
 def test_distill_refuses_before_training(args: list[str], files: dict[str, str], needle: str, tmp_path: Path,
                                           capsys, monkeypatch):
@@ -152,6 +157,7 @@ def test_distill_refuses_before_training(args: list[str], files: dict[str, str],
         (tmp_path / name).write_text(text)
     for name in files:
         args = [str(a).replace(f"{{{name}}}", str(tmp_path / name)) for a in args]
+        needle = needle.replace(f"{{{name}}}", str(tmp_path / name))
     assert_user_error(run_main(capsys, "--out", tmp_path / "run", "--max-steps", "1", *args), needle)
     assert not (tmp_path / "run").exists()
 

@@ -91,7 +91,8 @@ def read_card(folder: Path) -> ModelCard:
     if not folder.is_dir():
         raise ModelFolderError(
             f"model folder '{folder}' does not exist or is not a directory; pass the path of a"
-            " diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder or an exported generator"
+            " diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder (a teacher), or of an exported generator (to"
+            " serve it, or to start training from it with init_from)"
         )
     meta_path = folder / META_FILE
     if meta_path.is_file():
