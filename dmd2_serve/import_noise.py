@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-
-# logger name -> the messages dropped from it
-NOISE = {
-    "torchao": re.compile(r"Failed to load .*torchao[/\\]_C"),
-    "diffusers.quantizers.torchao.torchao_quantizer": re.compile(r"Unable to import `torchao` Tensor objects"),
-    "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
-}
+from collections.abc import Callable
 
 
 def _from_torchao(record: logging.LogRecord) -> bool:
@@ -29,20 +23,29 @@ def _from_torchao(record: logging.LogRecord) -> bool:
     return bool(args) and str(getattr(args[0], "__module__", "")).startswith("torchao")
 
 
+# logger name -> the messages dropped from it, and what else a record must be to be dropped
+NOISE: dict[str, tuple[re.Pattern[str], Callable[[logging.LogRecord], bool] | None]] = {
+    "torchao": (re.compile(r"Failed to load .*torchao[/\\]_C"), None),
+    "diffusers.quantizers.torchao.torchao_quantizer": (re.compile(r"Unable to import `torchao` Tensor objects"), None),
+    # the same notice for another library's Enum stays
+    "torch.utils._pytree": (re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+                            _from_torchao),
+}
+
+
 class _DropNoise(logging.Filter):
-    def __init__(self, name: str, pattern: re.Pattern[str]) -> None:
+    def __init__(self, pattern: re.Pattern[str], also: Callable[[logging.LogRecord], bool] | None) -> None:
         super().__init__()
-        self.pattern = pattern
-        self.torchao_only = name == "torch.utils._pytree"  # the same notice for another library's Enum stays
+        self.pattern, self.also = pattern, also
 
     def filter(self, record: logging.LogRecord) -> bool:
-        noise = self.pattern.search(record.getMessage()) and (not self.torchao_only or _from_torchao(record))
+        noise = self.pattern.search(record.getMessage()) and (self.also is None or self.also(record))
         return not noise
 
 
 def quiet_import_noise() -> None:
     """Attach a filter for :data:`NOISE` to each of its loggers (once; nothing is imported)."""
-    for name, pattern in NOISE.items():
+    for name, (pattern, also) in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise(name, pattern))
+            logger.addFilter(_DropNoise(pattern, also))

@@ -124,7 +124,8 @@ def digits_data() -> TrainingData:
 
 
 def prompt_file_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a prompt file (it is missing, or a folder); None when it is a file."""
+    """Why ``path`` cannot be a prompt file (it is missing, a folder, or an empty file); None otherwise
+    (what the file holds is read by :func:`read_prompts`)."""
     if path.is_file():
         return f"prompt file '{path}' is empty; give a file with at least one prompt" if path.stat().st_size == 0 else None
     return f"prompt file '{path}' is a folder: give the file itself" if path.is_dir() else f"prompt file '{path}' does not exist"

@@ -386,10 +386,15 @@ def first_readable(source: Source) -> tuple[int, int]:
                     " damaged files or point real_images at another source")
 
 
+def is_shard_pattern(path: Path | str) -> bool:
+    """Whether ``real_images`` is a glob or WebDataset's brace notation (shards/{000000..000099}.tar)."""
+    return any(c in str(path) for c in "*?[{")
+
+
 def real_images_problem(path: Path) -> str | None:
     """Why ``real_images`` cannot be read, where that is known without reading it: a path (not a shard
     pattern) that does not exist. None otherwise (the source's own checks come when it is opened)."""
-    if any(c in str(path) for c in "*?[{") or Path(path).exists():
+    if is_shard_pattern(path) or Path(path).exists():
         return None
     return (f"real images '{path}' do not exist; pass an image folder, WebDataset .tar shards or an encode-latents"
             " folder")
@@ -399,7 +404,7 @@ def image_source(path: Path, size: int, channels: int) -> ImageFolderSource | Ta
     """The raw-image source at ``path``: an image folder, or WebDataset shards (file, folder, glob or
     WebDataset's brace notation)."""
     text = str(path)
-    if any(c in text for c in "*?[{"):
+    if is_shard_pattern(text):
         from braceexpand import braceexpand  # WebDataset's shard notation: shards/{000000..000099}.tar
 
         shards = sorted({Path(p) for pattern in braceexpand(text) for p in glob.glob(pattern, recursive=True)

@@ -58,7 +58,15 @@ from .encoding import (
 from .images import BadImage, from_base64, load_image
 from .lifecycle import ServingState, SupervisedServer, bind_to_parent, say, thread_lock_for_progress_bars
 from .loop import ServingLoop
-from .middleware import KEY_MESSAGE, WWW_AUTHENTICATE, ServingMiddleware, key_matches, openai_error, too_large_body
+from .middleware import (
+    KEY_MESSAGE,
+    WWW_AUTHENTICATE,
+    ServingMiddleware,
+    key_matches,
+    openai_error,
+    too_large_body,
+    unauthorized_body,
+)
 from .models import ModelFacts, RequestProblem, UnknownModel
 from .schemas import (
     DEFAULT_STRENGTH,
@@ -584,9 +592,7 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if path.startswith("/v1/"):  # 400: a body the parsers could not read (bad UTF-8, a multipart without boundary)
             message = f"the request body could not be read: {exc.detail}" if exc.status_code == 400 else exc.detail
             kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-            body = openai_error(str(message), kind=kind)
-            if exc.status_code == 401:
-                body["error"]["code"] = "invalid_api_key"  # OpenAI's code for it, which its clients look for
+            body = unauthorized_body(path) if exc.status_code == 401 else openai_error(str(message), kind=kind)
             return JSONResponse(body, exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 

@@ -71,7 +71,7 @@ def unauthorized_body(path: str) -> dict[str, Any]:
     if not path.startswith("/v1/"):
         return {"detail": KEY_MESSAGE}
     body = openai_error(KEY_MESSAGE)
-    body["error"]["code"] = "invalid_api_key"
+    body["error"]["code"] = "invalid_api_key"  # OpenAI's code for it, which its clients look for
     return body
 
 
