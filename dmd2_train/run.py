@@ -299,9 +299,11 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
             "; real_images replaces the bundled images and their captions, so it needs one too (or leave"
             " real_images out to train on the bundled data)" if bundled_data else ""))
     if needs_real_images(cfg) and cfg.real_images is None:
-        missing.append("real images for the GAN: pass real_images=FOLDER, or gan=false" if cfg.gan else
-                       "real images (backward_simulation=false noises them as the generator's inputs):"
-                       " pass real_images=FOLDER, or backward_simulation=true")
+        missing.append(("real images for the GAN: pass real_images=FOLDER, or gan=false" if cfg.gan else
+                        "real images (backward_simulation=false noises them as the generator's inputs):"
+                        " pass real_images=FOLDER, or backward_simulation=true") + (
+            "; prompts replaces the bundled images and their captions, so it needs real images too (or leave"
+            " prompts out to train on the bundled data)" if bundled_data else ""))
     problems = (["this teacher needs " + "; and ".join(missing)] if missing else []) + data_path_problems(cfg)
     if problems:
         raise RunError("; and ".join(problems))
@@ -321,8 +323,8 @@ def data_path_problems(cfg: DistillConfig) -> list[str]:
 
 
 def make_data(cfg: DistillConfig, backbone: Backbone) -> TrainingData:
-    """The family's bundled data (digits) when no data is given, otherwise the prompt file and images."""
-    check_data_given(cfg, backbone.bundled_data)
+    """The family's bundled data (digits) when no data is given, otherwise the prompt file and images
+    (:func:`check_data_given` has passed: it runs before the backbone loads)."""
     if backbone.bundled_data and cfg.prompts is None and cfg.real_images is None:
         return digits_data()
     real = open_real_source(cfg.real_images, backbone) if needs_real_images(cfg) else None

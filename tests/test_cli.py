@@ -79,7 +79,8 @@ def test_missing_data_is_named_at_once_before_the_teacher_loads(sd15_teacher: Pa
 
 def test_real_images_a_run_would_not_read_are_said(tmp_path: Path, capsys):
     """The sd15 preset (no GAN, backward simulation) ignored --real-images, a path that did not exist too;
-    the digits teacher given real_images without prompts said only 'needs a prompt set'."""
+    the digits teacher given real_images without prompts said only 'needs a prompt set' (and prompts
+    without real_images only 'needs real images')."""
     import pytest
 
     from dmd2_train.config import DISTILL_PRESETS, DistillConfig
@@ -94,6 +95,8 @@ def test_real_images_a_run_would_not_read_are_said(tmp_path: Path, capsys):
     assert "is not used by this run: gan=false with backward_simulation=true" in capsys.readouterr().err
     with pytest.raises(RunError, match="real_images replaces the bundled images and their captions"):
         check_data_given(DistillConfig(real_images=tmp_path), bundled_data=True)
+    with pytest.raises(RunError, match="real images for the GAN.*prompts replaces the bundled images"):
+        check_data_given(DistillConfig(prompts=prompts), bundled_data=True)  # it said only 'needs real images'
 
 
 def test_the_preset_comes_from_the_teacher_with_a_config_file_too(sd15_teacher: Path, tmp_path: Path, monkeypatch):

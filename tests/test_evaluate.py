@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -26,6 +27,17 @@ def test_frechet_distance_by_hand():
     assert frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-6)  # |mu_a - mu_b|^2, same covariance
     scaled = a * 2  # covariance 4I vs I: Tr(I + 4I - 2 * 2I) = 1 per dimension
     assert frechet_distance(a, scaled) == pytest.approx(3.0, rel=0.1)
+
+
+def test_a_dead_feature_gives_the_distance_without_a_warning():
+    """The judge's ReLU has units that never fire: their covariance rows are zero, the product singular."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4000, 3)), rng.normal(size=(4000, 3)) + np.array([2.0, 0, 0])
+    dead = np.zeros((4000, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's LinAlgWarning printed on every eval
+        with_dead = frechet_distance(np.hstack([a, dead]), np.hstack([b, dead]))
+    assert np.isfinite(with_dead) and with_dead == pytest.approx(frechet_distance(a, b), abs=1e-3)
 
 
 def test_spread_by_hand():

@@ -201,3 +201,11 @@ def test_gan_t_max_limits_the_gan_levels_and_judges_fakes_at_them(sd15_teacher, 
                                                  small.t_real, real.cond)
     torch.testing.assert_close(logs["loss/gan_discriminator"], gan_discriminator_loss(logits_real, logits_fake),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_an_unused_real_image_folder_is_said_once_and_not_opened(sd15_teacher, sd_data, tmp_path, capsys):
+    """The stage-one recipe (no GAN, backward simulation) reads prompts only: the warning that real_images
+    goes unused was printed twice (before the teacher loaded and again when the data was made)."""
+    trainer = trainer_for(sd15_teacher, sd_data, tmp_path / "run", gan=False, backward_simulation=True)
+    assert capsys.readouterr().err.count("is not used by this run") == 1
+    assert trainer.batches.data.real is None
