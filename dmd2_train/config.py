@@ -168,7 +168,7 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
         gan_weight_discriminator=1e-2, log_every=10, preview_every=200, checkpoint_every=200,
         preview_prompts=[f"a handwritten {d}" for d in range(10)],
     ),
-    # The paper's recipes (DMD2; ../DMD2-RECIPE.md): pass --teacher with the model folder. The image
+    # The paper's recipes (DMD2, Yin et al. 2024, and the authors' configs): pass --teacher with the model folder. The image
     # size is the teacher's own (512 for SD1.5, 768 for SD2 768-v, 1024 for SDXL).
     # SD1.5, one step, two stages. Stage 1: no GAN, lr 1e-5, about 39k iterations (paper FID 9.28).
     "sd15": dict(timesteps=[999], gan=False, guidance_scale=1.75, ratio=10, lr_generator=1e-5, lr_fake=1e-5,

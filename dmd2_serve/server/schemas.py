@@ -154,7 +154,7 @@ class OpenAIImagesRequest(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=256, description=MODEL_HELP)
     n: int = Field(1, ge=1, le=MAX_IMAGES)
-    size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT; the model's own size only")
+    size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
     quality: str | None = Field(None, max_length=32)
