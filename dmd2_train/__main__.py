@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,7 @@ def _saved(args: argparse.Namespace) -> str:
 
     found = list_checkpoints(args.out)
     return (f"the checkpoint at step {found[-1][0]} is saved ({found[-1][1]}); continue with: python -m dmd2_train"
-            f" --out {args.out} --resume" if found
+            f" --out {shlex.quote(str(args.out))} --resume" if found
             else "before the first checkpoint, so the run starts over next time")
 
 

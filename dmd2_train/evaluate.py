@@ -80,11 +80,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     with warnings.catch_warnings(record=True) as said:  # (no ``disp``: deprecated in SciPy 1.17, gone after)
-        warnings.simplefilter("always", linalg.LinAlgWarning)
+        warnings.simplefilter("always")
         root = linalg.sqrtm(s_a @ s_b)
-    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in said)
-    if singular or not np.isfinite(root).all():  # offset both covariances, as clean-fid does
-        # (dead ReLU units of the judge make the product singular; scipy warned on every eval)
+    singular = [w for w in said if issubclass(w.category, linalg.LinAlgWarning) and "singular" in str(w.message)]
+    for w in said:
+        if w not in singular:  # any other warning is said as it would have been
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if singular or not np.isfinite(root).all():  # offset both covariances, as clean-fid does for a non-finite
+        # root; the judge's dead ReLU units make the product singular (scipy warned on every eval, the root finite)
         offset = np.eye(len(s_a)) * 1e-6
         root = linalg.sqrtm((s_a + offset) @ (s_b + offset))
     root = root.real

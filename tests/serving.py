@@ -57,13 +57,15 @@ def held_request(server: Server, body: dict, release: threading.Event) -> httpx.
 
 
 def raw_post(server: Server, path: str, head_body: bytes, *, content_length: int, timeout: float = 20,
-             opened: Callable[[], None] | None = None) -> tuple[int, bytes, bytes]:
+             opened: Callable[[], None] | None = None, headers: dict[str, str] | None = None,
+             ) -> tuple[int, bytes, bytes]:
     """POST ``head_body`` (maybe less than ``content_length`` bytes: a stalled upload) on a plain socket;
     the answer's status, head and body, read until the server closes the connection. ``opened`` runs once
-    the request is sent, before the answer is read."""
+    the request is sent, before the answer is read; ``headers`` are sent besides the content type and length."""
     host, port = server.url.removeprefix("http://").split(":")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
                      f"Content-Length: {content_length}\r\n\r\n".encode() + head_body)
         if opened is not None:
             opened()

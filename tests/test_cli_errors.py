@@ -217,3 +217,18 @@ def test_fp16_on_the_cpu_is_said_to_do_nothing(tmp_path: Path, capsys):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # nor does this one's hold for later tests
     assert "mixed_precision=fp16 does nothing on the CPU" in capsys.readouterr().err
+
+
+def test_the_command_an_interrupt_offers_pastes_with_a_space_in_the_path(tmp_path: Path):
+    import argparse
+    import shlex
+
+    from dmd2_train import checkpoint as ckpt
+    from dmd2_train.__main__ import _saved
+
+    out = tmp_path / "my runs" / "a"
+    step = ckpt.checkpoint_dir(out) / "step_0000004"
+    step.mkdir(parents=True)
+    (step / ckpt.META).write_text("{}")
+    said = _saved(argparse.Namespace(command="distill", out=out))
+    assert shlex.split(said.split("continue with: ")[1]) == ["python", "-m", "dmd2_train", "--out", str(out), "--resume"]

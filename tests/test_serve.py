@@ -57,12 +57,33 @@ def test_health_is_503_until_every_worker_is_ready():
     assert health() == (503, "draining: SIGTERM received")
 
 
+def test_the_ready_line_waits_for_every_worker(capsys):
+    """LitServe starts the HTTP process once one worker is ready: the line said 'every worker set up'
+    then, while the other still loaded its model."""
+    from litserve.utils import WorkerSetupStatus
+
+    from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+    from dmd2_serve.server.api import build_server
+    from dmd2_serve.server.lifecycle import http_address
+
+    app = build_server(BUNDLED_DIGITS_GENERATOR, accelerator="cpu", workers_per_device=2)
+    app._address = http_address("::", 8000)  # (it printed http://:::8000)
+    app.workers_setup_status = {"/predict_0": WorkerSetupStatus.READY, "/predict_1": WorkerSetupStatus.STARTING}
+    announcer = threading.Thread(target=app._announce_when_ready)
+    announcer.start()
+    time.sleep(0.3)
+    assert "ready on" not in capsys.readouterr().err
+    app.workers_setup_status["/predict_1"] = WorkerSetupStatus.READY
+    announcer.join(5)
+    assert "dmd2_serve: ready on http://[::]:8000: serving digits-generator" in capsys.readouterr().err
+
+
 def test_first_health_200_means_it_serves(server: Server):
     # launch() returned at the first 200; before it the port was closed (LitServe opens it once a
     # worker is ready) or said 503. A generation request is answered at once.
     assert server.health_seen[-1] == 200 and set(server.health_seen[:-1]) <= {503}, server.health_seen
-    with open(server.log_path, encoding="utf-8") as log:  # the operator's sign that it serves, and what
-        assert f"dmd2_serve: ready on {server.url}: serving digits-generator (every worker set up" in log.read()
+    ready = f"dmd2_serve: ready on {server.url}: serving digits-generator (every worker set up"
+    wait_for(lambda: ready in Path(server.log_path).read_text(encoding="utf-8"), 5, "the ready line")  # what it serves
     assert generate(server, prompt="a 5", seed=5, timeout=20).status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
 
@@ -389,6 +410,10 @@ def test_api_key(guarded: Server):
     assert status == 401 and b"www-authenticate: bearer" in head and b"connection: close" in head
     assert json.loads(body) == {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"}
     assert time.monotonic() - started < 5  # not the --body-timeout's 30 s
+    huge = 9 * 2**20  # over --max-body-mb: without the key it said 413, and so told the limit
+    assert raw_post(guarded, "/generate", b"{", content_length=huge, timeout=20)[0] == 401
+    assert raw_post(guarded, "/generate", b"{", content_length=huge, timeout=20,
+                    headers={"Authorization": "Bearer s3cret"})[0] == 413
     answer = httpx.post(f"{guarded.url}/v1/images/generations", content=b"{not json", timeout=10,
                         headers={"content-type": "application/json", "authorization": "Bearer wrong"})
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"

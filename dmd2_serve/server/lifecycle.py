@@ -36,6 +36,7 @@ import time
 from multiprocessing.process import BaseProcess
 
 import litserve as ls
+from litserve.utils import WorkerSetupStatus
 
 from ..terminal import leave_hung_up_terminal
 from .middleware import POLL_S
@@ -45,6 +46,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each drains, th
 HTTP_STOP_S = 3.0  # uvicorn's own graceful shutdown, after our drain: only idle connections are left
 LIFESPAN_STOP_S = 2.0  # then LitServe's lifespan shutdown, before LitServe kills the HTTP process
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def http_address(host: str, port: int) -> str:
+    """The URL of a listening address (an IPv6 one in brackets: ``http://[::]:8000``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def say(message: str) -> None:
@@ -188,7 +194,7 @@ class SupervisedServer(ls.LitServer):
     def serve(self, host: str, port: int, grace_s: float = 30.0) -> int:
         """Serve until SIGTERM, SIGINT, SIGHUP or a dead child; return the exit status (module docstring)."""
         self.grace_s = grace_s
-        self._address = f"http://{host}:{port}"
+        self._address = http_address(host, port)
         self.uvicorn_graceful_timeout = HTTP_STOP_S
         _bind_forked_children_to(os.getpid())
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
@@ -225,11 +231,31 @@ class SupervisedServer(ls.LitServer):
         self.uvicorn_graceful_timeout = HTTP_STOP_S + LIFESPAN_STOP_S  # uvicorn's config keeps HTTP_STOP_S
         self._children = [*self.inference_workers, *http]
         self._serving = True
-        names = [m["name"] for m in (self.model_metadata or {}).get("models", [])]
-        say(f"ready on {self._address or 'its port'}: serving {', '.join(names) or 'the model'} (every worker"
-            " set up and warmed; the playground at /, the API's pages at /docs)")
+        threading.Thread(target=self._announce_when_ready, daemon=True, name="dmd2-ready").start()
         threading.Thread(target=self._supervise, args=(list(self.inference_workers), http), daemon=True,
                          name="dmd2-supervisor").start()
+
+    def _announce_when_ready(self) -> None:
+        """The operator's sign that the server serves, once every inference worker is set up and warmed.
+
+        LitServe starts the HTTP process (and calls :meth:`_start_worker_monitoring`) as soon as one
+        worker is ready; with several, the others may be loading their weights for minutes still
+        (``/health`` says 503 until they are). A worker that fails its setup is reported by the
+        supervisor, not here.
+        """
+        names = [m["name"] for m in (self.model_metadata or {}).get("models", [])]
+        while not self._stop.is_set():
+            try:
+                states = list(self.workers_setup_status.values())
+            except (OSError, EOFError):  # LitServe's manager is gone: the server is stopping
+                return
+            if any(v == WorkerSetupStatus.ERROR for v in states):
+                return
+            if states and all(v == WorkerSetupStatus.READY for v in states):
+                say(f"ready on {self._address or 'its port'}: serving {', '.join(names) or 'the model'} (every"
+                    " worker set up and warmed; the playground at /, the API's pages at /docs)")
+                return
+            time.sleep(0.02)  # /health turns 200 at the same moment: the line follows within this
 
     def _supervise(self, workers: list[BaseProcess], http: list[BaseProcess]) -> None:
         """Wait for a signal or a dead child, drain, then release LitServe's ``run``."""

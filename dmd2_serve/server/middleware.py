@@ -148,11 +148,11 @@ class ServingMiddleware:
 
         declared = _declared_length(scope)
         try:
-            if self.max_body_bytes is not None and declared is not None and declared > self.max_body_bytes:
+            if path in self.generation_paths and scope["method"] == "POST" and not self._authorized(scope):
+                await _json_response(tracked_send, 401, unauthorized_body(path),  # before any check of the body
+                                     [(b"www-authenticate", b"Bearer"), CLOSE])  # (left unread)
+            elif self.max_body_bytes is not None and declared is not None and declared > self.max_body_bytes:
                 await _json_response(tracked_send, 413, too_large_body(path, self.max_body_bytes), [CLOSE])
-            elif path in self.generation_paths and scope["method"] == "POST" and not self._authorized(scope):
-                await _json_response(tracked_send, 401, unauthorized_body(path),
-                                     [(b"www-authenticate", b"Bearer"), CLOSE])  # the body is left unread
             elif path in self.generation_paths and scope["method"] == "POST":
                 if await self._generation(scope, receive, tracked_send, path):
                     status["code"] = CLIENT_GONE
