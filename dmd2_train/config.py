@@ -209,6 +209,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, where (1-based, as an editor counts) and what, without its echo of the
+    text: ``line 3, column 4: expected ',' or ']', but got ':' (while parsing a flow sequence that started
+    at line 2, column 10)``."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return str(e)
+    mark = e.problem_mark
+    said = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    if e.context and e.context_mark is not None and e.context_mark.line != mark.line:
+        said += f" ({e.context} that started at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+    return said
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML config file as a dict, with a clear error for a missing or malformed file."""
     if not path.is_file():
@@ -219,7 +232,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}): give a YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of key: value, not {type(data).__name__}")
     return data

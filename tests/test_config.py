@@ -67,6 +67,11 @@ def test_unknown_preset_and_bad_files(tmp_path: Path):
     bad.write_text("ratio: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         read_yaml(bad)
+    bad.write_text("ratio: 5\nlr_fake: [1e-6\ngan: false\n")  # PyYAML's own text: 7 lines, echoing the file
+    with pytest.raises(ConfigError) as said:
+        read_yaml(bad)
+    assert str(said.value) == (f"config file '{bad}' is not valid YAML: line 3, column 4: expected ',' or ']', but"
+                               " got ':' (while parsing a flow sequence that started at line 2, column 10)")
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         read_yaml(bad)
