@@ -244,12 +244,21 @@ def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
         ({"prompt": ""}, {"image": ("a.png", start_picture())}, "prompt", "an empty form field counts as none"),
         ({"prompt": "a 4"}, {"picture": ("a.png", start_picture())}, "image", "send the image to start from"),
         ({"prompt": "a 4", "n": "1_0"}, {"image": ("a.png", start_picture())}, "n", "is not a whole number"),
+        ({"prompt": "a 4", "sed": "3"}, {"image": ("a.png", start_picture())}, "sed", "did you mean 'seed'?"),
+        ({"prompt": "a 4", "background": "transparent"}, {"image": ("a.png", start_picture())}, "background",
+         "a transparent background is not supported"),
+        ({"prompt": "a 4"}, {"image": ("a.png", start_picture()), "markup": ("m.png", start_picture())}, "markup",
+         "not supported yet"),  # OpenAI's guided edit: it was ignored
         ({"prompt": "a 4"}, [("image", ("a.png", start_picture())), ("image", ("b.png", start_picture()))], "image",
          "2 images were sent"),  # the last one was taken
     ]:
         r = httpx.post(url, data=form, files=files, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (form, r.text)
         assert words in r.json()["error"]["message"], r.text
+    gpt_image = {"prompt": "a 4", "size": "64x64", "quality": "high", "input_fidelity": "high", "user": "u",
+                 "output_compression": "80", "svg[model]": "m"}  # OpenAI's own models' parameters: taken, ignored
+    r = httpx.post(url, data=gpt_image, files={"image": ("a.png", start_picture())}, timeout=30)
+    assert r.status_code == 200 and r.json()["size"] == "64x64" and r.json()["output_format"] == "png", r.text
 
 
 def truncated_png() -> bytes:

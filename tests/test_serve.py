@@ -204,6 +204,20 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
     with pytest.raises(openai.BadRequestError) as e:  # a Stream that yielded nothing, silently
         client.images.generate(prompt="a 4", stream=True, partial_images=1)
     assert e.value.param == "stream" and "streaming partial images is not supported" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:  # a typo was ignored: a random seed, silently
+        client.images.generate(prompt="a 4", extra_body={"sed": 5})
+    assert e.value.param == "sed" and "unknown parameter 'sed' (did you mean 'seed'?)" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:  # it was ignored: an opaque image came
+        client.images.generate(prompt="a 4", extra_body={"background": "transparent"})
+    assert e.value.param == "background"
+    gpt_image = {"background": "opaque", "moderation": "low", "output_compression": 80, "svg": {"model": "m"}}
+    kept = client.images.generate(prompt="a 4", size="64x64", output_format="jpeg", quality="high", style="vivid",
+                                  user="u", extra_body=gpt_image)  # OpenAI's own models' parameters: taken, ignored
+    assert (kept.output_format, kept.size, kept.background) == ("jpeg", "64x64", "opaque")  # gpt-image's fields
+    assert decode(kept.data[0].b64_json).format == "JPEG"
+    with pytest.raises(openai.NotFoundError) as e:  # a bare 'Not Found'
+        client.images.create_variation(image=("a.png", base64.b64decode(kept.data[0].b64_json)))
+    assert "image variations are not supported" in str(e.value) and "/v1/images/edits" in str(e.value)
     # /generate: null is the default too; a flood of unknown fields is one short error, not one each
     assert httpx.post(f"{server.url}/generate", json={"prompt": "a 4", "num_images": None, "output_format": None},
                       timeout=30).status_code == 200

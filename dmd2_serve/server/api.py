@@ -36,6 +36,8 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.adapters import ModelFolderError, adapter
@@ -79,11 +81,13 @@ from .schemas import (
     OpenAIModel,
     OpenAIModelList,
     largest_seed,
+    unknown_field_message,
 )
 
 GENERATE_PATH = "/generate"
 OPENAI_PATH = "/v1/images/generations"
 OPENAI_EDITS_PATH = "/v1/images/edits"
+OPENAI_VARIATIONS_PATH = "/v1/images/variations"
 MODELS_PATH = "/v1/models"
 VARY_ACCEPT = {"Vary": "Accept"}  # /generate's answer depends on Accept: a shared cache must key on it
 MODEL_NOT_FOUND = {"model": OpenAIError, "description": "no served model has that name (OpenAI's error shape,"
@@ -508,7 +512,10 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         except RequestProblem as problem:
             return JSONResponse(openai_error(str(problem), problem.field), 400)
         images = (await run(job)).base64_files()
-        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": data} for data in images]})
+        # gpt-image's answer fields too: a client picking a file's extension from output_format finds it
+        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": data} for data in images],
+                             "background": "opaque", "output_format": job.output_format,
+                             "size": "{}x{}".format(*job.size)})
 
     @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
               dependencies=guarded)
@@ -528,14 +535,16 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         images: Annotated[list[UploadFile] | None, File(alias="image[]", description="OpenAI's list form of"
                                                          " image (a client's image=[file]): one file")] = None,
         mask: Annotated[UploadFile | None, File(description="refused: inpainting is not supported yet")] = None,
+        markup: Annotated[UploadFile | None, File(description="refused: guided edits are not supported")] = None,
     ) -> JSONResponse:
         """OpenAI's image edits: ``client.images.edit(image=..., prompt=...)`` works unchanged (``image=[file]``
         too, which sends ``image[]``). The whole image is redrawn (image to image, ``strength``); a
-        ``mask`` (inpainting) and more than one image are refused."""
-        if mask is not None:
-            message = ("mask: inpainting is not supported yet; send the image without a mask to redraw all of it"
-                       " (image to image; strength sets how far)")
-            return JSONResponse(openai_error(message, "mask"), 400)
+        ``mask`` (inpainting), a ``markup`` overlay and more than one image are refused."""
+        for name, part, what in (("mask", mask, "inpainting"), ("markup", markup, "an overlay that guides the edit")):
+            if part is not None:
+                message = (f"{name}: {what} is not supported yet; send the image without a {name} to redraw all of"
+                           " it (image to image; strength sets how far)")
+                return JSONResponse(openai_error(message, name), 400)
         given = [*(image or []), *(images or [])]  # every file sent as image or image[] (the last one was taken)
         if len(given) != 1:
             message = ("image: send the image to start from as a file (multipart, e.g. curl -F image=@photo.png)"
@@ -546,6 +555,13 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
                                   seed=body.seed, output_format=body.output_format or "png", model=body.model,
                                   lora=body.lora, lora_scale=body.lora_scale, steps=body.steps)
         return await openai_answer(request, body.response_format, await given[0].read())
+
+    @app.post(OPENAI_VARIATIONS_PATH, include_in_schema=False)
+    async def openai_variations() -> JSONResponse:
+        """OpenAI's variations (``client.images.create_variation``): not served; says what is (a bare 404 did not)."""
+        return JSONResponse(openai_error("image variations are not supported: redraw an image with"
+                                         f" {OPENAI_EDITS_PATH} (client.images.edit(image=..., prompt=...),"
+                                         " strength sets how far from it)", "image"), 404)
 
     def listed(facts: ModelFacts) -> OpenAIModel:
         return OpenAIModel(id=facts.name, created=facts.created)
@@ -602,7 +618,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if request.url.path.startswith("/v1/"):
             message, param = openai_validation_message(request, errors)
             return JSONResponse(openai_error(message, param), 400)
-        detail = [{"loc": e.get("loc"), "msg": problem_message(e), "type": e.get("type")} for e in errors]
+        detail = [{"loc": e.get("loc"), "msg": problem_message(e, GenerateRequest), "type": e.get("type")}
+                  for e in errors]
         content_type = request.headers.get("content-type", "")
         if detail and tuple(detail[0]["loc"] or ()) == ("body",) and "json" not in content_type:
             detail[0]["msg"] = not_json(request.url.path, content_type)  # curl -d sends a form
@@ -629,11 +646,14 @@ def not_json(path: str, content_type: str) -> str:
 EXAMPLE_BODY = '{"prompt": "a lighthouse at dusk"}'
 
 
-def problem_message(error: Mapping[str, Any]) -> str:
+def problem_message(error: Mapping[str, Any], model: type[BaseModel] | None = None, word: str = "field") -> str:
     """One validation error's message as the client should read it: without pydantic's "Value error, "
-    before our validators' own words, and for a body that is no JSON, where the parser stopped and why."""
+    before our validators' own words; for a body that is no JSON, where the parser stopped and why; for a
+    field ``model`` does not take, the one it looks like (pydantic said 'Extra inputs are not permitted')."""
+    loc = tuple(error.get("loc", ()))[1:]  # after "body"
+    if error.get("type") == "extra_forbidden" and model is not None and len(loc) == 1:
+        return unknown_field_message(str(loc[0]), model, word)
     if error.get("type") == "json_invalid":
-        loc = tuple(error.get("loc", ()))[1:]
         where = f" at character {loc[0]}" if loc else ""
         return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}{where}"
     return str(error.get("msg", "invalid")).removeprefix("Value error, ")
@@ -649,6 +669,14 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
                 f" fields), as OpenAI's client sends it, not '{content_type or 'no content type'}'"), None
     if first.get("type") == "json_invalid":
         return problem_message(first), None
+    if first.get("type") == "extra_forbidden" and request.url.path == OPENAI_EDITS_PATH:
+        if len(loc) == 1 and isinstance(first.get("input"), StarletteUploadFile):  # a file under another name
+            return (f"image: send the image to start from as the file part named image (e.g. curl -F"
+                    f" image=@photo.png); this route takes no part named '{str(loc[0])[:40]}'"), "image"
+        if len(loc) == 1:
+            return unknown_field_message(str(loc[0]), OpenAIEditRequest, "parameter", ("image",)), str(loc[0])
+    if first.get("type") == "extra_forbidden":  # one, or (no loc) the count of many
+        return problem_message(first, OpenAIImagesRequest, "parameter"), str(loc[0]) if len(loc) == 1 else None
     if not loc and "json" not in content_type:
         return not_json(request.url.path, content_type), None
     if not loc:  # the body as a whole: absent, or not an object

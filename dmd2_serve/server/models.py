@@ -78,7 +78,7 @@ class UnknownModel(LookupError):
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"the model '{name}' does not exist on this server; it serves {', '.join(known)}"
-                         " (GET /v1/models lists them)")
+                         f" (GET /v1/models lists them; leave model out for {known[0]})")
         self.name = name
 
 

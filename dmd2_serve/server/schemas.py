@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Literal
 
@@ -80,6 +81,52 @@ def _no_streaming(value: bool | None) -> bool | None:
     return value
 
 
+# OpenAI's parameters for its own models' features (gpt-image's quality levels, moderation, reasoning, SVG and
+# animated output, ...): taken and ignored, so a client written for OpenAI runs unchanged. Any other name is
+# refused with the parameter it looks like (OpenAI's API refuses unknown parameters too; 'sed' for 'seed' drew
+# a random seed). A multipart form sends an object as ``svg[model]``: the name before the bracket counts.
+OPENAI_IGNORED = frozenset({
+    "complexity", "effort", "frame_count", "frame_duration_ms", "input_fidelity", "moderation",
+    "output_compression", "partial_images", "quality", "reasoning", "safety_identifier", "style", "svg", "user"})
+# The edit form's file parts, which the route takes apart from the form's fields.
+EDIT_FILES = frozenset({"image", "image[]", "mask", "markup"})
+
+
+def _known_fields(route: str, ignored: frozenset[str] = frozenset(), word: str = "field") -> Any:
+    """A ``mode="before"`` model validator: ``ignored`` (and ``name[...]``) dropped from the request, and
+    more than a few unknown fields one error, not one each (600,000 keys made a 54 MB 422 and held the
+    HTTP process for seconds); a few are named each in its place by ``extra="forbid"``."""
+    def check(cls: type[BaseModel], data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if ignored:
+            data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.split("[", 1)[0] in ignored)}
+        if len(unknown := [k for k in data if k not in cls.model_fields]) > MAX_NAMED_UNKNOWN:
+            shown = ", ".join(repr(str(k)[:40]) for k in unknown[:MAX_NAMED_UNKNOWN])
+            raise PydanticCustomError("extra_forbidden", "{count} {word}s that {route} does not take ({shown}, ...);"
+                                      " its {word}s are {fields}",
+                                      {"count": f"{len(unknown):,}", "shown": shown, "route": route, "word": word,
+                                       "fields": ", ".join(cls.model_fields)})
+        return data
+    return model_validator(mode="before")(classmethod(check))
+
+
+def unknown_field_message(name: str, model: type[BaseModel], word: str = "field", also: tuple[str, ...] = ()) -> str:
+    """What a request with a field ``model`` does not take is told: the one it looks like, or them all
+    (``also``: the route's names outside the model, such as a form's file parts)."""
+    names = [*also, *model.model_fields]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; the {word}s are {', '.join(names)}"
+    return f"unknown {word} '{name[:40]}'{hint}"
+
+
+def _background(value: str | None) -> str | None:
+    if value == "transparent":
+        raise ValueError("a transparent background is not supported: these models draw opaque images; leave"
+                         " background out, or 'opaque' or 'auto'")
+    return value
+
+
 def _steps_field(note: str = "") -> Any:
     return Field(None, ge=1, le=MAX_STEPS, description=f"{note}at most the trained schedule's length")
 
@@ -113,18 +160,7 @@ class GenerateRequest(BaseModel):
     _seed = _seeds_fit("num_images")
     _defaults = _null_is_default("num_images", "output_format")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _few_unknown_fields(cls, data: Any) -> Any:
-        """More than a few unknown fields are one error, not one each (600,000 keys made a 54 MB 422 and
-        held the HTTP process for seconds); a few are named each in its place by ``extra="forbid"``."""
-        if isinstance(data, dict) and len(unknown := [k for k in data if k not in cls.model_fields]) > MAX_NAMED_UNKNOWN:
-            shown = ", ".join(repr(k[:40]) for k in unknown[:MAX_NAMED_UNKNOWN])
-            raise PydanticCustomError("extra_forbidden", "{count} fields that /generate does not take ({shown}, ...);"
-                                      " its fields are {fields}",
-                                      {"count": f"{len(unknown):,}", "shown": shown,
-                                       "fields": ", ".join(cls.model_fields)})
-        return data
+    _few_unknown = _known_fields("/generate")
 
 
 class GeneratedImage(BaseModel):
@@ -146,9 +182,9 @@ SIZE_PATTERN = re.compile(r"([0-9]{1,4})x([0-9]{1,4})")  # ASCII digits (\d take
 
 class OpenAIImagesRequest(BaseModel):
     """``POST /v1/images/generations``: the OpenAI Images API request (OpenAI's parameters that do not
-    apply here, such as ``quality`` or ``background``, are accepted and ignored)."""
+    apply here, :data:`OPENAI_IGNORED`, are accepted and ignored; unknown ones are refused)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"prompt": "a lighthouse at dusk", "n": 1, "response_format": "b64_json"}]})  # for "Try it out", as above
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -157,9 +193,7 @@ class OpenAIImagesRequest(BaseModel):
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
-    quality: str | None = Field(None, max_length=32)
-    style: str | None = Field(None, max_length=32)
-    user: str | None = Field(None, max_length=256)
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="opaque only")
     seed: int | None = _seed_field("not in OpenAI's API (extra_body={'seed': ...}): ")
     steps: int | None = _steps_field("not in OpenAI's API (extra_body={'steps': ...}): ")
     lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
@@ -172,6 +206,8 @@ class OpenAIImagesRequest(BaseModel):
     _seed = _seeds_fit("n")
     _defaults = _null_is_default("n", "response_format")
     _stream = field_validator("stream")(_no_streaming)
+    _background = field_validator("background")(_background)
+    _known = _known_fields("/v1/images/generations", OPENAI_IGNORED, "parameter")
 
     @field_validator("image", "strength", mode="before")
     @classmethod
@@ -184,9 +220,10 @@ class OpenAIImagesRequest(BaseModel):
 
 
 class OpenAIEditRequest(BaseModel):
-    """``POST /v1/images/edits``: the form fields of OpenAI's image edit request (the files come apart)."""
+    """``POST /v1/images/edits``: the form fields of OpenAI's image edit request (the files come apart;
+    :data:`OPENAI_IGNORED` are accepted and ignored, unknown fields refused)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=256, description=MODEL_HELP)
@@ -195,9 +232,9 @@ class OpenAIEditRequest(BaseModel):
                              " is centre-cropped and resized to it")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="opaque only")
     strength: float | None = Field(None, gt=0, le=1, description="not in OpenAI's API: how far to move from the"
                                    f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
-    user: str | None = Field(None, max_length=256)
     seed: int | None = _seed_field("not in OpenAI's API: ")
     steps: int | None = _steps_field("not in OpenAI's API: ")
     lora: str | None = _lora_field()  # not in OpenAI's API
@@ -207,6 +244,8 @@ class OpenAIEditRequest(BaseModel):
     _prompt = field_validator("prompt")(_non_blank)
     _seed = _seeds_fit("n")
     _stream = field_validator("stream")(_no_streaming)
+    _background = field_validator("background")(_background)
+    _known = _known_fields("/v1/images/edits", OPENAI_IGNORED | EDIT_FILES, "parameter")
 
     @field_validator("n", "seed", "steps", mode="before")
     @classmethod
@@ -225,6 +264,9 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+    background: Literal["opaque"] = "opaque"
+    output_format: ImageFormat
+    size: str = Field(..., description="WIDTHxHEIGHT of the images sent")
 
 
 class OpenAIModel(BaseModel):
