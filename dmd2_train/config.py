@@ -213,6 +213,9 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     """PyYAML's error on one line, where (1-based, as an editor counts) and what, without its echo of the
     text: ``line 3, column 4: expected ',' or ']', but got ':' (while parsing a flow sequence that started
     at line 2, column 10)``."""
+    if isinstance(e, yaml.reader.ReaderError):  # a control character, e.g. NUL: where, as a 1-based offset
+        what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        return f"character {e.position + 1}: unacceptable character {what} ({e.reason})"
     if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
         return str(e)
     mark = e.problem_mark

@@ -72,6 +72,9 @@ def test_unknown_preset_and_bad_files(tmp_path: Path):
         read_yaml(bad)
     assert str(said.value) == (f"config file '{bad}' is not valid YAML: line 3, column 4: expected ',' or ']', but"
                                " got ':' (while parsing a flow sequence that started at line 2, column 10)")
+    bad.write_text("ratio: 5\x00\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: character 9: unacceptable character #x0000 \(special"):
+        read_yaml(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         read_yaml(bad)

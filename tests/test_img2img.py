@@ -249,6 +249,8 @@ def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
          "a transparent background is not supported"),
         ({"prompt": "a 4"}, {"image": ("a.png", start_picture()), "markup": ("m.png", start_picture())}, "markup",
          "not supported yet"),  # OpenAI's guided edit: it was ignored
+        ({"prompt": "a 4"}, [("image", ("a.png", start_picture())), ("mask[]", ("m.png", start_picture()))], "mask",
+         "inpainting is not supported yet"),  # a list of masks: it was ignored, the whole image redrawn
         ({"prompt": "a 4"}, [("image", ("a.png", start_picture())), ("image", ("b.png", start_picture()))], "image",
          "2 images were sent"),  # the last one was taken
     ]:

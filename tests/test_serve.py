@@ -69,13 +69,20 @@ def test_the_ready_line_waits_for_every_worker(capsys):
     app = build_server(BUNDLED_DIGITS_GENERATOR, accelerator="cpu", workers_per_device=2)
     app._address = http_address("::", 8000)  # (it printed http://:::8000)
     app.workers_setup_status = {"/predict_0": WorkerSetupStatus.READY, "/predict_1": WorkerSetupStatus.STARTING}
-    announcer = threading.Thread(target=app._announce_when_ready)
+    announcer = threading.Thread(target=app._announce_when_ready, daemon=True)
     announcer.start()
     time.sleep(0.3)
     assert "ready on" not in capsys.readouterr().err
     app.workers_setup_status["/predict_1"] = WorkerSetupStatus.READY
     announcer.join(5)
+    assert not announcer.is_alive()
     assert "dmd2_serve: ready on http://[::]:8000: serving digits-generator" in capsys.readouterr().err
+    app._crash, app.workers_setup_status["/predict_1"] = "worker 0 died", WorkerSetupStatus.STARTING
+    quiet = threading.Thread(target=app._announce_when_ready, daemon=True)  # stopping: a late READY is no start
+    quiet.start()
+    app.workers_setup_status["/predict_1"] = WorkerSetupStatus.READY
+    quiet.join(5)
+    assert not quiet.is_alive() and "ready on" not in capsys.readouterr().err
 
 
 def test_first_health_200_means_it_serves(server: Server):

@@ -540,11 +540,9 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         """OpenAI's image edits: ``client.images.edit(image=..., prompt=...)`` works unchanged (``image=[file]``
         too, which sends ``image[]``). The whole image is redrawn (image to image, ``strength``); a
         ``mask`` (inpainting), a ``markup`` overlay and more than one image are refused."""
-        for name, part, what in (("mask", mask, "inpainting"), ("markup", markup, "an overlay that guides the edit")):
+        for name, part in (("mask", mask), ("markup", markup)):
             if part is not None:
-                message = (f"{name}: {what} is not supported yet; send the image without a {name} to redraw all of"
-                           " it (image to image; strength sets how far)")
-                return JSONResponse(openai_error(message, name), 400)
+                return JSONResponse(openai_error(unsupported_part(name), name), 400)
         given = [*(image or []), *(images or [])]  # every file sent as image or image[] (the last one was taken)
         if len(given) != 1:
             message = ("image: send the image to start from as a file (multipart, e.g. curl -F image=@photo.png)"
@@ -659,6 +657,16 @@ def problem_message(error: Mapping[str, Any], model: type[BaseModel] | None = No
     return str(error.get("msg", "invalid")).removeprefix("Value error, ")
 
 
+# The edit form's parts OpenAI's API takes and this server refuses, and what they ask for.
+UNSUPPORTED_PARTS = {"mask": "inpainting", "markup": "an overlay that guides the edit"}
+
+
+def unsupported_part(name: str) -> str:
+    """The 400's message for a ``mask`` or ``markup`` sent to the edits route."""
+    return (f"{name}: {UNSUPPORTED_PARTS[name]} is not supported yet; send the image without a {name} to redraw all"
+            " of it (image to image; strength sets how far)")
+
+
 def openai_validation_message(request: Request, errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """The first problem of a request to an OpenAI route, as OpenAI's error message and parameter."""
     first = errors[0] if errors else {}
@@ -670,18 +678,21 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
     if first.get("type") == "json_invalid":
         return problem_message(first), None
     if first.get("type") == "extra_forbidden" and request.url.path == OPENAI_EDITS_PATH:
-        if len(loc) == 1 and isinstance(first.get("input"), StarletteUploadFile):  # a file under another name
+        name = str(loc[0])[:40] if len(loc) == 1 else ""
+        if name and isinstance(first.get("input"), StarletteUploadFile):  # a file under another name
+            if (part := name.split("[", 1)[0]) in UNSUPPORTED_PARTS:  # mask[] (a list of masks): refused as mask
+                return unsupported_part(part), part
             return (f"image: send the image to start from as the file part named image (e.g. curl -F"
-                    f" image=@photo.png); this route takes no part named '{str(loc[0])[:40]}'"), "image"
-        if len(loc) == 1:
-            return unknown_field_message(str(loc[0]), OpenAIEditRequest, "parameter", ("image",)), str(loc[0])
+                    f" image=@photo.png); this route takes no part named '{name}'"), "image"
+        if name:
+            return unknown_field_message(name, OpenAIEditRequest, "parameter", ("image",)), name
     if first.get("type") == "extra_forbidden":  # one, or (no loc) the count of many
-        return problem_message(first, OpenAIImagesRequest, "parameter"), str(loc[0]) if len(loc) == 1 else None
+        return problem_message(first, OpenAIImagesRequest, "parameter"), str(loc[0])[:40] if len(loc) == 1 else None
     if not loc and "json" not in content_type:
         return not_json(request.url.path, content_type), None
     if not loc:  # the body as a whole: absent, or not an object
         return f"the body must be a JSON object with at least a prompt, e.g. {EXAMPLE_BODY}: {problem_message(first)}", None
-    if loc and loc[0] in ("image", "image[]", "mask") and "UploadFile" in str(first.get("msg")):
+    if loc and loc[0] in ("image", "image[]", "mask", "markup") and "UploadFile" in str(first.get("msg")):
         return (f"{loc[0]}: must be a file part of the multipart body (e.g. curl -F {loc[0]}=@photo.png), not a text"
                 " field"), "image" if loc[0] == "image[]" else loc[0]
     if loc == ("prompt",) and first.get("type") == "missing":

@@ -244,7 +244,7 @@ class SupervisedServer(ls.LitServer):
         supervisor, not here.
         """
         names = [m["name"] for m in (self.model_metadata or {}).get("models", [])]
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._crash):  # (a child that died: the supervisor is stopping)
             try:
                 states = list(self.workers_setup_status.values())
             except (OSError, EOFError):  # LitServe's manager is gone: the server is stopping

@@ -92,15 +92,18 @@ OPENAI_IGNORED = frozenset({
 EDIT_FILES = frozenset({"image", "image[]", "mask", "markup"})
 
 
-def _known_fields(route: str, ignored: frozenset[str] = frozenset(), word: str = "field") -> Any:
-    """A ``mode="before"`` model validator: ``ignored`` (and ``name[...]``) dropped from the request, and
+def _known_fields(route: str, ignored: frozenset[str] = frozenset(), word: str = "field",
+                  files: frozenset[str] = frozenset()) -> Any:
+    """A ``mode="before"`` model validator: ``ignored`` (and ``name[...]``) and the form's file parts
+    ``files`` (those names exactly: a ``mask[]`` is no ``mask`` to leave out) dropped from the request, and
     more than a few unknown fields one error, not one each (600,000 keys made a 54 MB 422 and held the
     HTTP process for seconds); a few are named each in its place by ``extra="forbid"``."""
     def check(cls: type[BaseModel], data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        if ignored:
-            data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.split("[", 1)[0] in ignored)}
+        if ignored or files:
+            data = {k: v for k, v in data.items()
+                    if not (isinstance(k, str) and (k.split("[", 1)[0] in ignored or k in files))}
         if len(unknown := [k for k in data if k not in cls.model_fields]) > MAX_NAMED_UNKNOWN:
             shown = ", ".join(repr(str(k)[:40]) for k in unknown[:MAX_NAMED_UNKNOWN])
             raise PydanticCustomError("extra_forbidden", "{count} {word}s that {route} does not take ({shown}, ...);"
@@ -118,6 +121,16 @@ def unknown_field_message(name: str, model: type[BaseModel], word: str = "field"
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
     hint = f" (did you mean '{close[0]}'?)" if close else f"; the {word}s are {', '.join(names)}"
     return f"unknown {word} '{name[:40]}'{hint}"
+
+
+def _openai_schema(example: dict[str, Any] | None = None) -> Any:
+    """An OpenAI request's schema: with ``example`` (Try it out's body), and without ``extra="forbid"``'s
+    ``additionalProperties: false`` (OpenAI's own parameters are taken, and the edit form's files too)."""
+    def extra(schema: dict[str, Any]) -> None:
+        schema.pop("additionalProperties", None)
+        if example is not None:
+            schema["examples"] = [example]
+    return extra
 
 
 def _background(value: str | None) -> str | None:
@@ -184,8 +197,8 @@ class OpenAIImagesRequest(BaseModel):
     """``POST /v1/images/generations``: the OpenAI Images API request (OpenAI's parameters that do not
     apply here, :data:`OPENAI_IGNORED`, are accepted and ignored; unknown ones are refused)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
-        {"prompt": "a lighthouse at dusk", "n": 1, "response_format": "b64_json"}]})  # for "Try it out", as above
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_openai_schema(
+        {"prompt": "a lighthouse at dusk", "n": 1, "response_format": "b64_json"}))  # for "Try it out", as above
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=256, description=MODEL_HELP)
@@ -223,7 +236,7 @@ class OpenAIEditRequest(BaseModel):
     """``POST /v1/images/edits``: the form fields of OpenAI's image edit request (the files come apart;
     :data:`OPENAI_IGNORED` are accepted and ignored, unknown fields refused)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_openai_schema())
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=256, description=MODEL_HELP)
@@ -245,7 +258,7 @@ class OpenAIEditRequest(BaseModel):
     _seed = _seeds_fit("n")
     _stream = field_validator("stream")(_no_streaming)
     _background = field_validator("background")(_background)
-    _known = _known_fields("/v1/images/edits", OPENAI_IGNORED | EDIT_FILES, "parameter")
+    _known = _known_fields("/v1/images/edits", OPENAI_IGNORED, "parameter", EDIT_FILES)
 
     @field_validator("n", "seed", "steps", mode="before")
     @classmethod
