@@ -133,6 +133,9 @@ def _openai_schema(example: dict[str, Any] | None = None) -> Any:
     return extra
 
 
+BACKGROUND_HELP = "auto or opaque: these models draw opaque images (transparent is refused)"
+
+
 def _background(value: str | None) -> str | None:
     if value == "transparent":
         raise ValueError("a transparent background is not supported: these models draw opaque images; leave"
@@ -206,7 +209,7 @@ class OpenAIImagesRequest(BaseModel):
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
-    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="opaque only")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description=BACKGROUND_HELP)
     seed: int | None = _seed_field("not in OpenAI's API (extra_body={'seed': ...}): ")
     steps: int | None = _steps_field("not in OpenAI's API (extra_body={'steps': ...}): ")
     lora: str | None = _lora_field()  # not in OpenAI's API: extra_body={"lora": ...}
@@ -245,7 +248,7 @@ class OpenAIEditRequest(BaseModel):
                              " is centre-cropped and resized to it")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
-    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="opaque only")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description=BACKGROUND_HELP)
     strength: float | None = Field(None, gt=0, le=1, description="not in OpenAI's API: how far to move from the"
                                    f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
     seed: int | None = _seed_field("not in OpenAI's API: ")
