@@ -98,9 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                         " (default 4)")
     p.add_argument("--host", type=_host, default="127.0.0.1",
                    help=f"address to listen on: {', '.join(f'{h} ({w})' for h, w in HOSTS.items())}; default 127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward batch (default 8)")
-    p.add_argument("--batch-timeout", type=float, default=0.0,
+    p.add_argument("--port", type=int, metavar="PORT", default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch-size", type=int, metavar="N", default=8, help="requests per forward batch (default 8)")
+    p.add_argument("--batch-timeout", type=float, metavar="S", default=0.0,
                    help="seconds a batch waits for more requests once it has taken every waiting one (default 0:"
                         " none; at one client the wait is pure latency, under load the queue fills the batches)")
     p.add_argument("--bucket", type=_sizes, default=(8,), metavar="N[,N...]",
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                         " of time by AOTInductor (a restart loads it without tracing: faster warm starts), or"
                         " TensorRT engines")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels")
-    p.add_argument("--compile-cache", type=Path, default=None,
+    p.add_argument("--compile-cache", type=Path, metavar="DIR", default=None,
                    help="folder for compiled artefacts (Inductor's caches, AOTInductor packages) and TensorRT"
                         " engines (default: $DMD2_CACHE_DIR or ~/.cache/dmd2-fast)")
     p.add_argument("--compile-scope", default="full", choices=["full", "regional"],
@@ -144,21 +144,22 @@ def _parser() -> argparse.ArgumentParser:
                         " 'dmd2-fast[fp8]')")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="do not capture the sampling loop in CUDA graphs")
-    p.add_argument("--devices", type=_devices, default="auto",
+    p.add_argument("--devices", type=_devices, metavar="N|auto", default="auto",
                    help="GPUs to serve on, one inference worker set each: a number, or auto (every visible GPU; one"
                         " CPU worker without a GPU)")
-    p.add_argument("--workers-per-device", type=int, default=1,
+    p.add_argument("--workers-per-device", type=int, metavar="N", default=1,
                    help="inference workers per device, each with its own copy of the model (default 1)")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the model runs: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda")
-    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 503 (default 64)")
-    p.add_argument("--max-body-mb", type=float, default=8.0,
+    p.add_argument("--max-queue", type=int, metavar="N", default=64,
+                   help="requests admitted at once; more get 503 (default 64)")
+    p.add_argument("--max-body-mb", type=float, metavar="MB", default=8.0,
                    help="largest request body in MiB (an input image, base64 or uploaded, is most of it); larger: 413"
                         " (default 8)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                    help="seconds an admitted request's body may take to arrive whole before 408 (a stalled or"
                         " trickling upload gives its queue place back; default 30)")
-    p.add_argument("--timeout", type=float, default=30.0,
+    p.add_argument("--timeout", type=float, metavar="S", default=30.0,
                    help="seconds a request may wait in the queue before 504 (-1: no limit; default 30)")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, SIGINT or SIGHUP: stop admitting (503, /health 503) and give the requests already"
@@ -167,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-metadata", dest="metadata", action="store_false",
                    help="do not write the prompt, seed, steps and model into the image files (PNG 'parameters' text,"
                         " EXIF UserComment for JPEG and WebP)")
-    p.add_argument("--api-key", default=os.environ.get("DMD2_API_KEY"),
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("DMD2_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $DMD2_API_KEY)")
     return p
 

@@ -49,18 +49,19 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Other commands: teacher (retrain the bundled digits teacher), eval, encode-latents, table;"
                " `python -m dmd2_train COMMAND --help` for each.",
     )
-    d.add_argument("--preset", help="digits (bundled, CPU), sd15, sd15-stage2, sd15-4step or sdxl (README: Presets);"
-                   " default: from the teacher's family")
-    d.add_argument("--config", type=Path, help="YAML file of config keys")
-    d.add_argument("--teacher", type=Path, help="diffusers-format SD 1.x / 2.x / SDXL folder, or a single-file"
-                   " .safetensors checkpoint with --teacher-config (default: the bundled digits teacher)")
-    d.add_argument("--teacher-config", type=Path, help="for a single-file teacher: the model's diffusers config"
-                   " folder (model_index.json, component configs, tokenizers; no weights needed)")
-    d.add_argument("--out", type=Path, help="run folder (checkpoints, logs, previews, generator/); default runs/dmd2")
-    d.add_argument("--max-steps", type=int, help="total training steps")
-    d.add_argument("--prompts", type=Path, help="prompt file (.txt, one a line, or .jsonl)")
-    d.add_argument("--real-images", type=Path, help="real images for the GAN: an image folder, WebDataset .tar"
-                   " shards (folder, file or glob) or an encode-latents folder")
+    d.add_argument("--preset", metavar="NAME", help="digits (bundled, CPU), sd15, sd15-stage2, sd15-4step or sdxl"
+                   " (README: Presets); default: from the teacher's family")
+    d.add_argument("--config", type=Path, metavar="FILE", help="YAML file of config keys")
+    d.add_argument("--teacher", type=Path, metavar="DIR|FILE", help="diffusers-format SD 1.x / 2.x / SDXL folder, or"
+                   " a single-file .safetensors checkpoint with --teacher-config (default: the bundled digits teacher)")
+    d.add_argument("--teacher-config", type=Path, metavar="DIR", help="for a single-file teacher: the model's diffusers"
+                   " config folder (model_index.json, component configs, tokenizers; no weights needed)")
+    d.add_argument("--out", type=Path, metavar="DIR",
+                   help="run folder (checkpoints, logs, previews, generator/); default runs/dmd2")
+    d.add_argument("--max-steps", type=int, metavar="N", help="total training steps")
+    d.add_argument("--prompts", type=Path, metavar="FILE", help="prompt file (.txt, one a line, or .jsonl)")
+    d.add_argument("--real-images", type=Path, metavar="PATH", help="real images for the GAN: an image folder,"
+                   " WebDataset .tar shards (folder, file or glob) or an encode-latents folder")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. ratio=5")
     t = sub.add_parser("teacher", help="train the bundled digits teacher")
