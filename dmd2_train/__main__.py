@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
@@ -171,6 +172,9 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
                     DistillConfig.model_fields["out"].default))
     found = latest(out)
     if found is None:
+        if (near := _run_named_like(out)) is not None and os.environ.get("RANK", "0") == "0":
+            print(f"warning: --resume, but {out} holds no checkpoint, so this run starts from the teacher; {near}"
+                  f" holds checkpoints: did you mean --out {shlex.quote(str(near))}?", file=sys.stderr)
         return None
     try:
         saved = read_meta(found[1]).get("config")
@@ -186,6 +190,20 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
               " resumes it unsharded")
         del saved["sharding"]
     return saved
+
+
+def _run_named_like(out: Path) -> Path | None:
+    """A run folder beside ``out`` whose name is close to it and that holds checkpoints (a mistyped
+    ``--out`` with ``--resume`` would otherwise start a new run after minutes of loading the teacher)."""
+    from .checkpoint import latest
+
+    parent = out.absolute().parent
+    try:
+        names = [p.name for p in parent.iterdir() if p.name != out.name and p.is_dir()]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(out.name, names, n=3, cutoff=0.75)
+    return next((out.parent / name for name in close if latest(out.parent / name) is not None), None)
 
 
 def _teacher(args: argparse.Namespace) -> None:

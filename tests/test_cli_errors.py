@@ -232,3 +232,21 @@ def test_the_command_an_interrupt_offers_pastes_with_a_space_in_the_path(tmp_pat
     (step / ckpt.META).write_text("{}")
     said = _saved(argparse.Namespace(command="distill", out=out))
     assert shlex.split(said.split("continue with: ")[1]) == ["python", "-m", "dmd2_train", "--out", str(out), "--resume"]
+
+
+def test_resume_with_a_mistyped_out_names_the_run_it_looks_like(tmp_path: Path, capsys, monkeypatch):
+    """--resume on a folder with no checkpoint starts a new run (requeue scripts rely on it): with a
+    run of a close name beside it, that is said before the teacher loads."""
+    from dmd2_train import checkpoint as ckpt
+    from dmd2_train import loop
+    from dmd2_train.__main__ import main
+
+    monkeypatch.setattr(loop, "distill", lambda cfg, resume=False: None)
+    step = ckpt.checkpoint_dir(tmp_path / "digits") / "step_0000004"
+    step.mkdir(parents=True)
+    (step / ckpt.META).write_text("{}")
+    (tmp_path / "other").mkdir()
+    assert main(["--out", str(tmp_path / "digts"), "--resume"]) == 0
+    assert f"did you mean --out {tmp_path / 'digits'}?" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "brand-new"), "--resume"]) == 0  # nothing like it: nothing said
+    assert "did you mean" not in capsys.readouterr().err
