@@ -45,6 +45,7 @@ from .init_from import read_initial_weights
 from .lora import lora_changes
 from .memory import out_of_memory_message
 from .previews import save_grid
+from .progress import progress
 from .run import (
     PromptEncoder,
     RunBatches,
@@ -151,8 +152,6 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     ``on_step(step)`` is called after each finished step (tests use it to interrupt a run).
     """
-    from tqdm.auto import tqdm
-
     # 1. Set-up: devices, precision, folders.
     accelerator = make_accelerator(cfg)
     made = next((p for p in [*reversed(cfg.out.absolute().parents), cfg.out.absolute()] if not p.exists()), None)
@@ -246,7 +245,7 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     accelerator.init_trackers("dmd2", config={k: str(v) for k, v in cfg.model_dump().items()})
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="dmd2", unit="step")
+    bar = progress(cfg.max_steps, start, "dmd2", "step", disable=not accelerator.is_main_process)
     step, since, since_step = start, time.perf_counter(), start
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dmd2_serve.model.adapters import unet_prediction
 from dmd2_serve.model.adapters.digits import MINILM_PACKAGE, DigitsBackbone
@@ -21,6 +20,7 @@ from dmd2_serve.model.sampling import add_noise
 from .config import BUNDLED_BETA_SCHEDULE, TeacherConfig
 from .data import CAPTION_TEMPLATES, digit_caption, load_digits
 from .export import folder_written_atomically
+from .progress import progress
 from .run import PromptEncoder, check_output_folder, check_replaceable_model_folder
 from .trainer import step_generator
 
@@ -78,8 +78,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     abar = digits_scheduler(cfg.beta_schedule).alphas_cumprod
-    bar = tqdm(range(cfg.steps), desc="teacher", unit="step")
-    for step in bar:
+    bar = progress(cfg.steps, desc="teacher", unit="step")
+    for step in range(cfg.steps):
         g = step_generator(cfg.seed, step, 0)
         idx = torch.randint(len(labels), (cfg.batch_size,), generator=g)
         template = torch.randint(len(CAPTION_TEMPLATES), (cfg.batch_size,), generator=g)
@@ -98,5 +98,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         ema.update_parameters(unet)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+    bar.close()
     return write_digits_folder(ema.module.eval(), cfg.out, {"steps_trained": cfg.steps, "ema_decay": cfg.ema_decay},
                                cfg.beta_schedule)
