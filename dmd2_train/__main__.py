@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import math
 import os
@@ -195,6 +194,8 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _run_named_like(out: Path) -> Path | None:
     """A run folder beside ``out`` whose name is close to it and that holds checkpoints (a mistyped
     ``--out`` with ``--resume`` would otherwise start a new run after minutes of loading the teacher)."""
+    from dmd2_serve.model.errors import close_names
+
     from .checkpoint import latest
 
     parent = out.absolute().parent
@@ -202,8 +203,7 @@ def _run_named_like(out: Path) -> Path | None:
         names = [p.name for p in parent.iterdir() if p.name != out.name and p.is_dir()]
     except OSError:
         return None
-    close = difflib.get_close_matches(out.name, names, n=3, cutoff=0.75)
-    return next((out.parent / name for name in close if latest(out.parent / name) is not None), None)
+    return next((out.parent / name for name in close_names(out.name, names, n=3) if latest(out.parent / name)), None)
 
 
 def _teacher(args: argparse.Namespace) -> None:

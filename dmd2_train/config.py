@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dmd2_serve.model.errors import first_line
+from dmd2_serve.model.errors import close_names, first_line
 
 # The bundled digits teacher, shipped inside the package.
 BUNDLED_DIGITS_TEACHER = Path(__file__).parent / "assets" / "digits-teacher"
@@ -168,8 +167,8 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
         gan_weight_discriminator=1e-2, log_every=10, preview_every=200, checkpoint_every=200,
         preview_prompts=[f"a handwritten {d}" for d in range(10)],
     ),
-    # The paper's recipes (DMD2, Yin et al. 2024, and the authors' configs): pass --teacher with the model folder. The image
-    # size is the teacher's own (512 for SD1.5, 768 for SD2 768-v, 1024 for SDXL).
+    # The paper's recipes (DMD2, Yin et al. 2024, and the authors' configs): pass --teacher with the model
+    # folder. The image size is the teacher's own (512 for SD1.5, 768 for SD2 768-v, 1024 for SDXL).
     # SD1.5, one step, two stages. Stage 1: no GAN, lr 1e-5, about 39k iterations (paper FID 9.28).
     "sd15": dict(timesteps=[999], gan=False, guidance_scale=1.75, ratio=10, lr_generator=1e-5, lr_fake=1e-5,
                  max_steps=40000),
@@ -288,7 +287,7 @@ def format_validation_error(e: ValidationError, known: Collection[str] = ()) -> 
         if not key:  # a check across keys: its message names them (the input would be the whole config)
             lines.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            close = close_names(key, known)
             lines.append(f"unknown config key '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
         else:
             lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")

@@ -293,17 +293,20 @@ def check_data_given(cfg: DistillConfig, bundled_data: bool) -> None:
         print(f"warning: real_images '{cfg.real_images}' is not used by this run: gan=false with"
               " backward_simulation=true trains from prompts and noise alone (the GAN's stage, e.g. --preset"
               " sd15-stage2, reads it)", file=sys.stderr)
+    def instead_of_bundled(given: str, needed: str) -> str:
+        """Why the family's bundled data does not fill the gap: the one input given replaces it whole."""
+        return (f"; {given} replaces the bundled images and their captions, so it needs {needed} too (or leave"
+                f" {given} out to train on the bundled data)" if bundled_data else "")
+
     missing = []
     if cfg.prompts is None:
-        missing.append("a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)" + (
-            "; real_images replaces the bundled images and their captions, so it needs one too (or leave"
-            " real_images out to train on the bundled data)" if bundled_data else ""))
+        missing.append("a prompt set: pass prompts=FILE (a .txt or .jsonl of captions)"
+                       + instead_of_bundled("real_images", "one"))
     if needs_real_images(cfg) and cfg.real_images is None:
         missing.append(("real images for the GAN: pass real_images=FOLDER, or gan=false" if cfg.gan else
                         "real images (backward_simulation=false noises them as the generator's inputs):"
-                        " pass real_images=FOLDER, or backward_simulation=true") + (
-            "; prompts replaces the bundled images and their captions, so it needs real images too (or leave"
-            " prompts out to train on the bundled data)" if bundled_data else ""))
+                        " pass real_images=FOLDER, or backward_simulation=true")
+                       + instead_of_bundled("prompts", "real images"))
     problems = (["this teacher needs " + "; and ".join(missing)] if missing else []) + data_path_problems(cfg)
     if problems:
         raise RunError("; and ".join(problems))

@@ -219,17 +219,23 @@ def test_fp16_on_the_cpu_is_said_to_do_nothing(tmp_path: Path, capsys):
     assert "mixed_precision=fp16 does nothing on the CPU" in capsys.readouterr().err
 
 
+def a_checkpoint_in(out: Path) -> None:
+    """What the CLI's messages look for: a complete-named checkpoint folder with its meta file."""
+    from dmd2_train import checkpoint as ckpt
+
+    step = ckpt.checkpoint_dir(out) / "step_0000004"
+    step.mkdir(parents=True)
+    (step / ckpt.META).write_text("{}")
+
+
 def test_the_command_an_interrupt_offers_pastes_with_a_space_in_the_path(tmp_path: Path):
     import argparse
     import shlex
 
-    from dmd2_train import checkpoint as ckpt
     from dmd2_train.__main__ import _saved
 
     out = tmp_path / "my runs" / "a"
-    step = ckpt.checkpoint_dir(out) / "step_0000004"
-    step.mkdir(parents=True)
-    (step / ckpt.META).write_text("{}")
+    a_checkpoint_in(out)
     said = _saved(argparse.Namespace(command="distill", out=out))
     assert shlex.split(said.split("continue with: ")[1]) == ["python", "-m", "dmd2_train", "--out", str(out), "--resume"]
 
@@ -237,14 +243,11 @@ def test_the_command_an_interrupt_offers_pastes_with_a_space_in_the_path(tmp_pat
 def test_resume_with_a_mistyped_out_names_the_run_it_looks_like(tmp_path: Path, capsys, monkeypatch):
     """--resume on a folder with no checkpoint starts a new run (requeue scripts rely on it): with a
     run of a close name beside it, that is said before the teacher loads."""
-    from dmd2_train import checkpoint as ckpt
     from dmd2_train import loop
     from dmd2_train.__main__ import main
 
     monkeypatch.setattr(loop, "distill", lambda cfg, resume=False: None)
-    step = ckpt.checkpoint_dir(tmp_path / "digits") / "step_0000004"
-    step.mkdir(parents=True)
-    (step / ckpt.META).write_text("{}")
+    a_checkpoint_in(tmp_path / "digits")
     (tmp_path / "other").mkdir()
     assert main(["--out", str(tmp_path / "digts"), "--resume"]) == 0
     assert f"did you mean --out {tmp_path / 'digits'}?" in capsys.readouterr().err

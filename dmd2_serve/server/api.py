@@ -644,13 +644,13 @@ def not_json(path: str, content_type: str) -> str:
 EXAMPLE_BODY = '{"prompt": "a lighthouse at dusk"}'
 
 
-def problem_message(error: Mapping[str, Any], model: type[BaseModel] | None = None, word: str = "field") -> str:
+def problem_message(error: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:
     """One validation error's message as the client should read it: without pydantic's "Value error, "
     before our validators' own words; for a body that is no JSON, where the parser stopped and why; for a
     field ``model`` does not take, the one it looks like (pydantic said 'Extra inputs are not permitted')."""
     loc = tuple(error.get("loc", ()))[1:]  # after "body"
     if error.get("type") == "extra_forbidden" and model is not None and len(loc) == 1:
-        return unknown_field_message(str(loc[0]), model, word)
+        return unknown_field_message(str(loc[0]), model)
     if error.get("type") == "json_invalid":
         where = f" at character {loc[0]}" if loc else ""
         return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}{where}"
@@ -677,17 +677,17 @@ def openai_validation_message(request: Request, errors: Sequence[Mapping[str, An
                 f" fields), as OpenAI's client sends it, not '{content_type or 'no content type'}'"), None
     if first.get("type") == "json_invalid":
         return problem_message(first), None
-    if first.get("type") == "extra_forbidden" and request.url.path == OPENAI_EDITS_PATH:
-        name = str(loc[0])[:40] if len(loc) == 1 else ""
-        if name and isinstance(first.get("input"), StarletteUploadFile):  # a file under another name
+    if first.get("type") == "extra_forbidden":  # one unknown name, or (no loc) the count of many
+        if len(loc) != 1:
+            return problem_message(first), None
+        name, edits = str(loc[0])[:40], request.url.path == OPENAI_EDITS_PATH
+        if edits and isinstance(first.get("input"), StarletteUploadFile):  # a file under another name
             if (part := name.split("[", 1)[0]) in UNSUPPORTED_PARTS:  # mask[] (a list of masks): refused as mask
                 return unsupported_part(part), part
             return (f"image: send the image to start from as the file part named image (e.g. curl -F"
                     f" image=@photo.png); this route takes no part named '{name}'"), "image"
-        if name:
-            return unknown_field_message(name, OpenAIEditRequest, "parameter", ("image",)), name
-    if first.get("type") == "extra_forbidden":  # one, or (no loc) the count of many
-        return problem_message(first, OpenAIImagesRequest, "parameter"), str(loc[0])[:40] if len(loc) == 1 else None
+        model, files = (OpenAIEditRequest, ("image",)) if edits else (OpenAIImagesRequest, ())
+        return unknown_field_message(name, model, "parameter", files), name
     if not loc and "json" not in content_type:
         return not_json(request.url.path, content_type), None
     if not loc:  # the body as a whole: absent, or not an object

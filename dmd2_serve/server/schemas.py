@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from ..model.errors import close_names
 
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 8
@@ -118,7 +119,7 @@ def unknown_field_message(name: str, model: type[BaseModel], word: str = "field"
     """What a request with a field ``model`` does not take is told: the one it looks like, or them all
     (``also``: the route's names outside the model, such as a form's file parts)."""
     names = [*also, *model.model_fields]
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    close = close_names(name, names)
     hint = f" (did you mean '{close[0]}'?)" if close else f"; the {word}s are {', '.join(names)}"
     return f"unknown {word} '{name[:40]}'{hint}"
 
