@@ -14,12 +14,15 @@ import pytest
 
 def test_bench_runs_at_toy_size_and_writes_its_rows(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    temp = tmp_path / "temp"  # no --cache-dir: the folder the bench makes for its cache goes with it
+    temp.mkdir()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TMPDIR": str(temp)}
     run = subprocess.run(
         [sys.executable, "-m", "dmd2_serve.bench", "--tiny", "--archs", "sd15", "--batches", "1,2",
-         "--backends", "eager,tensorrt", "--budget-s", "300", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+         "--backends", "eager,tensorrt", "--budget-s", "300", "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert not list(temp.glob("dmd2-bench-cache-*"))
     assert "preflight ok" in run.stdout
     result = json.loads(out.read_text())
     e2e = {(r["batch"], r["backend"]) for r in result["rows"] if "arch" in r}

@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,15 @@ NEEDS_CHROMIUM = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 
 
-def chromium():
+def chromium(tmp_path: Path):
+    """Headless Chromium whose profile lives in the test's own tmp_path (pytest prunes it; /tmp does not)."""
     from selenium import webdriver
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}",
                  # an air-gapped host: no name resolves but the server's loopback address (a page that
                  # fetched a script from a CDN would break here, wherever the tests run)
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
@@ -37,7 +37,7 @@ def test_playground_generates_images_in_a_browser(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = chromium()
+    driver = chromium(tmp_path)
     try:
         driver.get(server.url + "/")
         assert not driver.find_element(By.ID, "key-box").is_displayed()  # no --api-key: no field
@@ -67,7 +67,7 @@ def test_playground_generates_images_in_a_browser(server, tmp_path):
         driver.find_element(By.ID, "go").click()
         WebDriverWait(driver, 60).until(lambda d: "from your image (strength 0.5)" in d.find_element(By.ID, "status").text)
         assert len(driver.find_elements(By.CSS_SELECTOR, "img.result")) == 3
-        driver.save_screenshot(str(tempfile.gettempdir()) + "/dmd2-playground.png")
+        driver.save_screenshot(str(tmp_path / "playground.png"))  # for a look when it fails
     finally:
         driver.quit()
 
@@ -84,12 +84,12 @@ def key_server():
 
 
 @NEEDS_CHROMIUM
-def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url(key_server):
+def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url(key_server, tmp_path):
     """Its only way was ?key=... in the address, which the access log then held."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server, driver = key_server, chromium()
+    server, driver = key_server, chromium(tmp_path)
     try:
         driver.get(server.url + "/#key=s3cret")  # a link with the key: kept in the tab, taken off the address
         assert driver.current_url.rstrip("/") == server.url
@@ -105,14 +105,14 @@ def test_playground_asks_for_the_api_key_and_keeps_it_out_of_the_url(key_server)
 
 
 @NEEDS_CHROMIUM
-def test_docs_work_offline_and_try_it_out_sends_the_key(key_server):
+def test_docs_work_offline_and_try_it_out_sends_the_key(key_server, tmp_path):
     """/docs and /redoc on a host without internet (this one: FastAPI's pages fetched their scripts from
     cdn.jsdelivr.net and stayed blank): Swagger UI lists the routes, its Authorize takes the API key and
     "Try it out" on /generate answers 200; ReDoc shows the same schema."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server, driver = key_server, chromium()
+    server, driver = key_server, chromium(tmp_path)
     try:
         driver.get(server.url + "/docs")
         assert "cdn.jsdelivr.net" not in driver.page_source

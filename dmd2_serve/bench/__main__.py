@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile scopes per arch, e.g. full or full,regional (default: sd15 full,regional;"
                         " sdxl regional,full, the second only when time is left)")
     p.add_argument("--budget-s", type=float, default=450.0, help="stop starting new stages after this")
-    p.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default: a fresh temp folder)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default: a temp folder, removed at the end)")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--tiny", action="store_true", help="small models (CPU tests of this script)")
     p.add_argument("--skip-cold-start", action="store_true", help="do not time a second process's start")
@@ -106,7 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.attention_rows and not args.eager_rows:
         p.error("--attention-rows times eager rows: drop --no-eager-rows")
-    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="dmd2-bench-cache-"))
+    if args.cache_dir is not None:
+        return _run(args, args.cache_dir)
+    # SDXL's compiled graphs and packages are gigabytes: a folder made here goes with the run
+    with tempfile.TemporaryDirectory(prefix="dmd2-bench-cache-") as made:
+        return _run(args, Path(made))
+
+
+def _run(args: argparse.Namespace, cache_dir: Path) -> int:
+    """The benchmark that ``main``'s arguments ask for, with its compile cache in ``cache_dir``."""
     if args.cold_start:
         phases = cold_start(args.cold_start, args.scope, cache_dir, args.tiny, args.launched or time.time(),
                             args.cold_backend)
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     report.note(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__};"
                 f" {time.strftime('%Y-%m-%d')}")
     if args.preflight:
-        preflight(device, cache_dir)  # raises: nothing long runs on a broken kernel, capture or compile
+        preflight(device)  # raises: nothing long runs on a broken kernel, capture or compile
     stages: list[tuple[str, Callable[[], None]]] = []
     if args.kernel:
         copy_gbps = copy_bandwidth_gbps(device)

@@ -337,7 +337,7 @@ def cold_start(name: str, scope: str, cache_dir: Path, tiny: bool, launched: flo
     return {"total": time.time() - launched, **phases}
 
 
-def preflight(device: torch.device, cache_dir: Path) -> None:
+def preflight(device: torch.device) -> None:
     """Fail in seconds, not minutes: the kernel and the graphed loop must be right here. (Compiling
     a toy model here cost about a minute on an H100; each compiled row is compared with eager.)"""
     from dmd2_kernels.renoise import renoise_reference, renoise_triton
