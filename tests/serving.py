@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import tempfile
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+from PIL import Image
 
 from dmd2_serve.server.launch import LocalServer, launch, stop
 
@@ -91,3 +93,11 @@ def wait_for(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.02)
+
+
+def jpeg_quality_table(quality: int | None) -> list[int]:
+    """The luminance quantisation table Pillow writes at ``quality`` (None: its default): it names a JPEG's
+    quality (``Image.open(jpeg).quantization[0]``), greyscale or colour."""
+    out = io.BytesIO()
+    Image.new("L", (8, 8)).save(out, format="JPEG", **({} if quality is None else {"quality": quality}))
+    return Image.open(out).quantization[0]

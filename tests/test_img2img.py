@@ -19,7 +19,7 @@ import pytest
 import torch
 from dmd2_kernels.renoise import philox_normal_reference
 from PIL import Image
-from serving import Server, start_server, stop_server
+from serving import Server, jpeg_quality_table, start_server, stop_server
 
 from dmd2_serve import BUNDLED_DIGITS_GENERATOR
 from dmd2_serve.model.adapters import load_backbone, load_unet
@@ -258,9 +258,13 @@ def test_openai_client_edits_unchanged(server: Server, tmp_path: Path):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (form, r.text)
         assert words in r.json()["error"]["message"], r.text
     gpt_image = {"prompt": "a 4", "size": "64x64", "quality": "high", "input_fidelity": "high", "user": "u",
-                 "output_compression": "80", "svg[model]": "m"}  # OpenAI's own models' parameters: taken, ignored
+                 "svg[model]": "m"}  # OpenAI's own models' parameters: taken, ignored
     r = httpx.post(url, data=gpt_image, files={"image": ("a.png", start_picture())}, timeout=30)
     assert r.status_code == 200 and r.json()["size"] == "64x64" and r.json()["output_format"] == "png", r.text
+    small = {"prompt": "a 4", "output_format": "jpeg", "output_compression": "30"}  # a form's digits
+    r = httpx.post(url, data=small, files={"image": ("a.png", start_picture())}, timeout=30)
+    jpeg = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert jpeg.format == "JPEG" and jpeg.quantization[0] == jpeg_quality_table(30), r.text
 
 
 def truncated_png() -> bytes:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import ExifTags, Image
-from serving import Server, start_server, stop_server
+from serving import Server, jpeg_quality_table, start_server, stop_server
 
 from dmd2_serve.server.encoding import USER_COMMENT_UNICODE, Parameters, encode_image, raw_format, to_pixels
 
@@ -203,6 +203,18 @@ def test_pixels_made_before_the_copy_to_the_host_give_the_same_files():
         for image, pix in zip(images, pixels):
             assert encode_image(pix, fmt, (16, 16)) == encode_image(image, fmt, (16, 16))
             assert encode_image(pix.numpy(), fmt, (16, 16)) == encode_image(image, fmt, (16, 16))  # as the worker sends
+
+
+def test_quality_sets_jpeg_and_webp_and_png_stays_lossless():
+    """``output_compression`` (OpenAI's name) is the JPEG / WebP quality; PNG has none to set."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for quality in (None, 10, 95):
+        jpeg = Image.open(io.BytesIO(encode_image(pixels, "jpeg", (64, 64), quality=quality)))
+        assert jpeg.quantization[0] == jpeg_quality_table(quality)
+    assert jpeg_quality_table(10) != jpeg_quality_table(None)
+    webp = {q: len(encode_image(pixels, "webp", (64, 64), quality=q)) for q in (5, None, 100)}
+    assert webp[5] < webp[None] < webp[100], webp
+    assert encode_image(pixels, "png", (64, 64), quality=5) == encode_image(pixels, "png", (64, 64))
 
 
 def test_png_files_are_lossless_and_as_small_as_pillows_default():

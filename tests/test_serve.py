@@ -19,7 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serving import Server, held_request, metric, queue_depth, raw_post, start_server, stop_server, wait_for
+from serving import (
+    Server,
+    held_request,
+    jpeg_quality_table,
+    metric,
+    queue_depth,
+    raw_post,
+    start_server,
+    stop_server,
+    wait_for,
+)
 
 
 def generate(server: Server, timeout: float = 60, headers: dict | None = None, **body) -> httpx.Response:
@@ -115,6 +125,9 @@ def test_seed_is_picked_and_returned_and_reproduces(server: Server):
 def test_formats_sizes_and_raw_image(server: Server):
     body = generate(server, prompt="a 3", seed=1, output_format="jpeg", size="64x64").json()
     assert decode(body["images"][0]["data"]).format == "JPEG" and decode(body["images"][0]["data"]).size == (64, 64)
+    small = generate(server, prompt="a 3", seed=1, output_format="jpeg", size="64x64", output_compression=10).json()
+    assert decode(small["images"][0]["data"]).quantization[0] == jpeg_quality_table(10)
+    assert decode(body["images"][0]["data"]).quantization[0] == jpeg_quality_table(None)
     raw = generate(server, prompt="a 3", seed=1, headers={"Accept": "image/png"})
     assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(raw.content)).size == (8, 8)
@@ -217,11 +230,15 @@ def test_openai_routes_errors_in_openai_shape_and_the_seed_extension(server: Ser
     with pytest.raises(openai.BadRequestError) as e:  # it was ignored: an opaque image came
         client.images.generate(prompt="a 4", extra_body={"background": "transparent"})
     assert e.value.param == "background"
-    gpt_image = {"background": "opaque", "moderation": "low", "output_compression": 80, "svg": {"model": "m"}}
+    gpt_image = {"background": "opaque", "moderation": "low", "svg": {"model": "m"}}
     kept = client.images.generate(prompt="a 4", size="64x64", output_format="jpeg", quality="high", style="vivid",
-                                  user="u", extra_body=gpt_image)  # OpenAI's own models' parameters: taken, ignored
+                                  user="u", output_compression=80, extra_body=gpt_image)  # OpenAI's own models'
     assert (kept.output_format, kept.size, kept.background) == ("jpeg", "64x64", "opaque")  # gpt-image's fields
-    assert decode(kept.data[0].b64_json).format == "JPEG"
+    assert decode(kept.data[0].b64_json).format == "JPEG"  # and its quality: output_compression was ignored
+    assert decode(kept.data[0].b64_json).quantization[0] == jpeg_quality_table(80)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a 4", output_format="webp", output_compression=101)
+    assert e.value.param == "output_compression"
     with pytest.raises(openai.NotFoundError) as e:  # a bare 'Not Found'
         client.images.create_variation(image=("a.png", base64.b64decode(kept.data[0].b64_json)))
     assert "image variations are not supported" in str(e.value) and "/v1/images/edits" in str(e.value)

@@ -118,6 +118,7 @@ class Job:
     lora: str | None = None
     lora_folder: Path | None = None
     lora_scale: float = 1.0
+    output_compression: int | None = None  # JPEG / WebP quality (None: Pillow's default)
     received: float = field(default_factory=time.perf_counter)  # set in the HTTP process: a system-wide clock
     ticket: int = field(default_factory=new_ticket)  # cancelled when its client goes (cancel.py)
 
@@ -146,6 +147,7 @@ class JobResult:
     model: str = ""
     lora: str | None = None  # the adapter's name as the request gave it, and its scale
     lora_scale: float = 1.0
+    output_compression: int | None = None
     failure: JobFailure | None = None  # set: no images, answer this instead
     sent: float = 0.0  # perf_counter (system-wide) when the worker finished it (before the sender thread's queue)
 
@@ -261,7 +263,7 @@ class FewStepAPI(ls.LitAPI):
         return Job(request.prompt, [seed + i for i in range(request.num_images)], request.steps, size,
                    request.output_format, init if start_step > 0 else None, strength, start_step, model=facts.name,
                    lora=request.lora if lora_folder is not None or lora_scale == 0 else None,
-                   lora_folder=lora_folder, lora_scale=lora_scale)
+                   lora_folder=lora_folder, lora_scale=lora_scale, output_compression=request.output_compression)
 
     def decode_request(self, request):  # a Job from prepare(); unannotated: LitServe's route (replaced) parses nothing
         return request
@@ -322,7 +324,7 @@ class FewStepAPI(ls.LitAPI):
                 images[i] if ran else np.empty(0, np.uint8), job.seeds if ran else [], job.output_format, job.size, timings,
                 prompt=job.prompt, steps=job.steps or self.models[job.model].steps,
                 strength=job.strength if job.start_step else None, model=job.model, lora=job.lora,
-                lora_scale=job.lora_scale, failure=failures.get(i)))
+                lora_scale=job.lora_scale, output_compression=job.output_compression, failure=failures.get(i)))
         return results
 
     def _parameters(self, output: JobResult, seed: int) -> Parameters | None:
@@ -347,7 +349,7 @@ class FewStepAPI(ls.LitAPI):
     def file(self, result: JobResult, index: int) -> bytes:
         """Image ``index`` of a job's answer as its file, with the metadata that made it (unless ``--no-metadata``)."""
         return encode_image(result.images[index], result.output_format, result.size,
-                            self._parameters(result, result.seeds[index]))
+                            self._parameters(result, result.seeds[index]), quality=result.output_compression)
 
     # -- helpers --------------------------------------------------------------------------------
     def _shape(self, model: str, size: tuple[int, int]) -> tuple[int, int, int] | None:
@@ -523,8 +525,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         """The OpenAI Images API: ``client.images.generate(...)`` works unchanged."""
         return await openai_answer(GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size,
                                                    seed=body.seed, output_format=body.output_format or "png",
-                                                   model=body.model, lora=body.lora, lora_scale=body.lora_scale,
-                                                   steps=body.steps),
+                                                   output_compression=body.output_compression, model=body.model,
+                                                   lora=body.lora, lora_scale=body.lora_scale, steps=body.steps),
                                    body.response_format)
 
     @app.post(OPENAI_EDITS_PATH, response_model=OpenAIImagesResponse, responses={404: MODEL_NOT_FOUND},
@@ -550,7 +552,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
                        " request: send one")
             return JSONResponse(openai_error(message, "image"), 400)
         request = GenerateRequest(prompt=body.prompt, num_images=body.n, size=body.size, strength=body.strength,
-                                  seed=body.seed, output_format=body.output_format or "png", model=body.model,
+                                  seed=body.seed, output_format=body.output_format or "png",
+                                  output_compression=body.output_compression, model=body.model,
                                   lora=body.lora, lora_scale=body.lora_scale, steps=body.steps)
         return await openai_answer(request, body.response_format, await given[0].read())
 

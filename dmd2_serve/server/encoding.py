@@ -141,12 +141,13 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_image(image: np.ndarray | torch.Tensor, fmt: str, size: tuple[int, int],
-                 parameters: Parameters | None = None) -> bytes:
+                 parameters: Parameters | None = None, quality: int | None = None) -> bytes:
     """(H, W, C) uint8 pixels from :func:`to_pixels` (NumPy or torch), or a (C, H, W) tensor in [0, 1]
     -> the file's bytes, scaled (nearest) to ``size`` when it differs.
 
     ``parameters`` (None: no metadata) go into a PNG ``parameters`` text chunk or, for JPEG and
-    WebP, the EXIF UserComment.
+    WebP, the EXIF UserComment. ``quality`` (0-100; None: Pillow's default) sets JPEG's and WebP's; PNG,
+    lossless, has none.
     """
     from PIL import ExifTags, Image
     from PIL.PngImagePlugin import PngInfo
@@ -166,6 +167,8 @@ def encode_image(image: np.ndarray | torch.Tensor, fmt: str, size: tuple[int, in
             metadata["exif"] = Image.Exif()
             comment = USER_COMMENT_UNICODE + text.encode("utf-16-be")
             metadata["exif"].get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
+    if quality is not None and fmt != "png":
+        metadata["quality"] = quality
     out = io.BytesIO()
     pil.save(out, format=FORMATS[fmt], **SAVE_OPTIONS[fmt], **metadata)
     return out.getvalue()

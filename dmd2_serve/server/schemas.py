@@ -88,7 +88,7 @@ def _no_streaming(value: bool | None) -> bool | None:
 # a random seed). A multipart form sends an object as ``svg[model]``: the name before the bracket counts.
 OPENAI_IGNORED = frozenset({
     "complexity", "effort", "frame_count", "frame_duration_ms", "input_fidelity", "moderation",
-    "output_compression", "partial_images", "quality", "reasoning", "safety_identifier", "style", "svg", "user"})
+    "partial_images", "quality", "reasoning", "safety_identifier", "style", "svg", "user"})
 # The edit form's file parts, which the route takes apart from the form's fields.
 EDIT_FILES = frozenset({"image", "image[]", "mask", "markup"})
 
@@ -148,6 +148,11 @@ def _steps_field(note: str = "") -> Any:
     return Field(None, ge=1, le=MAX_STEPS, description=f"{note}at most the trained schedule's length")
 
 
+def _compression_field() -> Any:
+    return Field(None, ge=0, le=100, description="JPEG and WebP quality, 0 (smallest file) to 100 (best image);"
+                 " default 75 for JPEG, 80 for WebP (Pillow's); PNG is lossless and ignores it")
+
+
 class GenerateRequest(BaseModel):
     """``POST /generate``."""
 
@@ -161,6 +166,7 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     seed: int | None = _seed_field()
     output_format: ImageFormat = "png"
+    output_compression: int | None = _compression_field()
     steps: int | None = _steps_field()
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
     image: str | None = Field(
@@ -210,6 +216,7 @@ class OpenAIImagesRequest(BaseModel):
     size: str | None = Field(None, max_length=9, description="WIDTHxHEIGHT (default: the model's own size)")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
+    output_compression: int | None = _compression_field()
     background: Literal["auto", "opaque", "transparent"] | None = Field(None, description=BACKGROUND_HELP)
     seed: int | None = _seed_field("not in OpenAI's API (extra_body={'seed': ...}): ")
     steps: int | None = _steps_field("not in OpenAI's API (extra_body={'steps': ...}): ")
@@ -249,6 +256,7 @@ class OpenAIEditRequest(BaseModel):
                              " is centre-cropped and resized to it")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: ImageFormat | None = None
+    output_compression: int | None = _compression_field()
     background: Literal["auto", "opaque", "transparent"] | None = Field(None, description=BACKGROUND_HELP)
     strength: float | None = Field(None, gt=0, le=1, description="not in OpenAI's API: how far to move from the"
                                    f" image, in (0, 1] (default {DEFAULT_STRENGTH})")
@@ -264,7 +272,7 @@ class OpenAIEditRequest(BaseModel):
     _background = field_validator("background")(_background)
     _known = _known_fields("/v1/images/edits", OPENAI_IGNORED, "parameter", EDIT_FILES)
 
-    @field_validator("n", "seed", "steps", mode="before")
+    @field_validator("n", "seed", "steps", "output_compression", mode="before")
     @classmethod
     def _digits(cls, value: Any) -> Any:
         """A form's whole numbers as digits only (Python's int() took "1_0" as 10, pydantic "2.0" as 2)."""
