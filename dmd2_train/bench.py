@@ -275,7 +275,8 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked, row names included (argparse's one-line error and exit 2 on a bad one)."""
     p = argparse.ArgumentParser(prog="python -m dmd2_train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all, in order)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no row after this many seconds")
@@ -286,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    names = {r.name for r in (TINY_ROWS if args.tiny else ROWS)}
+    if unknown := [n for n in (args.rows.split(",") if args.rows else []) if n not in names]:
+        p.error(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(sorted(names))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows within the budget, each in a process of its own; print the table and write the JSON."""
+    args = parse_args(argv)
     catalogue = {r.name: r for r in (TINY_ROWS if args.tiny else ROWS)}
     if args.child:
         try:

@@ -62,9 +62,17 @@
 # .whl/ (git-ignored, so a new checkout has none): `bash scripts/gpu-wheels.sh` downloads them here,
 # each at the version this venv holds (23 wheels, 18 MB, ~40 s).
 # then, e.g.: run(command="bash scripts/gpu-bench.sh sd15 served", carry=[".whl"], timeout_s=590)
+#
+# GPU_BENCH_PRINT=1 prints each part's benchmark command line instead of running it (no card needed):
+# tests/test_gpu_script.py checks every part's line against its benchmark's parser, so that a renamed
+# option fails here and not in a lent card's minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+if [ -n "${GPU_BENCH_PRINT:-}" ]; then
+  timeout() { shift; printf '%q ' "$@"; echo; }  # every benchmark runs as: timeout SECONDS python3 -m ...
+  nvidia-smi() { :; }
+  python3() { echo printed; }  # the card's name and the versions below
+elif [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.installed || exit 1
 fi

@@ -54,6 +54,32 @@ def _list(text: str) -> list[str]:
     return [p for p in text.split(",") if p]
 
 
+def _archs(text: str) -> list[str]:
+    """An argparse type: architectures of :data:`ARCHS`, comma-separated."""
+    if unknown := [a for a in _list(text) if a not in ARCHS]:
+        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    return _list(text)
+
+
+def _batches(text: str) -> list[int]:
+    """An argparse type: batch sizes, comma-separated."""
+    try:
+        batches = [int(b) for b in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is no list of batch sizes: e.g. 16,4,1") from None
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give batch sizes of 1 or more, e.g. 16,4,1")
+    return batches
+
+
+def _variants(text: str) -> list[Variant]:
+    """An argparse type: ``NAME[:B+B],...`` of :data:`VARIANTS` (argparse shows no ValueError's words)."""
+    try:
+        return [Variant.parse(v) for v in _list(text)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cold_start_note(report: Report, budget: Budget, name: str, backend: str, scope: str, cache_dir: Path,
                     tiny: bool) -> None:
     """Time a second process's start to its first batch-1 image with the warm ``cache_dir``; note it."""
@@ -67,11 +93,11 @@ def cold_start_note(report: Report, budget: Budget, name: str, backend: str, sco
                 f" the first batch-1 image (random weights made on the GPU): {parts}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the stages in priority order within the budget; print the tables."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (argparse's one-line error and exit 2 on a bad one)."""
     p = argparse.ArgumentParser(prog="python -m dmd2_serve.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--archs", type=_list, default=list(ARCHS))
-    p.add_argument("--batches", type=lambda s: [int(b) for b in _list(s)], default=[1, 4, 16])
+    p.add_argument("--archs", type=_archs, default=list(ARCHS), metavar="ARCH,...")
+    p.add_argument("--batches", type=_batches, default=[1, 4, 16], metavar="B,...")
     p.add_argument("--backends", type=_list, default=["compile", "tensorrt", "xformers"])
     p.add_argument("--scopes", type=_list, default=None,
                    help="compile scopes per arch, e.g. full or full,regional (default: sd15 full,regional;"
@@ -87,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="turn cuDNN's algorithm search on for every row (measured on an H100: no gain in the"
                         " graphed rows, slower eager rows)")
-    p.add_argument("--variants", type=lambda s: [Variant.parse(v) for v in _list(s)],
+    p.add_argument("--variants", type=_variants,
                    default=[Variant("default", {})], metavar="NAME[:B+B],...",
                    help="compiled configurations to time, each against the first: default (dynamic batch),"
                         " static (a graph per batch size), decoder / all (max-autotune for the VAE decoder / the UNet"
@@ -106,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.attention_rows and not args.eager_rows:
         p.error("--attention-rows times eager rows: drop --no-eager-rows")
+    for variant in args.variants:  # a limit outside --batches would time nothing, silently
+        if outside := sorted(set(variant.batches or ()) - set(args.batches)):
+            p.error(f"--variants {variant.name} is limited to batch {'+'.join(map(str, outside))}, which --batches"
+                    f" {','.join(map(str, args.batches))} does not run: add it there, or change the limit")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stages in priority order within the budget; print the tables."""
+    args = parse_args(argv)
     if args.cache_dir is not None:
         return _run(args, args.cache_dir)
     # SDXL's compiled graphs and packages are gigabytes: a folder made here goes with the run

@@ -100,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """This benchmark's arguments and the server's (after ``--``), both checked before anything is written:
+    a server argument that ``python -m dmd2_serve`` refuses stops here, not after the folder and a start."""
+    from ..__main__ import _parser as server_parser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = _parser().parse_args(argv[:cut]), argv[cut + 1:]
+    server_parser().parse_args(extra)
+    return args, extra
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the folder, serve it, load it at 1 and 32 clients (PNG, JPEG), stop it; 1 on any failure."""
     import torch
@@ -107,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..server.launch import launch, stop, terminate
     from .random_folder import write_random_sd15_generator
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args, extra = _parser().parse_args(argv[:cut]), argv[cut + 1:]
+    args, extra = parse_args(argv)
     end = time.perf_counter() + args.budget_s
     report = Report(args.out)
     work = Path(tempfile.mkdtemp(prefix="dmd2-served-"))
