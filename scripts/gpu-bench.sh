@@ -63,28 +63,39 @@
 # each at the version this venv holds (23 wheels, 18 MB, ~40 s).
 # then, e.g.: run(command="bash scripts/gpu-bench.sh sd15 served", carry=[".whl"], timeout_s=590)
 #
-# GPU_BENCH_PRINT=1 prints each part's benchmark command line instead of running it (no card needed):
+# GPU_BENCH_PRINT=1 prints each part's benchmark command line and runs and writes nothing (no card needed):
 # tests/test_gpu_script.py checks every part's line against its benchmark's parser, so that a renamed
 # option fails here and not in a lent card's minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${GPU_BENCH_PRINT:-}" ]; then
-  timeout() { shift; printf '%q ' "$@"; echo; }  # every benchmark runs as: timeout SECONDS python3 -m ...
-  nvidia-smi() { :; }
-  python3() { echo printed; }  # the card's name and the versions below
-elif [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || exit 1
-fi
-# dmd2_kernels is ./kernels installed under another name (pyproject's package-dir): link it.
-mkdir -p /tmp/k && ln -sfn "$PWD/kernels" /tmp/k/dmd2_kernels
-export PYTHONPATH="/tmp/site:/tmp/k:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PARTS=(train sd15 served served-buckets served-2w served-text served-graph-text sdxl sdxl-levers subpixel aoti
+       aoti-sdxl served-aoti levers)
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(train sd15 served sdxl)
+for part in "${parts[@]}"; do  # every part named before any runs (each branch below is one of PARTS)
+  if [[ " ${PARTS[*]} " != *" $part "* ]]; then
+    echo "unknown part '$part': choose from ${PARTS[*]}"
+    exit 2
+  fi
+done
 out=${OUT:-docs/bench}
 cache=build/gpu-cache
-mkdir -p "$out" "$cache"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
+if [ "${GPU_BENCH_PRINT:-0}" = 1 ]; then  # print, run nothing, write nothing
+  timeout() { shift; printf '%q ' "$@"; echo; }  # every benchmark runs as: timeout SECONDS python3 -m ...
+  card=printed
+else
+  if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && touch /tmp/site/.installed || exit 1
+  fi
+  # dmd2_kernels is ./kernels installed under another name (pyproject's package-dir): link it.
+  mkdir -p /tmp/k && ln -sfn "$PWD/kernels" /tmp/k/dmd2_kernels
+  export PYTHONPATH="/tmp/site:/tmp/k:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  mkdir -p "$out" "$cache"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
+fi
 day=$(date +%Y-%m-%d)
 # served NAME BUCKETS [SERVER ARGS...]: the served-path benchmark with one server configuration
 # (the server's --backend: $SERVED_BACKEND, default compile)
@@ -94,8 +105,6 @@ served() {
   timeout $(( budget + 30 )) python3 -m dmd2_serve.bench.served --bucket "$bucket" --seconds 8 --budget-s "$budget" \
     --backend "${SERVED_BACKEND:-compile}" --cache-dir "$cache" --out "$out/$name-$card-$day.json" ${1:+--} "$@"
 }
-parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(train sd15 served sdxl)
 status=0
 for part in "${parts[@]}"; do
   echo "==== $part ($(date +%T))"
@@ -147,8 +156,6 @@ for part in "${parts[@]}"; do
       timeout $(( ${SDXL_BUDGET_S:-420} + 40 )) python3 -m dmd2_serve.bench --archs sdxl --batches 16,1 --scopes full \
         --variants default:1,sliced:16 --backends compile --no-preflight --no-kernel --no-eager-rows \
         --budget-s "${SDXL_BUDGET_S:-420}" --cache-dir "$cache" --out "$out/serve-sdxl-$card-$day.json" || status=1 ;;
-    *) echo "unknown part '$part': choose from train sd15 served served-buckets served-2w served-text" \
-         "served-graph-text sdxl sdxl-levers subpixel aoti aoti-sdxl served-aoti levers"; exit 2 ;;
   esac
 done
 exit $status

@@ -34,7 +34,7 @@ def test_every_part_gives_its_benchmark_a_command_line_it_takes(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     listing = printed("no-such-part", out=tmp_path)
     assert listing.returncode == 2, listing.stdout + listing.stderr
-    parts = listing.stdout.split("choose from ", 1)[1].split()
+    parts = listing.stdout.split("choose from ", 1)[1].split()  # the script's PARTS
     assert {"train", "sd15", "served", "sdxl", "sdxl-levers", "aoti-sdxl"} <= set(parts)
     run = printed(*parts, out=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -47,12 +47,15 @@ def test_every_part_gives_its_benchmark_a_command_line_it_takes(tmp_path: Path,
         except SystemExit:
             pytest.fail(f"{shlex.join(line)}\n{module} refuses it: {capsys.readouterr().err.strip().splitlines()[-1]}")
     assert not list(tmp_path.iterdir())  # nothing was run, so nothing written
+    late = printed("sd15", "sdxl-lever", out=tmp_path)  # a typo in the last part: refused before the first runs
+    assert late.returncode == 2 and "python3 -m" not in late.stdout and "'sdxl-lever'" in late.stdout
 
 
 @pytest.mark.parametrize("module, argv, words", [
     ("dmd2_serve.bench", ["--variants", "default,fp16"], "unknown variant 'fp16'"),
     ("dmd2_serve.bench", ["--batches", "16,1", "--variants", "default,fp8:4"], "limited to batch 4"),
     ("dmd2_serve.bench", ["--archs", "sd15,sd3"], "unknown architecture sd3"),
+    ("dmd2_serve.bench", ["--variants", "fp8:x"], "after the ':' come batch sizes joined by '+', e.g. fp8:16+1"),
     ("dmd2_serve.bench.served", ["--bucket", "1,4", "--", "--compile-text-encoders"], "--compile-text-encoders"),
     ("dmd2_train.bench", ["--rows", "sd15-b8,sdxl-b4"], "unknown row(s) sdxl-b4"),
 ])

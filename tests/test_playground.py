@@ -67,7 +67,7 @@ def test_playground_generates_images_in_a_browser(server, tmp_path):
         driver.find_element(By.ID, "go").click()
         WebDriverWait(driver, 60).until(lambda d: "from your image (strength 0.5)" in d.find_element(By.ID, "status").text)
         assert len(driver.find_elements(By.CSS_SELECTOR, "img.result")) == 3
-        driver.save_screenshot(str(tmp_path / "playground.png"))  # for a look when it fails
+        driver.save_screenshot(str(tmp_path / "playground.png"))  # the page as it ended, for a look by hand
     finally:
         driver.quit()
 

@@ -128,6 +128,8 @@ def test_formats_sizes_and_raw_image(server: Server):
     small = generate(server, prompt="a 3", seed=1, output_format="jpeg", size="64x64", output_compression=10).json()
     assert decode(small["images"][0]["data"]).quantization[0] == jpeg_quality_table(10)
     assert decode(body["images"][0]["data"]).quantization[0] == jpeg_quality_table(None)
+    raw_small = generate(server, prompt="a 3", seed=1, output_compression=10, headers={"Accept": "image/jpeg"})
+    assert Image.open(io.BytesIO(raw_small.content)).quantization[0] == jpeg_quality_table(10)  # the file alone too
     raw = generate(server, prompt="a 3", seed=1, headers={"Accept": "image/png"})
     assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(raw.content)).size == (8, 8)
@@ -146,6 +148,7 @@ def test_formats_sizes_and_raw_image(server: Server):
     ({"prompt": "a 1", "seed": -1}, "seed"),
     ({"prompt": "a 1", "seed": 2**32 - 2, "num_images": 3}, "seed"),  # image i uses seed + i: the last one past 2^32-1
     ({"prompt": "a 1", "output_format": "gif"}, "output_format"),
+    ({"prompt": "a 1", "output_format": "jpeg", "output_compression": 101}, "output_compression"),
     ({"prompt": "a 1", "steps": 5}, "steps"),
     ({"prompt": "a 1", "size": "12x12"}, "size"),
     ({"prompt": "a 1", "size": "huge"}, "size"),

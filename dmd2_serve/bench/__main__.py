@@ -58,6 +58,8 @@ def _archs(text: str) -> list[str]:
     """An argparse type: architectures of :data:`ARCHS`, comma-separated."""
     if unknown := [a for a in _list(text) if a not in ARCHS]:
         raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    if not _list(text):
+        raise argparse.ArgumentTypeError(f"name an architecture: {', '.join(ARCHS)}")
     return _list(text)
 
 
@@ -144,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cache_dir is not None:
         return _run(args, args.cache_dir)
-    # SDXL's compiled graphs and packages are gigabytes: a folder made here goes with the run
-    with tempfile.TemporaryDirectory(prefix="dmd2-bench-cache-") as made:
+    # SDXL's compiled graphs and packages are gigabytes: a folder made here goes with the run, also when
+    # `timeout` or a job scheduler ends it with SIGTERM
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with tempfile.TemporaryDirectory(prefix="dmd2-bench-cache-", ignore_cleanup_errors=True) as made:
         return _run(args, Path(made))
 
 

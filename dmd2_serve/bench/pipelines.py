@@ -4,6 +4,7 @@ the plain diffusers-style baseline, each backend's rows, the warm-cache cold sta
 from __future__ import annotations
 
 import math
+import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -118,6 +119,8 @@ class Variant:
         name, _, sizes = text.partition(":")
         if name not in VARIANTS:
             raise ValueError(f"unknown variant '{name}'; choose from {', '.join(VARIANTS)}")
+        if sizes and not re.fullmatch(r"[1-9][0-9]*(\+[1-9][0-9]*)*", sizes):
+            raise ValueError(f"'{text}': after the ':' come batch sizes joined by '+', e.g. {name}:16+1")
         return cls(name, VARIANTS[name], tuple(int(b) for b in sizes.split("+")) if sizes else None)
 
 
