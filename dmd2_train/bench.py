@@ -275,6 +275,11 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def _catalogue(tiny: bool) -> dict[str, Row]:
+    """The rows by name: the toy ones for the tests or the real ones."""
+    return {r.name: r for r in (TINY_ROWS if tiny else ROWS)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked, row names included (argparse's one-line error and exit 2 on a bad one)."""
     p = argparse.ArgumentParser(prog="python -m dmd2_train.bench", description=__doc__.split("\n")[0])
@@ -287,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    names = {r.name for r in (TINY_ROWS if args.tiny else ROWS)}
+    names = _catalogue(args.tiny)
     if unknown := [n for n in (args.rows.split(",") if args.rows else []) if n not in names]:
         p.error(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(sorted(names))}")
     return args
@@ -296,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the rows within the budget, each in a process of its own; print the table and write the JSON."""
     args = parse_args(argv)
-    catalogue = {r.name: r for r in (TINY_ROWS if args.tiny else ROWS)}
+    catalogue = _catalogue(args.tiny)
     if args.child:
         try:
             print("result:" + json.dumps(run_row(catalogue[args.child], args.tiny, args.peak)), flush=True)

@@ -56,11 +56,12 @@ def _list(text: str) -> list[str]:
 
 def _archs(text: str) -> list[str]:
     """An argparse type: architectures of :data:`ARCHS`, comma-separated."""
-    if unknown := [a for a in _list(text) if a not in ARCHS]:
+    archs = _list(text)
+    if unknown := [a for a in archs if a not in ARCHS]:
         raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
-    if not _list(text):
+    if not archs:
         raise argparse.ArgumentTypeError(f"name an architecture: {', '.join(ARCHS)}")
-    return _list(text)
+    return archs
 
 
 def _batches(text: str) -> list[int]:
