@@ -6,12 +6,16 @@ requests whose body arrives in two parts (``serving.held_request``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
@@ -19,6 +23,7 @@ import pytest
 from serving import Server, held_request, queue_depth, start_server, stop_server, wait_for
 
 from dmd2_serve.server.launch import free_port, terminate
+from dmd2_serve.server.metrics import OWNER_LOCK, remove_dead_servers_folders
 
 
 def generate(server: Server, **body) -> httpx.Response:
@@ -173,16 +178,41 @@ def test_dead_worker_fails_health_and_the_server_exits_nonzero():
         stop_server(server)
 
 
-def test_sigkill_of_the_main_process_takes_the_workers_with_it():
+def test_sigkill_of_the_main_process_takes_the_workers_with_it_and_the_next_start_its_metrics_folder():
+    """No exit handler runs after SIGKILL: the metrics folder stayed in /tmp until a later start removed it."""
     server = start_server()
     try:
         processes = process_tree(server)
+        worker = next(p for p in processes if "spawn_main" in " ".join(p.cmdline()))
+        folder = Path(worker.environ()["PROMETHEUS_MULTIPROC_DIR"])
+        assert folder not in remove_dead_servers_folders(folder.parent) and folder.is_dir()  # running: kept
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait(timeout=10)
         wait_for(lambda: not alive(processes), 10, f"every process of the server gone: {alive(processes)}")
         assert port_is_free(int(server.url.rsplit(":", 1)[1]))
+        assert folder.is_dir()
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"TMPDIR": str(folder.parent)}
+        subprocess.run([sys.executable, "-c", "import dmd2_serve.server.metrics"], env=env, check=True, timeout=60)
+        assert not folder.exists()  # the next start's metrics set-up removed it
     finally:
         stop_server(server)
+
+
+def test_the_sweep_removes_only_folders_whose_owner_lock_is_free(tmp_path: Path):
+    dead, running, older = (tmp_path / f"dmd2-metrics-{name}" for name in ("dead", "running", "older"))
+    for folder in dead, running, older:
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    (dead / OWNER_LOCK).touch()
+    (running / OWNER_LOCK).touch()
+    held = os.open(running / OWNER_LOCK, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as its server holds it (another open file: flock refuses the sweep's)
+    try:
+        assert remove_dead_servers_folders(tmp_path) == [dead]
+    finally:
+        os.close(held)
+    assert running.is_dir() and older.is_dir()  # no lock file: mid-start, or a version before the lock
+    assert remove_dead_servers_folders(tmp_path) == [running]
 
 
 def test_middleware_refuses_and_fails_health_once_the_server_stops_admitting():

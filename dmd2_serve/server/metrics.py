@@ -5,15 +5,26 @@ multiprocess mode: every process writes to files under ``PROMETHEUS_MULTIPROC_DI
 ``GET /metrics`` sums them. prometheus-client decides where values live (memory or those files)
 when it is first imported, so this module points it at a folder before importing it; the HTTP
 process (forked) and the inference workers (spawned) inherit the variable.
+
+A folder made here is removed when the server exits. A server killed with SIGKILL (or by the
+kernel's OOM killer) cannot do that, so each folder holds an ``flock`` on its ``.owner.lock`` for
+the life of the server (the kernel lets go of it however the server ends) and the next start
+removes every ``dmd2-metrics-*`` folder in the temp directory whose lock is free.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
+
+PREFIX = "dmd2-metrics-"
+OWNER_LOCK = ".owner.lock"  # not *.db: prometheus-client's collector never reads it
+_held: list[int] = []  # the lock's descriptor, open (and so locked) until this process exits
 
 
 def ensure_multiprocess_dir() -> str:
@@ -21,11 +32,45 @@ def ensure_multiprocess_dir() -> str:
     removed when this process exits (a folder the user set is theirs)."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
-        path = tempfile.mkdtemp(prefix="dmd2-metrics-")
+        remove_dead_servers_folders(Path(tempfile.gettempdir()))
+        path = tempfile.mkdtemp(prefix=PREFIX)
+        _hold_owner_lock(Path(path))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
         atexit.register(_remove_made_by, os.getpid(), path)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def remove_dead_servers_folders(temp: Path) -> list[Path]:
+    """Remove the metrics folders in ``temp`` whose server is gone (their owner lock is free); return them.
+
+    A folder without the lock file is left alone: a server between making its folder and locking it, or
+    one made by a version before the lock."""
+    removed = []
+    for folder in temp.glob(f"{PREFIX}*"):
+        try:
+            fd = os.open(folder / OWNER_LOCK, os.O_RDONLY)
+        except OSError:  # no lock file, or not ours to read
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its server is running
+            continue
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():  # not another user's, in a shared /tmp
+                removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _hold_owner_lock(folder: Path) -> None:
+    """Lock a file under another name, then give it the name a sweep looks for: never seen unlocked."""
+    fd = os.open(folder / f"{OWNER_LOCK}.new", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(folder / f"{OWNER_LOCK}.new", folder / OWNER_LOCK)
+    _held.append(fd)
 
 
 def _remove_made_by(pid: int, path: str) -> None:
