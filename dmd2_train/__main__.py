@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .memory import MemoryOptionError
     from .realscale import EvalError
-    from .run import RunError
+    from .run import RunError, storage_failure
 
     try:
         {"distill": _distill, "teacher": _teacher, "eval": _eval, "table": _table,
@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {_saved(args)}", file=sys.stderr)
         return 130
+    except BaseException as e:  # a full disk: an OSError, or DCP's CheckpointException (a BaseException) around one
+        if (why := storage_failure(e)) is None:
+            raise
+        print(f"error: {why}. Free space (or use a folder on other storage); {_saved(args)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -89,14 +89,28 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], meta: dict[str,
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
     _barrier()
-    with warnings.catch_warnings():  # one process without a process group is a normal case here
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save(state, checkpoint_id=str(partial))
+    try:
+        with warnings.catch_warnings():  # one process without a process group is a normal case here
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.save(state, checkpoint_id=str(partial))
+        if _is_main():
+            (partial / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+            with open(partial / META) as f:
+                os.fsync(f.fileno())
+            _fsync_dir(partial)
+    except BaseException as e:  # a full disk (DCP wraps the OSError in its CheckpointException): free what it took
+        if _is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        from .run import storage_failure
+
+        if (why := storage_failure(e)) is None:
+            raise
+        earlier = list_checkpoints(out)
+        kept = (f"the checkpoint at step {earlier[-1][0]} ({earlier[-1][1]}) is intact: continue from it with --resume"
+                if earlier else "no checkpoint was written before it")
+        raise CheckpointError(f"checkpoint step {step} could not be written to {final}: {why}; what it had written"
+                              f" is removed; free space (or use a folder on other storage); {kept}") from None
     if _is_main():
-        (partial / META).write_text(json.dumps({"step": step, **meta}, indent=1))
-        with open(partial / META) as f:
-            os.fsync(f.fileno())
-        _fsync_dir(partial)
         if final.exists():  # the same step saved again (a resumed run stopped at once)
             shutil.rmtree(final)
         os.replace(partial, final)

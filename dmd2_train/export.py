@@ -71,14 +71,19 @@ def permissions_by_umask(path: Path) -> None:
 def folder_written_atomically(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` by renames.
 
-    A crash while writing leaves the previous ``out`` (if any) untouched.
+    A crash while writing leaves the previous ``out`` (if any) untouched; an error (a full disk) or an
+    interrupt also removes what was written of the new one (gigabytes, under a name no later run reuses).
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
-    permissions_by_umask(tmp)
+    try:
+        yield tmp
+        permissions_by_umask(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -53,6 +53,7 @@ from .run import (
     check_data_given,
     check_new_run,
     check_output_folder,
+    check_resumable,
     data_path_problems,
     make_accelerator,
     make_data,
@@ -82,8 +83,9 @@ class PreparedRun:
     batches: RunBatches  # the trainer's conditioning and real data (a streamed source's position and counts)
 
 
-def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
-    """The teacher, its adapter, the data and the trainer, on the accelerator's device."""
+def prepare_run(cfg: DistillConfig, accelerator: Any, initial_weights: bool = True) -> PreparedRun:
+    """The teacher, its adapter, the data and the trainer, on the accelerator's device; the trainer starts
+    from ``init_from``'s weights unless ``initial_weights`` is False (a resume: the checkpoint holds them)."""
     if cfg.teacher is not None and is_single_file(cfg.teacher) and (problems := data_path_problems(cfg)):
         raise RunError("; and ".join(problems))  # before the conversion's minutes (the teacher's checks are in it)
     teacher = teacher_folder(cfg.teacher, cfg.teacher_config, cfg.out, accelerator)  # a single file: converted
@@ -101,7 +103,7 @@ def prepare_run(cfg: DistillConfig, accelerator: Any) -> PreparedRun:
     # the known texts (the bundled digits: 14,470 captions, 100 distinct) encoded once, up front
     encoder = PromptEncoder(backbone, data.texts() + list(cfg.preview_prompts), limit=8192)
     batches = RunBatches(data, encoder, backbone, stream_plan(cfg, accelerator))
-    init = read_initial_weights(cfg.init_from, cfg) if cfg.init_from is not None else None
+    init = read_initial_weights(cfg.init_from, cfg) if cfg.init_from is not None and initial_weights else None
     trainer = Trainer(cfg, accelerator, load_unet(teacher), backbone.sample_shape, backbone.schedule, batches,
                       backbone.unconditional(1), backbone.bottleneck, init)
     return PreparedRun(card, backbone, trainer, teacher, batches)
@@ -156,15 +158,15 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     accelerator = make_accelerator(cfg)
     made = next((p for p in [*reversed(cfg.out.absolute().parents), cfg.out.absolute()] if not p.exists()), None)
     if accelerator.is_main_process:
-        if not resume:
-            check_new_run(cfg.out)
+        (check_resumable if resume else check_new_run)(cfg.out)
         check_output_folder(cfg.out)
     accelerator.wait_for_everyone()
     device = accelerator.device
 
     # 2. The teacher, its adapter, the data and the trained state.
+    found = ckpt.latest(cfg.out) if resume else None
     try:
-        run = prepare_run(cfg, accelerator)
+        run = prepare_run(cfg, accelerator, initial_weights=found is None)
     except BaseException:
         if made is not None and accelerator.is_main_process:
             remove_if_empty(made)  # a refused start leaves no empty folder it made (a converted teacher stays)
@@ -174,7 +176,6 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
     # 3. Resume.
     start = 0
     if resume:
-        found = ckpt.latest(cfg.out)
         if found is None:
             accelerator.print(f"no checkpoint in {ckpt.checkpoint_dir(cfg.out)}; starting from the teacher")
         else:
@@ -211,7 +212,8 @@ def distill(cfg: DistillConfig, resume: bool = False, on_step: Callable[[int], N
                     " own, kept in its meta.json under 'config'), or use a new --out"
                 ) from None
             run.batches.restore_data(meta.get("data"))  # the real-data stream's position
-            accelerator.print(f"resumed from step {start}")
+            accelerator.print(f"resumed from step {start}" + (f" (init_from={cfg.init_from} not read: the checkpoint"
+                                                               " holds the weights)" if cfg.init_from else ""))
     if start >= cfg.max_steps:
         accelerator.print(f"the run is already at step {start} >= max_steps {cfg.max_steps}")
     if start == 0 and accelerator.is_main_process and (aside := set_aside_earlier_start(cfg.out)):

@@ -6,8 +6,10 @@ trainer and the training benchmark.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,27 @@ from .stream import StreamBatch, StreamPlan, StreamReader
 class RunError(RuntimeError):
     """A run that cannot start or go on (bad output folder, missing data, out of memory); the
     message says why and what to do."""
+
+
+# The storage refused a write: full, over quota, a file over the size limit, mounted read-only.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """What a write the storage refused says ("No space left on device (writing X)"); None for any other
+    error. Seen as an ``OSError``; as safetensors' error, which names only the OS error's number; as
+    ``torch.save``'s short write, which names none; and as DCP's ``CheckpointException`` (a
+    ``BaseException``) around each process's error."""
+    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+        return os.strerror(e.errno) + (f" (writing {e.filename})" if e.filename else "")
+    if type(e).__name__ == "SafetensorError" and (found := re.search(r"\(os error (\d+)\)", str(e))):
+        return os.strerror(int(found[1])) if int(found[1]) in STORAGE_ERRNOS else None
+    if isinstance(e, RuntimeError) and "inline_container" in str(e) and "unexpected pos" in str(e):
+        return "a write stopped short (the disk full, a quota or a file size limit)"
+    return None
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> None:
@@ -65,6 +88,18 @@ def check_new_run(out: Path) -> None:
         held = f"a checkpoint at step {found[-1][0]}" if found else "an exported generator/"
         raise RunError(f"--out '{out}' already holds a run ({held}): continue it with --resume, or give a new --out"
                        " (delete the folder to start over)")
+
+
+def check_resumable(out: Path) -> None:
+    """Refuse ``--resume`` on a finished run whose checkpoints are gone (deleted to save space, or the only
+    one moved aside): it would train from the teacher and replace the exported generator."""
+    from . import checkpoint as ckpt
+
+    if (out / "generator").exists() and not ckpt.list_checkpoints(out):
+        raise RunError(f"--out '{out}' holds an exported generator/ but no checkpoint to resume from, so --resume"
+                       f" would train from the teacher and replace it; give a new --out (with"
+                       f" init_from={out / 'generator'} to start from that generator), or move generator/ aside to"
+                       " start this run over")
 
 
 def set_aside_earlier_start(out: Path) -> Path | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,8 +139,6 @@ def test_unreadable_inputs_and_misplaced_options_are_one_line(digits_teacher: Pa
     assert_user_error(cli("teacher", "--out", photos, "--steps", "1"), "holds files that are not a model folder")
     assert_user_error(cli("teacher", "--out", binary, "--steps", "1"), "is a file")
     assert (photos / "holiday.png").read_bytes() == b"not really" and binary.stat().st_size == 2048
-    import shutil
-
     from dmd2_serve import BUNDLED_DIGITS_GENERATOR
     from dmd2_train.run import RunError, check_replaceable_model_folder
 
@@ -193,6 +193,28 @@ def test_sigkill_keeps_last_checkpoint_and_resume_finishes(digits_teacher: Path,
     shard.write_bytes(shard.read_bytes()[:100])
     assert_user_error(cli("--teacher", digits_teacher, "--out", out, "--max-steps", "13", "--resume", *FAST),
                       f"the checkpoint {newest} cannot be read")
+    # its checkpoints deleted to save space: --resume trained from the teacher and replaced the export
+    shutil.rmtree(ckpt.checkpoint_dir(out))
+    exported = (out / "generator" / "dmd2.json").read_bytes()
+    assert_user_error(cli("--teacher", digits_teacher, "--out", out, "--max-steps", "13", "--resume", *FAST),
+                      f"--out '{out}' holds an exported generator/ but no checkpoint to resume from")
+    assert (out / "generator" / "dmd2.json").read_bytes() == exported
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(digits_teacher: Path, tmp_path: Path):
+    """A checkpoint that did not fit ended in DCP's CheckpointException traceback (a BaseException), and its
+    partial folder stayed, holding the space."""
+    def small_files() -> None:  # every file this process writes stops at 1 MB: EFBIG, as a full disk's ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "dmd2_train", "--teacher", str(digits_teacher), "--out", str(out),
+                             "--max-steps", "2", "checkpoint_every=2", *FAST], capture_output=True, text=True,
+                            timeout=300, preexec_fn=small_files, check=False)
+    assert_user_error(result, f"checkpoint step 2 could not be written to {ckpt.checkpoint_dir(out) / 'step_0000002'}:")
+    assert "is removed; free space (or use a folder on other storage); no checkpoint was written before it" in result.stderr
+    assert not any(ckpt.checkpoint_dir(out).iterdir()) and not (out / "generator").exists()
 
 
 def test_two_process_data_parallel_on_cpu(digits_teacher: Path, tmp_path: Path):

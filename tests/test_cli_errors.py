@@ -6,6 +6,8 @@ stand-ins that fail the test if they are reached: a refusal that comes too late 
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 from pathlib import Path
 
@@ -253,3 +255,33 @@ def test_resume_with_a_mistyped_out_names_the_run_it_looks_like(tmp_path: Path, 
     assert f"did you mean --out {tmp_path / 'digits'}?" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "brand-new"), "--resume"]) == 0  # nothing like it: nothing said
     assert "did you mean" not in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_no_half_written_folder_and_the_old_one_whole(tmp_path: Path):
+    """A full disk during an export left .generator.tmp-<pid>/ (gigabytes, a name no later run reuses)."""
+    from dmd2_train.export import folder_written_atomically
+
+    out = tmp_path / "generator"
+    out.mkdir()
+    (out / "dmd2.json").write_text("the finished run's")
+    with pytest.raises(OSError, match="No space left"), folder_written_atomically(out) as tmp:
+        (tmp / "unet").mkdir()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert [p.name for p in tmp_path.iterdir()] == ["generator"]
+    assert (out / "dmd2.json").read_text() == "the finished run's"
+
+
+def test_storage_errors_are_known_in_each_library_s_words():
+    from safetensors import SafetensorError
+
+    from dmd2_train.run import storage_failure
+
+    said = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own, on ENOSPC
+    assert storage_failure(SafetensorError(said)) == "No space left on device"
+    assert storage_failure(OSError(errno.EDQUOT, "Disk quota exceeded", "/runs/a/x.png")) == (
+        "Disk quota exceeded (writing /runs/a/x.png)")
+    assert storage_failure(OSError(errno.ENOENT, "No such file or directory")) is None  # not the storage's refusal
+    assert storage_failure(SafetensorError("Error while deserializing header: (os error 2)")) is None
+    assert storage_failure(RuntimeError("No space left on device (os error 28)")) is None  # only the known kinds
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch.save's
+    assert storage_failure(short) == "a write stopped short (the disk full, a quota or a file size limit)"

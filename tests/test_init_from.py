@@ -67,6 +67,13 @@ def test_stage_two_starts_from_stage_one(digits_teacher: Path, tmp_path: Path):
     only = read_initial_weights(tmp_path / "s1" / "generator")
     assert set(only) == {"generator"} and all(torch.equal(only["generator"][k], v) for k, v in weights["generator"].items())
 
+    # a resume of stage 2 takes its own checkpoint: init_from is not read (it was, and failed once stage 1's
+    # run had been moved away; it read stage 1's whole checkpoint, optimisers included, for nothing)
+    (tmp_path / "s1").rename(tmp_path / "s1-archived")
+    resumed: list[int] = []
+    distill(cfg.model_copy(update={"max_steps": 3}), resume=True, on_step=resumed.append)
+    assert resumed == [3]
+
 
 def test_init_from_that_does_not_fit_is_one_clear_error(digits_teacher: Path, sd15_teacher: Path, sd_data,
                                                        tmp_path: Path):
