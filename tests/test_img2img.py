@@ -99,7 +99,14 @@ def digits() -> FewStepPipeline:
 
 def test_strength_selects_the_last_steps():
     assert [sdedit_start(s, 4) for s in (1.0, 0.75, 0.5, 0.25, 0.1, 0.6)] == [0, 1, 2, 3, 3, 2]
-    assert sdedit_start(0.01, 1) == 0  # at least one step runs
+    assert sdedit_start(0.01, 2) == 1 and sdedit_start(0.74, 2) == 1  # at least one step runs
+    assert sdedit_start(1.0, 1) == sdedit_start(1.0, 2) == 0  # from noise, as asked
+    # every step would run from noise: the image was dropped without a word
+    with pytest.raises(ValueError, match="strength 0.75 with 2 steps runs every step, from pure noise, so the image"
+                                         " would go unused; give a strength below 0.75"):
+        sdedit_start(0.75, 2)
+    with pytest.raises(ValueError, match="image to image needs 2 steps or more"):
+        sdedit_start(0.01, 1)
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             sdedit_start(bad, 4)
@@ -290,6 +297,11 @@ def damaged_header_png() -> bytes:
     ({"image": b64(start_picture()), "strength": 0}, "strength", "greater than 0"),
     ({"image": b64(start_picture()), "strength": 1.5}, "strength", "less than or equal to 1"),
     ({"strength": 0.5}, "strength", "send image too"),
+    ({"image": b64(start_picture()), "steps": 1}, "image", (
+        "the default strength 0.75 with 1 step runs every step, from pure noise, so the image would go unused; image"
+        " to image needs 2 steps or more, or strength 1 to draw from noise alone; or ask for more steps (this model"
+        " runs up to 4)")),
+    ({"image": b64(start_picture()), "steps": 2, "strength": 0.8}, "strength", "give a strength below 0.75"),
 ])
 def test_bad_images_are_422_naming_the_field(server: Server, body, field, words):
     r = httpx.post(f"{server.url}/generate", json={"prompt": "a 1", **body}, timeout=30)

@@ -115,11 +115,18 @@ def sdedit_start(strength: float, num_steps: int) -> int:
 
     SDEdit (Meng et al., ICLR 2022) on the generator's own K-step schedule: strength 1 starts at
     ``timesteps[0]`` (from noise), strength 0.5 of (999, 749, 499, 249) at 499. At least one step
-    always runs, so a small strength still denoises once.
+    always runs, so a small strength still denoises once. A strength under 1 that would run every
+    step (any with one step; 0.75 or more of two) is refused: it would draw from noise, the image unused.
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     runs = min(num_steps, max(1, math.floor(strength * num_steps + 0.5)))  # round half up
+    if runs == num_steps and strength < 1:
+        fix = ("image to image needs 2 steps or more" if num_steps == 1 else
+               f"give a strength below {(num_steps - 0.5) / num_steps:g} (the last round(strength x {num_steps})"
+               " steps run)")
+        raise ValueError(f"strength {strength:g} with {num_steps} step{'s' if num_steps > 1 else ''} runs every step,"
+                         f" from pure noise, so the image would go unused; {fix}, or strength 1 to draw from noise alone")
     return num_steps - runs
 
 

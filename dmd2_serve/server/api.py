@@ -17,6 +17,7 @@ import asyncio
 import math
 import os
 import secrets
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.adapters import ModelFolderError, adapter
 from ..model.backends import FastPath, adapter_conflict
+from ..model.errors import first_line
 from ..model.pipeline import FewStepPipeline
 from ..model.sampling import sdedit_start
 from . import metrics
@@ -256,7 +258,14 @@ class FewStepAPI(ls.LitAPI):
             except BadImage as e:
                 raise RequestProblem("image", f"image {e}") from None
             strength = DEFAULT_STRENGTH if request.strength is None else request.strength
-            start_step = sdedit_start(strength, request.steps or facts.steps)
+            steps = request.steps or facts.steps
+            try:
+                start_step = sdedit_start(strength, steps)
+            except ValueError as e:  # every step would run: the image unused
+                more = f"; or ask for more steps (this model runs up to {facts.steps})" if steps < facts.steps else ""
+                said = "the default " if request.strength is None else ""
+                raise RequestProblem("strength" if request.strength is not None else "image",
+                                     f"{said}{e}{more}") from None
         elif request.strength is not None:
             raise RequestProblem("strength", "strength applies to an input image: send image too, or drop strength")
         seed = request.seed if request.seed is not None else secrets.randbelow(largest_seed(request.num_images) + 1)
@@ -606,11 +615,15 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         path = request.url.path
         if exc.status_code == 413:  # the body's rest, if any, must not be read as the next request
             return JSONResponse(too_large_body(path, max_body_bytes), 413, headers={"connection": "close"})
+        unread = exc.status_code == 400 and exc.detail == UNPARSED  # FastAPI's words for a body its parser failed on
         if path.startswith("/v1/"):  # 400: a body the parsers could not read (bad UTF-8, a multipart without boundary)
-            message = f"the request body could not be read: {exc.detail}" if exc.status_code == 400 else exc.detail
+            message = (f"the request body could not be read: {unreadable(exc) if unread else exc.detail}"
+                       if exc.status_code == 400 else exc.detail)
             kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
             body = unauthorized_body(path) if exc.status_code == 401 else openai_error(str(message), kind=kind)
             return JSONResponse(body, exc.status_code, headers=exc.headers)
+        if unread:  # as a body that is not JSON: 422, in the shape of every other bad body here
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": unreadable(exc), "type": "json_invalid"}]}, 422)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -619,8 +632,8 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if request.url.path.startswith("/v1/"):
             message, param = openai_validation_message(request, errors)
             return JSONResponse(openai_error(message, param), 400)
-        detail = [{"loc": e.get("loc"), "msg": problem_message(e, GenerateRequest), "type": e.get("type")}
-                  for e in errors]
+        detail = [{"loc": [p[:40] if isinstance(p, str) else p for p in e.get("loc", ())],  # not a 7 MB key back
+                   "msg": problem_message(e, GenerateRequest), "type": e.get("type")} for e in errors]
         content_type = request.headers.get("content-type", "")
         if detail and tuple(detail[0]["loc"] or ()) == ("body",) and "json" not in content_type:
             detail[0]["msg"] = not_json(request.url.path, content_type)  # curl -d sends a form
@@ -645,6 +658,20 @@ def not_json(path: str, content_type: str) -> str:
 
 
 EXAMPLE_BODY = '{"prompt": "a lighthouse at dusk"}'
+UNPARSED = "There was an error parsing the body"  # FastAPI's 400 for any parser error but a JSONDecodeError
+
+
+def unreadable(exc: StarletteHTTPException) -> str:
+    """Why FastAPI could not parse a body (it says only :data:`UNPARSED`; the parser's error is the cause)."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the body is not valid JSON: it is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at"
+                f" position {cause.start})")
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON: it is nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"the body is not valid JSON: a number in it has over {sys.get_int_max_str_digits()} digits"
+    return f"the body is not valid JSON: {first_line(cause)}" if cause is not None else UNPARSED
 
 
 def problem_message(error: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:

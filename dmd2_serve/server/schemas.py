@@ -119,7 +119,7 @@ def unknown_field_message(name: str, model: type[BaseModel], word: str = "field"
     """What a request with a field ``model`` does not take is told: the one it looks like, or them all
     (``also``: the route's names outside the model, such as a form's file parts)."""
     names = [*also, *model.model_fields]
-    close = close_names(name, names)
+    close = close_names(name[:64], names)  # cut first: difflib on megabytes of a name held the event loop for seconds
     hint = f" (did you mean '{close[0]}'?)" if close else f"; the {word}s are {', '.join(names)}"
     return f"unknown {word} '{name[:40]}'{hint}"
 
