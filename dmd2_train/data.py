@@ -141,6 +141,8 @@ def read_prompts(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise DataError(f"prompt file '{path}' is not UTF-8 text (byte {e.start}): give a .txt of prompts, one a"
                         " line, or a .jsonl with a 'text' field") from None
+    except OSError as e:  # no read permission (another user's file), an I/O error
+        raise DataError(f"prompt file '{path}' cannot be read ({e.strerror}); check its permissions") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise DataError(f"prompt file '{path}' holds no prompts (only blank lines); give at least one")

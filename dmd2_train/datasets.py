@@ -326,6 +326,8 @@ class LatentShardSource:
                             f" {LATENT_FORMAT!r}: re-run encode-latents into a new --out")
         self.where, self.folder = f"latent shards '{folder}'", folder
         self.shards = sorted(folder.glob("latents-*.safetensors"))
+        if not isinstance(manifest.get("shards"), int):
+            raise DataError(f"'{folder / LATENT_MANIFEST}' is damaged (it has no shard count); re-run encode-latents")
         if len(self.shards) != manifest["shards"]:
             raise DataError(f"'{folder}' is incomplete ({len(self.shards)} of {manifest['shards']} latent shards):"
                             " finish it by running the same encode-latents command again")
@@ -408,7 +410,7 @@ def image_source(path: Path, size: int, channels: int) -> ImageFolderSource | Ta
         from braceexpand import braceexpand  # WebDataset's shard notation: shards/{000000..000099}.tar
 
         shards = sorted({Path(p) for pattern in braceexpand(text) for p in glob.glob(pattern, recursive=True)
-                         if p.endswith(".tar")})
+                         if p.lower().endswith(".tar")})
         if not shards:
             raise DataError(f"no .tar shards match '{path}'; check the pattern (e.g. 'shards/*.tar' or"
                             " 'shards/{000000..000099}.tar')")
@@ -416,13 +418,13 @@ def image_source(path: Path, size: int, channels: int) -> ImageFolderSource | Ta
     if (problem := real_images_problem(path)) is not None:
         raise DataError(problem)
     if path.is_file():
-        if path.suffix != ".tar":
+        if path.suffix.lower() != ".tar":
             raise DataError(f"'{path}' is a file but not a WebDataset .tar shard; pass a folder of images or shards")
         return TarShardSource(f"WebDataset shard '{path}'", [path], size, channels)
     found = sorted(p for p in path.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-    shards = [p for p in found if p.suffix == ".tar"]
+    shards = [p for p in found if p.suffix.lower() == ".tar"]
     if images and shards:
         raise DataError(f"'{path}' holds both images and .tar shards; point real_images at one kind")
     if shards:

@@ -116,7 +116,11 @@ def prepare_folder(out: Path, manifest: dict[str, Any], backbone: Any) -> None:
     """Create ``out`` with its manifest, or check that an existing one was made the same way."""
     path = out / LATENT_MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"'{path}' cannot be read ({type(e).__name__}: {e}): it is damaged; move it out of"
+                            f" '{out}' (the shards beside it are encoded again), or use a new --out") from None
         for key in SETTINGS:
             if old.get(key) != manifest[key]:
                 raise DataError(f"'{out}' holds latents made with other settings ({key}: {old.get(key)} there,"

@@ -1,5 +1,6 @@
 """Prompt files and the bundled digits (image folders and shards: test_datasets.py)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_digits_data_draws_reproducibly():
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
 
 
-def test_prompt_files(tmp_path: Path):
+def test_prompt_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
     assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
     (tmp_path / "p.jsonl").write_text('{"text": "a"}\n{"caption": "b"}\n')
@@ -38,4 +39,12 @@ def test_prompt_files(tmp_path: Path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "theirs.txt").write_text("a cat\n")
+    (tmp_path / "theirs.txt").chmod(0)  # another user's file: a PermissionError traceback after the teacher loaded
+    if os.access(tmp_path / "theirs.txt", os.R_OK):  # root reads it anyway: the error as a non-root user meets it
+        def refused(*args: object, **kwargs: object) -> str:
+            raise PermissionError(13, "Permission denied")
 
+        monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(DataError, match="prompt file '.*theirs.txt' cannot be read .Permission denied.; check its"):
+        read_prompts(tmp_path / "theirs.txt")

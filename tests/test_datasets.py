@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def test_webdataset_shards_skip_corrupt_and_truncated_members(tmp_path: Path):
         source = image_source(where, 16, 3)
         assert source.unit_sizes == [4, 2]
     assert image_source(folder / "shard-000.tar", 16, 3).unit_sizes == [4]
+    shouting = Path(shutil.copy(folder / "shard-000.tar", tmp_path / "SHARD.TAR"))  # was "not a .tar shard"
+    assert image_source(shouting, 16, 3).unit_sizes == [4] and image_source(tmp_path / "*.TAR", 16, 3).unit_sizes == [4]
     assert source.read(0, 0).caption == "a red cube" and source.read(0, 1).caption == "a small dog"
     assert source.read(0, 3).caption == "" and source.read(1, 0).pixels.shape == (3, 16, 16)
     with pytest.raises(OSError):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 from safetensors.torch import load_file
+from test_cli import assert_user_error
 from test_datasets import truncated_jpeg, write_captioned_folder, write_shards
 
 from dmd2_train import checkpoint as ckpt
@@ -186,6 +187,9 @@ def test_cli_encode_latents_and_unreadable_sources(sd15_teacher: Path, sd_data, 
                "--shard-size", "4", "--workers", "0")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 shards written (6 samples), 0 already done; 0 unreadable samples skipped" in done.stdout
+    (tmp_path / "lat" / "latents.json").write_text('{"format": ')  # damaged: was a JSONDecodeError traceback
+    assert_user_error(cli("encode-latents", "--teacher", sd15_teacher, "--images", images, "--out", tmp_path / "lat",
+                          "--shard-size", "4", "--workers", "0"), "latents.json' cannot be read (JSONDecodeError")
 
     bad = tmp_path / "bad"
     bad.mkdir()
