@@ -145,7 +145,10 @@ def _distill(args: argparse.Namespace) -> None:
         else:
             from dmd2_serve.model.adapters import teacher_adapter
 
-            preset = teacher_adapter(Path(teacher)).default_preset  # a folder's or a single file's family
+            from .single_file import converted_copy
+
+            teacher = converted_copy(Path(teacher), _run_folder(layers)) or Path(teacher)  # a resume's, file gone
+            preset = teacher_adapter(teacher).default_preset  # a folder's or a single file's family
     cfg = build_config(DistillConfig, DISTILL_PRESETS, preset, layers)
     if saved is not None and os.environ.get("RANK", "0") == "0":
         now = resumable(cfg)  # as the checkpoint keeps it: paths absolute, the bundled teacher null
@@ -167,8 +170,7 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     from .config import DistillConfig
     from .run import RunError
 
-    out = Path(next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
-                    DistillConfig.model_fields["out"].default))
+    out = _run_folder(layers)
     found = latest(out)
     if found is None:
         if (near := _run_named_like(out)) is not None and os.environ.get("RANK", "0") == "0":
@@ -189,6 +191,14 @@ def _saved_config(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
               " resumes it unsharded")
         del saved["sharding"]
     return saved
+
+
+def _run_folder(layers: list[dict[str, Any]]) -> Path:
+    """The run folder the config layers name: the last ``out`` given, else the default."""
+    from .config import DistillConfig
+
+    return Path(next((layer["out"] for layer in reversed(layers) if layer.get("out") is not None),
+                     DistillConfig.model_fields["out"].default))
 
 
 def _run_named_like(out: Path) -> Path | None:

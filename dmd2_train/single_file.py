@@ -46,9 +46,26 @@ def convert_teacher(teacher: Path, teacher_config: Path | None, folder: Path,
     return folder
 
 
+def converted_copy(teacher: Path, out: Path) -> Path | None:
+    """``<out>/teacher`` when the single file ``teacher`` is gone but this run converted it there: all a
+    resume needs (the file deleted to save space, or the run folder moved to a machine without it)."""
+    folder = Path(out) / "teacher"
+    if Path(teacher).exists() or not (folder / SOURCE_RECORD).is_file():
+        return None
+    try:
+        converted_from = json.loads((folder / SOURCE_RECORD).read_text())["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder if Path(converted_from) == Path(teacher).resolve() else None
+
+
 def teacher_folder(teacher: Path, teacher_config: Path | None, out: Path, accelerator: Any) -> Path:
     """The diffusers folder of a run's teacher: the teacher itself when it is a folder; for a
-    single file, ``<out>/teacher`` (the main process converts, the others wait for it)."""
+    single file, ``<out>/teacher`` (the main process converts, the others wait for it; the file may be
+    gone once it is converted)."""
+    if (copy := converted_copy(teacher, out)) is not None:
+        accelerator.print(f"teacher: {teacher} is gone; using {copy}, converted from it when the run began")
+        return copy
     if not is_single_file(teacher):
         if teacher_config is not None:
             raise ModelFolderError(f"--teacher-config is for a single-file teacher, and '{teacher}' is not one (a folder"

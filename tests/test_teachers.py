@@ -195,6 +195,13 @@ def test_single_file_checkpoint_converts_once_and_distils(sd15_teacher: Path, sd
     logs: list[str] = []
     convert_teacher(file, config, out / "teacher", logs.append)  # a resumed run: no second conversion
     assert logs == [f"teacher: reusing {out / 'teacher'}, converted earlier from {file}"]
+    # the file deleted to save space (or the run moved to a machine without it): a resume needs only the copy
+    file.unlink()
+    rc = main(["--out", str(out), "--resume", "max_steps=2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    assert f"teacher: {file} is gone; using {out / 'teacher'}, converted from it when the run began" in captured.out
+    assert "resumed from step 1" in captured.out
 
 
 # -- refusals: exit code 2 and one line ------------------------------------------------------------
