@@ -333,8 +333,10 @@ class Trainer:
 
     def save(self, out: Any, step: int, meta: dict[str, Any]) -> None:
         """Write checkpoint ``step`` (every process)."""
+        scaler = self.accelerator.scaler  # fp16's loss scaler: its scale and growth count, so a resume is exact
         meta = {"updates": dict(self.updates), "world_size": self.accelerator.num_processes,
-                "ema_updates": self.ema.updates if self.ema is not None else None, **meta}
+                "ema_updates": self.ema.updates if self.ema is not None else None,
+                **({"loss_scaler": scaler.state_dict()} if scaler is not None else {}), **meta}
         ckpt.save_checkpoint(out, step, self.training_state(), meta, keep=self.cfg.keep_checkpoints)
 
     def load(self, path: Any) -> int:
@@ -346,6 +348,8 @@ class Trainer:
         meta = ckpt.read_meta(path)
         if self.ema is not None:
             self.ema.load_state_dict(state["generator_ema"], int(meta["ema_updates"]))
+        if self.accelerator.scaler is not None and meta.get("loss_scaler"):  # none: a run saved before fp16
+            self.accelerator.scaler.load_state_dict(meta["loss_scaler"])
         self.updates = dict(meta["updates"])
         return int(meta["step"])
 

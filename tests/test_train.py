@@ -77,6 +77,38 @@ def test_resume_after_interruption_is_bit_exact(digits_teacher: Path, tmp_path: 
     assert a["meta"]["ema_updates"] == b["meta"]["ema_updates"] == (3 if ema_decay else None)
 
 
+def test_the_loss_scale_of_fp16_resumes_with_the_run(digits_teacher: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    """fp16 trains through a loss scaler whose scale grows while no step overflows; a resume restarted it
+    at its first scale, so a resumed fp16 run was not the uninterrupted one. (fp16 needs a GPU; here the
+    CPU's GradScaler stands in for the one accelerate makes there.)"""
+    from dmd2_train import loop
+
+    make = loop.make_accelerator
+
+    def with_scaler(cfg: DistillConfig):
+        accelerator = make(cfg)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+        return accelerator
+
+    monkeypatch.setattr(loop, "make_accelerator", with_scaler)
+    common = dict(max_steps=4, ratio=1, checkpoint_every=2, preview_every=100, gan=False)
+    run(digits_teacher, tmp_path / "straight", **common)
+
+    def interrupt(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(digits_teacher, tmp_path / "cut", on_step=interrupt, **common)
+    run(digits_teacher, tmp_path / "cut", resume=True, **common)
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "cut")
+    assert a["meta"]["loss_scaler"] == b["meta"]["loss_scaler"] and a["meta"]["loss_scaler"]["scale"] > 2.0**4
+    for part in ("generator", "fake"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+
+
 def test_a_closed_terminal_stops_the_run_with_a_checkpoint(digits_teacher: Path, tmp_path: Path):
     """SIGHUP (an SSH session or terminal closed) ended the run on the spot, losing every step since
     the last checkpoint; it now stops as SIGTERM and Ctrl-C do: the step finishes and is saved."""
