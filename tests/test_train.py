@@ -92,7 +92,7 @@ def test_the_loss_scale_of_fp16_resumes_with_the_run(digits_teacher: Path, tmp_p
         return accelerator
 
     monkeypatch.setattr(loop, "make_accelerator", with_scaler)
-    common = dict(max_steps=4, ratio=1, checkpoint_every=2, preview_every=100, gan=False)
+    common = {"max_steps": 4, "ratio": 1, "checkpoint_every": 2, "preview_every": 100, "gan": False}
     run(digits_teacher, tmp_path / "straight", **common)
 
     def interrupt(step: int) -> None:
