@@ -93,11 +93,11 @@ def test_compile_options_together_give_the_eager_images(sd15_teacher: Path, tmp_
     want = eager(PROMPTS, SEEDS)
     torch.testing.assert_close(fast(PROMPTS, SEEDS), want, atol=CPU_TOLERANCE, rtol=0)
     torch.testing.assert_close(fast(PROMPTS[:2], SEEDS[:2]), want[:2], atol=CPU_TOLERANCE, rtol=0)
-    torch.testing.assert_close(fast(PROMPTS[:1], SEEDS[:1]), want[:1], atol=CPU_TOLERANCE, rtol=0)
-    assert seen == [1] * 6  # three images, two, one: the compiled decoder never saw a batch
-    # The UNet at batch 3 (dynamic) and at batch 1, the decoder at batch 1 only; each with its weights as
-    # constants (given to Inductor only through torch.compile's options, the pass ran but found no weights)
-    assert len(frozen) == 3 and min(frozen) > 10, frozen
+    assert seen == [1] * 5  # three images, then two: the compiled decoder never saw a batch
+    # The UNet at batch 3 (dynamic: batch 2 reuses it), the decoder at batch 1 only; each with its weights as
+    # constants (given to Inductor only through torch.compile's options, the pass ran but found no weights).
+    # (Batch 1's own UNet graph is not compiled here: ~50 s of the suite; the benchmark's test compiles it.)
+    assert len(frozen) == 2 and min(frozen) > 10, frozen
     assert torch._dynamo.config.cache_size_limit >= 64  # room for a graph pair per generator (identity guards)
     fast.accelerate(FastPath(backend="eager"))  # the options go with the backend that set them
     assert not fast.backbone.vae.use_slicing
@@ -260,6 +260,8 @@ def test_compiled_text_encoders_give_the_eager_conditioning(family: str, sd15_te
         if graphs is not None:
             assert counters["stats"]["unique_graphs"] == graphs
         graphs = counters["stats"]["unique_graphs"]
-    assert (fast(PROMPTS, SEEDS) - eager(PROMPTS, SEEDS)).abs().max() < CPU_TOLERANCE
+    if family == "sdxl":  # the images too: nothing else compiles SDXL's UNet (its added conditioning); SD1.5's
+        # compiled UNet is test_compile_backend_gives_the_eager_images' (its compile costs the suite ~50 s)
+        assert (fast(PROMPTS, SEEDS) - eager(PROMPTS, SEEDS)).abs().max() < CPU_TOLERANCE
     with pytest.raises(BackendError, match="needs --backend compile"):
         check_fast_path(FastPath(backend="eager", text_encoder=True))
