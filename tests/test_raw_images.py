@@ -108,6 +108,17 @@ def bare():
 def test_no_metadata_writes_none(bare: Server, server: Server):
     raw = generate(bare, "image/png", prompt="a handwritten 7", seed=42).content
     assert png_text(raw) == {}
+    # without metadata, a seed the server picked was lost: the file answer says it in X-Seed, OpenAI's in data
+    picked = generate(bare, "image/png", prompt="a handwritten 7")
+    seed = int(picked.headers["x-seed"])
+    assert generate(bare, "image/png", prompt="a handwritten 7", seed=seed).content == picked.content
+    import openai
+
+    client = openai.OpenAI(base_url=f"{bare.url}/v1", api_key="unused", max_retries=0)
+    first, second = client.images.generate(prompt="a handwritten 7", n=2).data
+    again = files(generate(bare, prompt="a handwritten 7", seed=first.seed, num_images=2))
+    assert second.seed == first.seed + 1
+    assert again == [base64.b64decode(first.b64_json), base64.b64decode(second.b64_json)]
     with_text = generate(server, "image/png", prompt="a handwritten 7", seed=42).content
     with Image.open(io.BytesIO(raw)) as a, Image.open(io.BytesIO(with_text)) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))  # the same pixels, without the text

@@ -509,8 +509,9 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
         if refused is not None:  # after the body's own problems
             return JSONResponse({"detail": str(refused)}, 406, headers=VARY_ACCEPT)
         result = await run(job)
-        if raw is not None:
-            return Response(result.files[0], media_type=result.media_type, headers=VARY_ACCEPT)
+        if raw is not None:  # the seed in a header: a picked one is otherwise in the file's metadata only
+            return Response(result.files[0], media_type=result.media_type,
+                            headers={**VARY_ACCEPT, SEED_HEADER: str(result.seeds[0])})
         return result.as_json()
 
     async def openai_answer(request: GenerateRequest, response_format: str, image: bytes | None = None) -> JSONResponse:
@@ -522,9 +523,11 @@ def build_server(models: Path | Mapping[str, Path], *, lora_dirs: Mapping[str, P
             job = await prepare(request, image)
         except RequestProblem as problem:
             return JSONResponse(openai_error(str(problem), problem.field), 400)
-        images = (await run(job)).base64_files()
+        result = await run(job)
         # gpt-image's answer fields too: a client picking a file's extension from output_format finds it
-        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": data} for data in images],
+        return JSONResponse({"created": int(time.time()),
+                             "data": [{"b64_json": data, "seed": seed}
+                                      for data, seed in zip(result.base64_files(), result.seeds, strict=True)],
                              "background": "opaque", "output_format": job.output_format,
                              "size": "{}x{}".format(*job.size)})
 
@@ -658,6 +661,7 @@ def not_json(path: str, content_type: str) -> str:
 
 
 EXAMPLE_BODY = '{"prompt": "a lighthouse at dusk"}'
+SEED_HEADER = "X-Seed"  # on an answer that is the image file itself
 UNPARSED = "There was an error parsing the body"  # FastAPI's 400 for any parser error but a JSONDecodeError
 
 

@@ -196,7 +196,9 @@ class EncodedImages:
 # ``POST /generate``'s answers beside its JSON, for the OpenAPI schema.
 OPENAPI_RESPONSES = {
     200: {"description": "JSON; or with `Accept: image/png` (`image/jpeg`, `image/webp`) the one image's file",
-          "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}},
+          "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
+          "headers": {"X-Seed": {"description": "the image's seed, on an answer that is the file itself",
+                                 "schema": {"type": "integer"}}}},
     406: {"description": "`Accept` asks for one image's file but `num_images` is more than 1, or takes none of"
                          " JSON, PNG, JPEG and WebP (weights as RFC 9110 says: `image/*` gives `output_format`)",
           "content": {"application/json": {"schema": {"type": "object",

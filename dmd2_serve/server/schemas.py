@@ -284,6 +284,7 @@ class OpenAIEditRequest(BaseModel):
 class OpenAIImage(BaseModel):
     b64_json: str
     revised_prompt: str | None = None
+    seed: int = Field(..., description="this image's seed (ours beyond OpenAI's): sent again, it gives the image")
 
 
 class OpenAIImagesResponse(BaseModel):
