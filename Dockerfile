@@ -33,12 +33,17 @@ COPY dmd2_serve ./dmd2_serve
 COPY kernels ./kernels
 RUN pip install .
 
-RUN useradd --create-home --uid 1000 dmd2 && mkdir -p /models /cache && chown 1000 /models /cache
+# Ubuntu 24.04's images come with a user 'ubuntu' of uid 1000, and useradd --uid 1000 stopped the build
+# ("UID 1000 is not unique"): it goes first.
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu; fi \
+    && useradd --create-home --uid 1000 dmd2 && mkdir -p /models /cache && chown 1000 /models /cache
 USER 1000
 VOLUME ["/models", "/cache"]
 EXPOSE 8000
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+# The start period covers a first start's compile (SDXL: minutes); the first healthy answer ends it.
+# A --port other than 8000 needs docker run --health-cmd with that port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["curl", "-fsS", "http://127.0.0.1:8000/health"]
 
 # With no arguments the bundled digits generator is served; pass --model DIR for another.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -173,8 +174,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_starting(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP before the server takes over its signals (while torch imports, models are checked):
+    stop at once, with exit handlers. As PID 1 of a container, without a handler, the kernel ignored it until
+    the runtime's SIGKILL."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a bad argument prints one line and exits 2."""
+    previous = {sig: signal.signal(sig, _stop_starting) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .server.metrics import ensure_multiprocess_dir
@@ -203,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not args.max_body_mb > 0:
             raise ValueError("--max-body-mb must be a positive number of MiB")
-        if not 1 <= args.port <= 65535:
-            raise ValueError("--port must be between 1 and 65535")
+        if not 1024 <= args.port <= 65535:  # LitServe's own range: it refused a lower one with a traceback
+            raise ValueError(f"--port must be between 1024 and 65535, not {args.port} (serve on a high port and"
+                             " map the low one to it: a proxy, or docker run -p 80:8000)")
         if not args.grace >= 0:
             raise ValueError("--grace must be a number of seconds, 0 or more")
         if not args.body_timeout > 0:
@@ -219,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--accelerator cuda, but torch sees no CUDA device (torch.cuda.is_available() is"
                                  " False): check the driver and CUDA_VISIBLE_DEVICES, or use --accelerator auto")
         devices = args.devices
+        if isinstance(devices, int) and args.accelerator != "cpu":
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.device_count() < devices:  # a worker on a GPU that is not here
+                raise ValueError(f"--devices {devices}, but torch sees {torch.cuda.device_count()} CUDA device(s)"
+                                 " (CUDA_VISIBLE_DEVICES narrows them): give at most that many, or --devices auto")
         check_port_free(args.host, args.port)  # before the model loads: uvicorn's own says only "Errno 98"
         server = build_server(
             models, lora_dirs=lora_dirs, lora_cache=args.lora_cache, max_batch_size=args.max_batch_size,

@@ -158,6 +158,8 @@ def test_tensorrt_without_torch_tensorrt_names_the_extra() -> None:
     (["--graph-text-encoder", "--no-cuda-graphs"], "error: the text encoder in the CUDA graph needs the loop's"),
     (["--compile-freeze"], "error: --compile-freeze needs --backend compile, not eager"),
     (["--vae-slicing", "--backend", "tensorrt"], "error: --vae-slicing with --backend tensorrt has not been tried"),
+    (["--backend", "compile", "--compile-cache", "/dev/null/cache"],  # was a worker's traceback, the weights loaded
+     "error: --compile-cache '/dev/null/cache' cannot be written (Not a directory): give a folder this user may"),
 ])
 def test_cli_refuses_what_cannot_run_at_start_with_one_line(flags: list[str], says: str) -> None:
     out = subprocess.run([sys.executable, "-m", "dmd2_serve", *flags, "--port", "1"],

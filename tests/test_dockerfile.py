@@ -19,3 +19,5 @@ def test_dockerfile_essentials():
     for needle in ("FROM nvidia/cuda", "torch-tensorrt==", "COPY kernels", "USER 1000", "VOLUME", "EXPOSE 8000",
                    "HEALTHCHECK", "/health", "DMD2_CACHE_DIR=/cache"):
         assert needle in text
+    # ubuntu:24.04 (the CUDA image's base) has a user of uid 1000 already: useradd --uid 1000 failed the build
+    assert text.index("userdel ubuntu") < text.index("useradd --create-home --uid 1000")

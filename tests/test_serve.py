@@ -404,12 +404,42 @@ def test_a_model_folder_the_worker_could_not_load_is_one_line_at_start(tmp_path:
     ([], {"DMD2_API_KEY": "s3cret-k\u00e9y"}, "printable ASCII"),  # no client could send it
     (["--timeout", "-5"], {}, "--timeout must be a positive"),
     (["--accelerator", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "torch sees no CUDA device"),  # it hung, silent
+    (["--port", "80"], {}, "--port must be between 1024 and 65535, not 80"),  # LitServe's traceback, after checks
 ])
 def test_bad_start_options_are_one_line(args: list[str], env: dict[str, str], words: str):
     r = subprocess.run([sys.executable, "-m", "dmd2_serve", *args], capture_output=True, text=True, timeout=120,
                        env={**os.environ, **env})
     assert r.returncode == 2 and r.stderr.startswith("error:") and words in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_what_would_fail_in_a_worker_after_the_weights_load_is_one_line_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """A model folder this user may not enter, more GPUs than there are: tracebacks once the workers ran."""
+    import shutil
+
+    import torch
+
+    from dmd2_serve import BUNDLED_DIGITS_GENERATOR
+    from dmd2_serve.__main__ import main
+
+    closed = shutil.copytree(BUNDLED_DIGITS_GENERATOR, tmp_path / "closed")
+    is_file = Path.is_file
+
+    def as_another_user(path: Path) -> bool:  # root reads mode 700 anyway: what uid 1000 meets in a container
+        if closed in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", as_another_user)
+    assert main(["--model", str(closed)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{closed / 'dmd2.json'}' cannot be read by this user (uid"
+                                              f" {os.getuid()}): give the model folder read and search permission")
+    monkeypatch.setattr(Path, "is_file", is_file)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["--devices", "2", "--accelerator", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: --devices 2, but torch sees 1 CUDA device(s)")
 
 
 def test_a_port_in_use_is_named_before_the_model_loads_and_no_metrics_folder_is_left(tmp_path: Path):

@@ -198,6 +198,22 @@ def test_sigkill_of_the_main_process_takes_the_workers_with_it_and_the_next_star
         stop_server(server)
 
 
+def test_sigterm_while_starting_stops_at_once_with_exit_handlers(tmp_path: Path):
+    """Before the server took over its signals (torch imports, model checks), SIGTERM killed the process
+    without its exit handlers (its metrics folder stayed), and as PID 1 of a container it was ignored until
+    the runtime's SIGKILL."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"TMPDIR": str(tmp_path)}
+    starting = subprocess.Popen([sys.executable, "-m", "dmd2_serve", "--port", str(free_port())], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: list(tmp_path.glob("dmd2-metrics-*")), 60, "the metrics folder made, early in the start")
+        starting.send_signal(signal.SIGTERM)
+        assert starting.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not list(tmp_path.glob("dmd2-metrics-*"))
+    finally:
+        terminate(starting)
+
+
 def test_the_sweep_removes_only_folders_whose_owner_lock_is_free(tmp_path: Path):
     dead, running, older = (tmp_path / f"dmd2-metrics-{name}" for name in ("dead", "running", "older"))
     for folder in dead, running, older:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class FastPath:
     subpixel_upsample: bool = False
 
     def resolved_cache_dir(self) -> Path:
-        return self.cache_dir or default_cache_dir()
+        return (self.cache_dir or default_cache_dir()).expanduser()  # '~/x' as a unit file or a pod's args write it
 
 
 def default_cache_dir() -> Path:
@@ -171,6 +172,24 @@ def check_fast_path(fast: FastPath) -> None:
         raise BackendError(
             "--attention xformers needs xformers, which is not installed: pip install 'dmd2-fast[xformers]'"
             " (a build matching your torch), or use --attention sdpa")
+    check_cache_dir(fast)
+
+
+def check_cache_dir(fast: FastPath) -> None:
+    """``BackendError`` when a compiling backend's cache folder cannot be written. The worker writes it
+    after the weights have loaded (minutes for SDXL), and its error was a traceback there."""
+    if fast.backend == "eager":
+        return
+    folder = fast.resolved_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        named = ("--compile-cache" if fast.cache_dir is not None else
+                 "the compile cache ($DMD2_CACHE_DIR, else $XDG_CACHE_HOME/dmd2-fast or ~/.cache/dmd2-fast)")
+        raise BackendError(f"{named} '{folder}' cannot be written ({e.strerror}): give a folder this user may write"
+                           f" with --compile-cache DIR (compiled graphs are kept there for the next start)") from None
 
 
 def adapter_conflict(fast: FastPath) -> str | None:

@@ -8,6 +8,7 @@ a bad one is refused (422 naming ``lora``) before it is queued, never failing a 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -32,8 +33,17 @@ LOADED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 def check_servable(folder: Path) -> None:
     """Before any worker starts: ModelFolderError for what would fail the worker's load (a teacher, a
     LoRA export whose teacher is not here or that does not fit it, a weights file it reads that is not
-    whole safetensors or not readable), so the operator reads one line instead of a worker's traceback."""
-    folder = Path(folder)
+    whole safetensors or not readable, a folder this user may not enter), so the operator reads one line
+    instead of a worker's traceback."""
+    try:
+        _check_servable(Path(folder))
+    except PermissionError as e:  # a folder saved under umask 077, mounted for another uid
+        raise ModelFolderError(f"'{e.filename or folder}' cannot be read by this user (uid {os.getuid()}): give the"
+                               " model folder read and search permission (chmod -R a+rX), or run the server as its"
+                               " owner") from None
+
+
+def _check_servable(folder: Path) -> None:
     card = read_card(folder)
     if not card.is_generator:
         raise ModelFolderError(f"'{folder}' is a teacher, not a distilled generator (no recorded schedule)")
