@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -141,6 +142,11 @@ def _quiet_worker(_: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
+def _let_go(loader: Iterator[StreamBatch]) -> None:
+    """A finalizer's callback: its reference to ``loader`` ends with it (the iterator's own ``__del__`` stops
+    its workers)."""
+
+
 def _one_line(e: Exception) -> str:
     """A worker's exception comes back with its traceback in the message: keep the last line."""
     last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
@@ -163,6 +169,7 @@ class StreamReader:
         self._drop = 0  # samples of the first batch already consumed before a resume
         self._buffer: list[tuple[Tensor, Tensor, list[str]]] = []
         self._loader: Iterator[StreamBatch] | None = None
+        self._release: weakref.finalize | None = None
         self._shown: set[str] = set()  # the unreadable samples named so far (each once, SHOWN_SKIPS at most)
 
     @property
@@ -192,6 +199,12 @@ class StreamReader:
                 stream, batch_size=None, num_workers=workers, prefetch_factor=self.plan.prefetch if workers else None,
                 persistent_workers=workers > 0, pin_memory=self.plan.pin_memory,
                 worker_init_fn=_quiet_worker if workers else None))
+            # The iterator is also held here until this reader goes. A reader in a reference cycle (its
+            # RunBatches holds it and it holds RunBatches' to_latents) goes in the cyclic GC, which took
+            # the iterator's queues down before its __del__ asked the workers to stop: each worker's join
+            # then waited its 5 s timeout (seconds of a run, wherever the GC happened to run; 76 s of one
+            # test). Held here, the iterator is not part of that garbage: it goes whole, after the reader.
+            self._release = weakref.finalize(self, _let_go, self._loader)
         return self._loader
 
     def _receive(self, batch: StreamBatch) -> None:
@@ -233,4 +246,6 @@ class StreamReader:
 
     def close(self) -> None:
         """Stop the worker processes (they also stop with the reader)."""
-        self._loader = None
+        if self._release is not None:
+            self._release()
+        self._loader = self._release = None

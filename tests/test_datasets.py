@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import shutil
@@ -15,7 +16,7 @@ from PIL import Image
 
 from dmd2_train.data import DataError
 from dmd2_train.datasets import Sample, first_readable, image_source
-from dmd2_train.stream import EpochOrder, RealStream, StreamPlan, StreamReader
+from dmd2_train.stream import EpochOrder, RealStream, StreamBatch, StreamPlan, StreamReader
 
 
 def encoded(fmt: str = "PNG", seed: int = 0, size: tuple[int, int] = (20, 16)) -> bytes:
@@ -284,3 +285,31 @@ def test_metadata_paths_written_on_windows_and_rows_naming_no_file(tmp_path: Pat
     source = ImageFolderSource(tmp_path, [tmp_path / "sub" / "d.png"], 8, 3)
     assert source.read(0, 0).caption == "a digit"  # the BOM did not spoil the first row either
     assert "1 metadata rows name files that are not there (first: 'gone.png')" in capsys.readouterr().err
+
+
+def test_a_dropped_reader_s_loader_is_never_cyclic_garbage(tmp_path: Path):
+    """A reader is in a reference cycle (RunBatches holds it; it holds RunBatches' to_latents). The cyclic GC
+    took its DataLoader iterator's queues down before the iterator's __del__ asked the workers to stop, so each
+    worker's join waited its 5 s timeout: 76 s of one test in the suite, and seconds of a run wherever the GC
+    happened to run. The iterator must go whole, after the reader, by its reference count."""
+    source = image_source(write_shards(tmp_path / "shards"), 16, 3)
+
+    class Owner:  # as RunBatches
+        def __init__(self) -> None:
+            self.reader = StreamReader(source, first_readable(source), StreamPlan(batch=2, seed=0, workers=2),
+                                       self.latents)
+
+        def latents(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            return batch.pixels, batch.pixels
+
+    owner = Owner()
+    owner.reader.take(2)  # the workers start
+    del owner
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector found unreachable, kept in gc.garbage to look at
+    try:
+        gc.collect()
+        found = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert "StreamReader" in found and "_MultiProcessingDataLoaderIter" not in found
